@@ -1,0 +1,182 @@
+"""The RepVGG building block: three branches while training, one 3x3 convolution when deployed."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from repvgg.exceptions import ModelConfigError, RepVGGWarning
+from repvgg.fusion import ConvBN, branch_kernel_bias
+
+TRAIN_MODE_WARNING = (
+    "Converting a module in training mode: the fused kernels use the BatchNorm running statistics, "
+    "so they match this module's outputs only in eval mode; call .eval() before comparing outputs."
+)
+
+
+def warn_if_training(module: nn.Module) -> None:
+    """Warn once if ``module`` converts while in training mode (the commonest source of 'mismatch')."""
+    if module.training:
+        warnings.warn(TRAIN_MODE_WARNING, RepVGGWarning, stacklevel=3)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation on globally average-pooled input, as in the authors' D2se.
+
+    Pools over the whole feature map whatever its height and width (the authors' block pools with a
+    kernel as wide as the input, which breaks on non-square inputs). Children are named ``down`` and
+    ``up`` as in the authors' code.
+    """
+
+    def __init__(self, input_channels: int, internal_neurons: int) -> None:
+        super().__init__()
+        self.input_channels = input_channels
+        self.down = nn.Conv2d(input_channels, internal_neurons, kernel_size=1, bias=True)
+        self.up = nn.Conv2d(internal_neurons, input_channels, kernel_size=1, bias=True)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        squeezed = inputs.mean(dim=(2, 3), keepdim=True)
+        excitation = torch.sigmoid(self.up(torch.relu(self.down(squeezed))))
+        return inputs * excitation
+
+
+class RepVGGBlock(nn.Module):
+    """A RepVGG block: three branches while training, one 3x3 convolution once deployed.
+
+    Training form: ``ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)))``; deploy form:
+    ``ReLU(SE(conv3x3(x)))``, SE only in D2se.
+    The identity branch exists only when ``in_channels == out_channels`` and ``stride == 1``. The 1x1
+    branch has the stride and groups of the 3x3 branch. Module names (``rbr_dense``, ``rbr_1x1``,
+    ``rbr_identity``, ``rbr_reparam``, ``se``) follow the authors' code, so their checkpoints load
+    unchanged and code written against their block keeps working.
+
+    ``padding`` defaults to ``dilation * (kernel_size // 2)`` ("same" padding), the only padding at which
+    the three branches line up; any other value is refused.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        deploy: bool = False,
+        use_se: bool = False,
+    ) -> None:
+        super().__init__()
+        same_padding = dilation * (kernel_size // 2)
+        if padding is None:
+            padding = same_padding
+        if kernel_size % 2 == 0 or padding != same_padding:
+            raise ModelConfigError(
+                f"RepVGGBlock needs an odd kernel size with padding = dilation * (kernel_size // 2) "
+                f"(= {same_padding} here) so that its branches line up; got kernel_size={kernel_size}, "
+                f"padding={padding}."
+            )
+        if in_channels % groups or out_channels % groups:
+            raise ModelConfigError(
+                f"groups={groups} must divide both in_channels={in_channels} and out_channels={out_channels}."
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.deploy = deploy
+
+        self.se: nn.Module = (
+            SEBlock(out_channels, internal_neurons=out_channels // 16) if use_se else nn.Identity()
+        )
+        self.nonlinearity = nn.ReLU()
+
+        if deploy:
+            self.rbr_reparam = self._deploy_conv()
+            return
+        has_identity = in_channels == out_channels and stride == 1
+        self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
+        self.rbr_dense = ConvBN(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode,
+        )
+        # A 1x1 kernel always reads the centre tap, so it needs no padding whatever the dilation.
+        self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups)
+
+    def _deploy_conv(self, reference: Tensor | None = None) -> nn.Conv2d:
+        factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=True,
+            padding_mode=self.padding_mode,
+            **factory,
+        )
+
+    def branches(self) -> Iterator[nn.Module]:
+        """The trainable branches present in this block (none once deployed)."""
+        if self.deploy:
+            return
+        yield self.rbr_dense
+        yield self.rbr_1x1
+        if self.rbr_identity is not None:
+            yield self.rbr_identity
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.deploy:
+            return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
+        out = self.rbr_dense(inputs) + self.rbr_1x1(inputs)
+        if self.rbr_identity is not None:
+            out = out + self.rbr_identity(inputs)
+        return self.nonlinearity(self.se(out))
+
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The 3x3 kernel and bias equal to the sum of the branches in eval mode; differentiable."""
+        if self.deploy:
+            return self.rbr_reparam.weight, self.rbr_reparam.bias
+        size = (self.kernel_size, self.kernel_size)
+        kernel_bias = [
+            branch_kernel_bias(branch, in_channels=self.in_channels, groups=self.groups, kernel_size=size)
+            for branch in self.branches()
+        ]
+        kernel = torch.stack([k for k, _ in kernel_bias]).sum(0)
+        bias = torch.stack([b for _, b in kernel_bias]).sum(0)
+        return kernel, bias
+
+    def reparameterize(self, *, warn_if_training_mode: bool = True) -> None:
+        """Replace the branches by one equivalent convolution, in place. Does nothing if deployed."""
+        if self.deploy:
+            return
+        if warn_if_training_mode:
+            warn_if_training(self)
+        with torch.no_grad():
+            kernel, bias = self.equivalent_kernel_bias()
+            fused = self._deploy_conv(reference=kernel)
+            fused.weight.copy_(kernel)
+            fused.bias.copy_(bias)
+        for name in ("rbr_dense", "rbr_1x1", "rbr_identity"):
+            delattr(self, name)
+        self.rbr_reparam = fused
+        self.deploy = True
+
+    def extra_repr(self) -> str:
+        return "deploy=True" if self.deploy else ""

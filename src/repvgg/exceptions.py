@@ -1,0 +1,27 @@
+"""Errors and warnings meant to be read by people.
+
+Every error the package raises on purpose is a :class:`RepVGGError` whose message is one sentence saying
+what is wrong and what to do. The command-line interface prints that sentence instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RepVGGError(Exception):
+    """Base class of the errors this package raises on purpose."""
+
+
+class CheckpointError(RepVGGError, ValueError):
+    """A checkpoint cannot be read, recognised, or loaded into the given model."""
+
+
+class ConversionError(RepVGGError, ValueError):
+    """A module cannot be re-parameterized, or its conversion did not reproduce its outputs."""
+
+
+class ModelConfigError(RepVGGError, ValueError):
+    """A model name or constructor option is not valid."""
+
+
+class RepVGGWarning(UserWarning):
+    """A warning about a likely mistake that the package can still carry out."""

@@ -1,0 +1,133 @@
+"""The fusion math of structural re-parameterization, in one place.
+
+Every trainable branch of every block type is reduced to an *equivalent kernel and bias*: a single
+convolution kernel of the block's kernel size that gives exactly the branch's output in eval mode
+(BatchNorm using its running statistics). A block's deploy-time convolution is the sum of its
+branches' kernels and biases. All functions here are plain differentiable tensor expressions, so the
+same code serves conversion, custom L2 regularisation and quantization studies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repvgg.exceptions import ConversionError
+
+
+class ConvBN(nn.Sequential):
+    """A bias-free convolution followed by BatchNorm: the conv branches of a RepVGG block.
+
+    The children are named ``conv`` and ``bn`` as in the authors' code, so their checkpoints load as is.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+            padding_mode=padding_mode,
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(t, s)`` such that ``bn(x) == t * x + s`` in eval mode.
+
+    ``t = gamma / sqrt(running_var + eps)`` and ``s = beta - running_mean * t``; a BatchNorm without
+    affine parameters has ``gamma = 1`` and ``beta = 0``.
+    """
+    if bn.running_var is None or bn.running_mean is None:
+        raise ConversionError(
+            "A BatchNorm without running statistics (track_running_stats=False) cannot be fused; "
+            "build the block with ordinary BatchNorm2d layers."
+        )
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def fuse_conv_bn(kernel: Tensor, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm into the bias-free convolution ``kernel`` that precedes it."""
+    scale, shift = bn_scale_shift(bn)
+    return kernel * scale.reshape(-1, 1, 1, 1), shift
+
+
+def pad_kernel(kernel: Tensor, size: tuple[int, int]) -> Tensor:
+    """Zero-pad a smaller kernel (1x1, 3x1, 1x3, ...) to ``size``, keeping it centred."""
+    kh, kw = kernel.shape[-2:]
+    th, tw = size
+    if (th - kh) % 2 or (tw - kw) % 2 or kh > th or kw > tw:
+        raise ConversionError(
+            f"A {kh}x{kw} kernel cannot be centred in a {th}x{tw} kernel; "
+            "both sizes must be odd and the target no smaller."
+        )
+    if (kh, kw) == (th, tw):
+        return kernel
+    pad_h, pad_w = (th - kh) // 2, (tw - kw) // 2
+    return F.pad(kernel, [pad_w, pad_w, pad_h, pad_h])
+
+
+def identity_kernel(
+    channels: int,
+    groups: int,
+    size: tuple[int, int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """The kernel of a (grouped) convolution that returns its input unchanged.
+
+    Output channel ``i`` reads input channel ``i % (channels // groups)`` of its own group at the
+    kernel centre.
+    """
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, *size, dtype=dtype, device=device)
+    index = torch.arange(channels, device=device)
+    kernel[index, index % per_group, size[0] // 2, size[1] // 2] = 1
+    return kernel
+
+
+def branch_kernel_bias(
+    branch: nn.Module, *, in_channels: int, groups: int, kernel_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """The equivalent ``kernel_size`` kernel and bias of one branch of a block.
+
+    A branch is a :class:`ConvBN`, a lone ``BatchNorm2d`` (the identity branch) or a ``Conv2d`` with or
+    without bias. Every block type converts through this one function.
+    """
+    if isinstance(branch, ConvBN):
+        return fuse_conv_bn(pad_kernel(branch.conv.weight, kernel_size), branch.bn)
+    if isinstance(branch, nn.Conv2d):
+        kernel = pad_kernel(branch.weight, kernel_size)
+        bias = branch.bias if branch.bias is not None else kernel.new_zeros(kernel.shape[0])
+        return kernel, bias
+    if isinstance(branch, nn.BatchNorm2d):
+        scale, shift = bn_scale_shift(branch)
+        kernel = identity_kernel(in_channels, groups, kernel_size, dtype=scale.dtype, device=scale.device)
+        return kernel * scale.reshape(-1, 1, 1, 1), shift
+    raise ConversionError(
+        f"Cannot re-parameterize a branch of type {type(branch).__name__}; "
+        "supported branches are ConvBN, Conv2d and BatchNorm2d."
+    )

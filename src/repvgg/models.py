@@ -1,0 +1,272 @@
+"""RepVGG model definitions and the registry of the paper's variants.
+
+A model is five stages of :class:`~repvgg.blocks.RepVGGBlock` (``stage0`` ... ``stage4``), global average
+pooling (``gap``) and a fully connected head (``linear``): the authors' module names, so their
+checkpoints and code port unchanged. Every named model is one configuration of :class:`RepVGG`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from repvgg.blocks import RepVGGBlock
+from repvgg.exceptions import ModelConfigError
+
+DEFAULT_STRIDES = (2, 2, 2, 2, 2)
+#: 3x3 layers, numbered globally from the stem (layer 0), that the g2/g4 variants make grouped.
+GROUPED_LAYERS = tuple(range(2, 27, 2))
+
+
+class RepVGG(nn.Module):
+    """A RepVGG network; accepts the authors' constructor arguments in their order.
+
+    Args:
+        num_blocks: blocks in stages 1-4, e.g. ``[2, 4, 14, 1]`` (stage 0 is one block).
+        num_classes: classifier outputs; 0 builds no classifier (``forward`` returns pooled features).
+        width_multiplier: ``[a, a, a, b]``; stage widths are ``int(64a), int(128a), int(256a),
+            int(512b)`` and stage 0 is ``min(64, int(64a))``.
+        override_groups_map: ``{layer_index: groups}`` with 3x3 layers numbered globally from 0 (stem).
+        deploy: build the plain, already re-parameterized form.
+        use_se: squeeze-and-excitation in every block (D2se).
+        use_checkpoint: gradient checkpointing per block while training (saves memory, costs time).
+        in_chans: input channels (1 for grey images).
+        strides: the stride of the first block of stages 0-4; ``(2, 2, 2, 2, 2)`` is the paper's total
+            stride 32. Small images (28-32 px) keep more resolution with e.g. ``(1, 1, 2, 2, 2)``.
+    """
+
+    def __init__(
+        self,
+        num_blocks: Sequence[int],
+        num_classes: int = 1000,
+        width_multiplier: Sequence[float] | None = None,
+        override_groups_map: Mapping[int, int] | None = None,
+        deploy: bool = False,
+        use_se: bool = False,
+        use_checkpoint: bool = False,
+        *,
+        in_chans: int = 3,
+        strides: Sequence[int] = DEFAULT_STRIDES,
+    ) -> None:
+        super().__init__()
+        if width_multiplier is None or len(width_multiplier) != 4 or len(num_blocks) != 4:
+            raise ModelConfigError(
+                "RepVGG needs four block counts (stages 1-4) and four width multipliers [a, a, a, b]."
+            )
+        if len(strides) != 5 or any(s not in (1, 2) for s in strides):
+            raise ModelConfigError(
+                f"strides must give 1 or 2 for each of the five stages, got {tuple(strides)}."
+            )
+        self.num_blocks = tuple(int(n) for n in num_blocks)
+        self.width_multiplier = tuple(float(w) for w in width_multiplier)
+        self.override_groups_map = {int(k): int(v) for k, v in (override_groups_map or {}).items()}
+        self.deploy = deploy
+        self.use_se = use_se
+        self.use_checkpoint = use_checkpoint
+        self.in_chans = in_chans
+        self.strides = tuple(int(s) for s in strides)
+        self.model_name: str | None = None
+        self.class_names: list[str] | None = None
+
+        widths = stage_widths(self.width_multiplier)
+        self._layer_index = 0
+        self.stage0 = self._make_block(in_chans, widths[0], self.strides[0])
+        self.stage1 = self._make_stage(widths[0], widths[1], self.num_blocks[0], self.strides[1])
+        self.stage2 = self._make_stage(widths[1], widths[2], self.num_blocks[1], self.strides[2])
+        self.stage3 = self._make_stage(widths[2], widths[3], self.num_blocks[2], self.strides[3])
+        self.stage4 = self._make_stage(widths[3], widths[4], self.num_blocks[3], self.strides[4])
+        del self._layer_index
+        self.num_features = widths[4]
+        self.gap = nn.AdaptiveAvgPool2d(output_size=1)
+        self.num_classes = num_classes
+        self.linear: nn.Module = self._make_head(num_classes)
+
+    def _make_block(self, in_planes: int, planes: int, stride: int) -> RepVGGBlock:
+        """The next 3x3 layer; its groups come from ``override_groups_map`` by global layer index."""
+        block = RepVGGBlock(
+            in_planes,
+            planes,
+            kernel_size=3,
+            stride=stride,
+            padding=1,
+            groups=self.override_groups_map.get(self._layer_index, 1),
+            deploy=self.deploy,
+            use_se=self.use_se,
+        )
+        self._layer_index += 1
+        return block
+
+    def _make_stage(self, in_planes: int, planes: int, depth: int, stride: int) -> nn.Sequential:
+        strides = [stride] + [1] * (depth - 1)
+        return nn.Sequential(
+            *(self._make_block(in_planes if i == 0 else planes, planes, s) for i, s in enumerate(strides))
+        )
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this architecture (not its form or weights)."""
+        return {
+            "num_blocks": list(self.num_blocks),
+            "width_multiplier": list(self.width_multiplier),
+            "override_groups_map": dict(self.override_groups_map),
+            "use_se": self.use_se,
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "strides": list(self.strides),
+        }
+
+    def stages(self) -> list[nn.Module]:
+        return [self.stage0, self.stage1, self.stage2, self.stage3, self.stage4]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.use_checkpoint = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a new one for ``num_classes`` (0 removes it)."""
+        reference = next(self.parameters())
+        self.num_classes = num_classes
+        self.linear = self._make_head(num_classes).to(reference.device, reference.dtype)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        checkpointing = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        for stage in self.stages():
+            # Stage 0 is a single block, as in the authors' code (keys ``stage0.rbr_dense...``).
+            for block in stage if isinstance(stage, nn.Sequential) else (stage,):
+                if checkpointing:
+                    x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = torch.flatten(self.gap(x), 1)
+        return x if pre_logits else self.linear(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def stage_widths(width_multiplier: Sequence[float]) -> tuple[int, int, int, int, int]:
+    """Output channels of stages 0-4 for ``width_multiplier = [a, a, a, b]``."""
+    a1, a2, a3, b = width_multiplier
+    return (min(64, int(64 * a1)), int(64 * a1), int(128 * a2), int(256 * a3), int(512 * b))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: its RepVGG configuration and the top-1 the paper reports for it."""
+
+    num_blocks: tuple[int, int, int, int]
+    width_multiplier: tuple[float, float, float, float]
+    groups: int = 1
+    use_se: bool = False
+    paper_top1: float | None = None
+    top1_source: str = ""
+    override_groups_map: dict[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        groups_map = {layer: self.groups for layer in GROUPED_LAYERS} if self.groups > 1 else {}
+        object.__setattr__(self, "override_groups_map", groups_map)
+
+    def constructor_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_blocks": list(self.num_blocks),
+            "width_multiplier": list(self.width_multiplier),
+            "override_groups_map": dict(self.override_groups_map),
+            "use_se": self.use_se,
+        }
+
+
+TABLE4 = "Table 4 (120 epochs, simple augmentation)"
+TABLE5 = "Table 5 (200 epochs, AutoAugment + label smoothing + mixup)"
+_A = (2, 4, 14, 1)
+_B = (4, 6, 16, 1)
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "repvgg_a0": ModelSpec(_A, (0.75, 0.75, 0.75, 2.5), paper_top1=72.41, top1_source=TABLE4),
+    "repvgg_a1": ModelSpec(_A, (1, 1, 1, 2.5), paper_top1=74.46, top1_source=TABLE4),
+    "repvgg_a2": ModelSpec(_A, (1.5, 1.5, 1.5, 2.75), paper_top1=76.48, top1_source=TABLE4),
+    "repvgg_b0": ModelSpec(_B, (1, 1, 1, 2.5), paper_top1=75.14, top1_source=TABLE4),
+    "repvgg_b1": ModelSpec(_B, (2, 2, 2, 4), paper_top1=78.37, top1_source=TABLE4),
+    "repvgg_b1g2": ModelSpec(_B, (2, 2, 2, 4), 2, paper_top1=77.78, top1_source=TABLE4),
+    "repvgg_b1g4": ModelSpec(_B, (2, 2, 2, 4), 4, paper_top1=77.58, top1_source=TABLE4),
+    "repvgg_b2": ModelSpec(_B, (2.5, 2.5, 2.5, 5), paper_top1=78.78, top1_source=TABLE4),
+    "repvgg_b2g2": ModelSpec(_B, (2.5, 2.5, 2.5, 5), 2),
+    "repvgg_b2g4": ModelSpec(_B, (2.5, 2.5, 2.5, 5), 4, paper_top1=78.50, top1_source=TABLE4),
+    "repvgg_b3": ModelSpec(_B, (3, 3, 3, 5), paper_top1=80.52, top1_source=TABLE5),
+    "repvgg_b3g2": ModelSpec(_B, (3, 3, 3, 5), 2),
+    "repvgg_b3g4": ModelSpec(_B, (3, 3, 3, 5), 4, paper_top1=80.21, top1_source=TABLE5),
+    "repvgg_d2se": ModelSpec(
+        (8, 14, 24, 1),
+        (2.5, 2.5, 2.5, 5),
+        use_se=True,
+        paper_top1=81.82,
+        top1_source="authors' README (200 epochs, tested at 224 px)",
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """Names of every registered model, in the paper's order."""
+    return list(MODEL_SPECS)
+
+
+def canonical_name(name: str) -> str:
+    """``"RepVGG-B1g2"``, ``"b1g2"`` and ``"repvgg_b1g2"`` all name ``repvgg_b1g2``."""
+    key = name.strip().lower().replace("-", "_")
+    if not key.startswith("repvgg_"):
+        key = "repvgg_" + key
+    if key not in MODEL_SPECS:
+        close = difflib.get_close_matches(key, MODEL_SPECS, n=1)
+        hint = f"did you mean {close[0]}?" if close else "see repvgg.list_models()."
+        raise ModelConfigError(f"Unknown model {name!r}: {hint}")
+    return key
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    deploy: bool = False,
+    in_chans: int = 3,
+    **options: Any,
+) -> RepVGG:
+    """Build a named model, in training form or (``deploy=True``) directly in its plain form.
+
+    ``options`` are the other keyword arguments of :class:`RepVGG`: ``strides``, ``use_checkpoint``.
+    """
+    key = canonical_name(name)
+    model = RepVGG(
+        **MODEL_SPECS[key].constructor_kwargs(),
+        num_classes=num_classes,
+        deploy=deploy,
+        in_chans=in_chans,
+        **options,
+    )
+    model.model_name = key
+    return model
+
+
+def name_for_config(config: Mapping[str, Any]) -> str | None:
+    """The registered name whose architecture equals ``config`` (see :attr:`RepVGG.config`), if any."""
+    for name, spec in MODEL_SPECS.items():
+        kwargs = spec.constructor_kwargs()
+        if all(_same(config.get(k), v) for k, v in kwargs.items()):
+            return name
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(b, dict):
+        return isinstance(a, Mapping) and {int(k): int(v) for k, v in a.items()} == b
+    if isinstance(b, list):
+        return a is not None and [float(x) for x in a] == [float(x) for x in b]
+    return a == b

@@ -1,0 +1,187 @@
+"""Structural re-parameterization of whole networks, and the check that it is exact."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from repvgg.blocks import TRAIN_MODE_WARNING, RepVGGBlock
+from repvgg.exceptions import ConversionError, RepVGGWarning
+from repvgg.models import RepVGG
+
+
+def reparameterizable_blocks(module: nn.Module) -> list[RepVGGBlock]:
+    """Every RepVGG block inside ``module`` (itself included), deployed or not."""
+    return [m for m in module.modules() if isinstance(m, RepVGGBlock)]
+
+
+def is_deployed(module: nn.Module) -> bool:
+    """True when ``module`` holds RepVGG blocks and all of them are in their plain form."""
+    blocks = reparameterizable_blocks(module)
+    return bool(blocks) and all(block.deploy for block in blocks)
+
+
+def reparameterize(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """Convert every RepVGG block inside ``module`` into its single 3x3 convolution.
+
+    Works on any network that contains RepVGG blocks: a bare :class:`~repvgg.RepVGG`, or a detector or
+    segmenter that uses one as its backbone. Returns the converted copy and leaves ``module`` untouched,
+    unless ``inplace=True``. The conversion always uses BatchNorm running statistics; converting a
+    module in training mode warns once, since its train-mode outputs use batch statistics instead.
+    """
+    blocks = reparameterizable_blocks(module)
+    if not blocks:
+        raise ConversionError(
+            f"{type(module).__name__} contains no RepVGG blocks, so there is nothing to "
+            "re-parameterize; build it with repvgg.create_model or repvgg.RepVGGBlock."
+        )
+    if any(block.training and not block.deploy for block in blocks):
+        warnings.warn(TRAIN_MODE_WARNING, RepVGGWarning, stacklevel=2)
+    converted = module if inplace else copy.deepcopy(module)
+    for block in reparameterizable_blocks(converted):
+        block.reparameterize(warn_if_training_mode=False)
+    for model in converted.modules():
+        if isinstance(model, RepVGG):
+            model.deploy = True
+    return converted
+
+
+def repvgg_model_convert(model: nn.Module, save_path: str | None = None, do_copy: bool = True) -> nn.Module:
+    """The authors' conversion entry point, kept so their scripts run after changing one import.
+
+    ``save_path`` writes a deploy-form checkpoint in this package's format.
+    """
+    converted = reparameterize(model, inplace=not do_copy)
+    if save_path is not None:
+        from repvgg.checkpoints import save_checkpoint
+
+        save_checkpoint(converted, save_path)
+    return converted
+
+
+@torch.no_grad()
+def randomize_batchnorm_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters, in place.
+
+    A freshly built network has mean 0, variance 1, weight 1 and bias 0 in every BatchNorm, which hides
+    errors in the fusion math; checks of exactness should run on randomized statistics.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(like: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        values = torch.rand(like.shape, generator=generator, dtype=torch.float64)
+        return (low + (high - low) * values).to(like.dtype)
+
+    for bn in module.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            if bn.running_mean is not None and bn.running_var is not None:
+                bn.running_mean.copy_(draw(bn.running_mean, -0.5, 0.5))
+                bn.running_var.copy_(draw(bn.running_var, 0.5, 2.0))
+            if bn.weight is not None and bn.bias is not None:
+                bn.weight.copy_(draw(bn.weight, 0.5, 1.5))
+                bn.bias.copy_(draw(bn.bias, -0.5, 0.5))
+    return module
+
+
+@dataclass(frozen=True)
+class EquivalenceReport:
+    """How far a converted network's outputs are from the multi-branch network's."""
+
+    max_abs_error: float
+    max_rel_error: float
+    output_scale: float
+    dtype: torch.dtype
+    input_shape: tuple[int, ...]
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        return (
+            f"max |deploy - train| = {self.max_abs_error:.3e} "
+            f"({self.max_rel_error:.3e} of max |train| = {self.output_scale:.3g}; "
+            f"{str(self.dtype).removeprefix('torch.')}, input {tuple(self.input_shape)}): "
+            f"{verdict} at tolerance {self.tolerance:.0e}"
+        )
+
+
+def _input_channels(module: nn.Module) -> int:
+    if isinstance(module, RepVGG):
+        return module.in_chans
+    first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is None:
+        raise ConversionError("Cannot tell the input channels; pass input_shape explicitly.")
+    return first_conv.in_channels
+
+
+def _outputs(module: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor a forward pass returns (a backbone or detector may return lists or dicts)."""
+    out = module(inputs)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@torch.no_grad()
+def verify_equivalence(
+    reference: nn.Module,
+    converted: nn.Module | None = None,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    dtype: torch.dtype = torch.float64,
+    tolerance: float | None = None,
+    seed: int = 0,
+) -> EquivalenceReport:
+    """Compare a multi-branch network with its conversion on random input, in eval mode.
+
+    Both networks are copied, cast to ``dtype`` and put in eval mode; the originals are not changed.
+    Without ``converted``, a ``dtype`` copy of ``reference`` is converted, which checks the fusion math
+    itself: in float64 it agrees to ~1e-15. A given ``converted`` network also carries the rounding
+    of its stored weights (~1e-7 for float32). The default tolerance follows the least precise of
+    ``dtype`` and those weights: 1e-10 for float64, 1e-5 for float32, 2e-2 below. The default input is
+    non-square, ``(2, C, 64, 48)``.
+    """
+    train_copy = copy.deepcopy(reference).to(dtype).eval()
+    if converted is None:
+        deploy_copy = reparameterize(train_copy)
+        precisions = [dtype]
+    else:
+        deploy_copy = copy.deepcopy(converted).to(dtype).eval()
+        precisions = [dtype, *(p.dtype for p in converted.parameters())]
+    if tolerance is None:
+        tolerance = max(_TOLERANCE.get(p, 2e-2) for p in precisions)
+    if input_shape is None:
+        input_shape = (2, _input_channels(reference), 64, 48)
+    device = next(reference.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(input_shape, generator=generator, dtype=dtype).to(device)
+    expected = _outputs(train_copy, inputs)
+    actual = _outputs(deploy_copy, inputs)
+    if len(expected) != len(actual) or any(e.shape != a.shape for e, a in zip(expected, actual, strict=True)):
+        raise ConversionError(
+            "The two networks return outputs of different shapes; they are not a train/deploy pair."
+        )
+    # Each output (a backbone returns one per stage) is compared relative to its own scale.
+    errors = [float((a - e).abs().max()) for e, a in zip(expected, actual, strict=True)]
+    scales = [float(e.abs().max()) for e in expected]
+    relative = [err / scale if scale > 0 else err for err, scale in zip(errors, scales, strict=True)]
+    return EquivalenceReport(
+        max_abs_error=max(errors),
+        max_rel_error=max(relative),
+        output_scale=max(scales),
+        dtype=dtype,
+        input_shape=tuple(input_shape),
+        tolerance=tolerance,
+    )
