@@ -95,7 +95,7 @@ class RepVGGBlock(nn.Module):
         self.deploy = deploy
 
         self.se: nn.Module = (
-            SEBlock(out_channels, internal_neurons=out_channels // 16) if use_se else nn.Identity()
+            SEBlock(out_channels, internal_neurons=max(1, out_channels // 16)) if use_se else nn.Identity()
         )
         self.nonlinearity = nn.ReLU()
 

@@ -171,6 +171,7 @@ class ModelSpec:
     use_se: bool = False
     paper_top1: float | None = None
     top1_source: str = ""
+    paper_params_m: float | None = None  # deploy-form parameters in millions, paper Table 4
     override_groups_map: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -192,16 +193,24 @@ _A = (2, 4, 14, 1)
 _B = (4, 6, 16, 1)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
-    "repvgg_a0": ModelSpec(_A, (0.75, 0.75, 0.75, 2.5), paper_top1=72.41, top1_source=TABLE4),
-    "repvgg_a1": ModelSpec(_A, (1, 1, 1, 2.5), paper_top1=74.46, top1_source=TABLE4),
-    "repvgg_a2": ModelSpec(_A, (1.5, 1.5, 1.5, 2.75), paper_top1=76.48, top1_source=TABLE4),
-    "repvgg_b0": ModelSpec(_B, (1, 1, 1, 2.5), paper_top1=75.14, top1_source=TABLE4),
-    "repvgg_b1": ModelSpec(_B, (2, 2, 2, 4), paper_top1=78.37, top1_source=TABLE4),
-    "repvgg_b1g2": ModelSpec(_B, (2, 2, 2, 4), 2, paper_top1=77.78, top1_source=TABLE4),
-    "repvgg_b1g4": ModelSpec(_B, (2, 2, 2, 4), 4, paper_top1=77.58, top1_source=TABLE4),
-    "repvgg_b2": ModelSpec(_B, (2.5, 2.5, 2.5, 5), paper_top1=78.78, top1_source=TABLE4),
+    "repvgg_a0": ModelSpec(
+        _A, (0.75, 0.75, 0.75, 2.5), paper_top1=72.41, top1_source=TABLE4, paper_params_m=8.3
+    ),
+    "repvgg_a1": ModelSpec(_A, (1, 1, 1, 2.5), paper_top1=74.46, top1_source=TABLE4, paper_params_m=12.78),
+    "repvgg_a2": ModelSpec(
+        _A, (1.5, 1.5, 1.5, 2.75), paper_top1=76.48, top1_source=TABLE4, paper_params_m=25.49
+    ),
+    "repvgg_b0": ModelSpec(_B, (1, 1, 1, 2.5), paper_top1=75.14, top1_source=TABLE4, paper_params_m=14.33),
+    "repvgg_b1": ModelSpec(_B, (2, 2, 2, 4), paper_top1=78.37, top1_source=TABLE4, paper_params_m=51.82),
+    "repvgg_b1g2": ModelSpec(_B, (2, 2, 2, 4), 2, paper_top1=77.78, top1_source=TABLE4, paper_params_m=41.36),
+    "repvgg_b1g4": ModelSpec(_B, (2, 2, 2, 4), 4, paper_top1=77.58, top1_source=TABLE4, paper_params_m=36.12),
+    "repvgg_b2": ModelSpec(
+        _B, (2.5, 2.5, 2.5, 5), paper_top1=78.78, top1_source=TABLE4, paper_params_m=80.31
+    ),
     "repvgg_b2g2": ModelSpec(_B, (2.5, 2.5, 2.5, 5), 2),
-    "repvgg_b2g4": ModelSpec(_B, (2.5, 2.5, 2.5, 5), 4, paper_top1=78.50, top1_source=TABLE4),
+    "repvgg_b2g4": ModelSpec(
+        _B, (2.5, 2.5, 2.5, 5), 4, paper_top1=78.50, top1_source=TABLE4, paper_params_m=55.77
+    ),
     "repvgg_b3": ModelSpec(_B, (3, 3, 3, 5), paper_top1=80.52, top1_source=TABLE5),
     "repvgg_b3g2": ModelSpec(_B, (3, 3, 3, 5), 2),
     "repvgg_b3g4": ModelSpec(_B, (3, 3, 3, 5), 4, paper_top1=80.21, top1_source=TABLE5),

@@ -1,0 +1,3 @@
+from repvgg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Counting and timing: parameters, multiply-accumulates, and interleaved throughput measurements."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (BatchNorm weight and bias count; running statistics do not)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> int:
+    """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter``.
+
+    Runs on the model's device with an empty input; on the ``meta`` device it costs no arithmetic.
+    """
+    reference = next(model.parameters())
+    inputs = torch.empty(input_shape, device=reference.device, dtype=reference.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(inputs)
+    return counter.get_total_flops() // 2
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Timings of one model over repeated batches."""
+
+    batch_size: int
+    seconds_per_batch: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds_per_batch)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch_size / self.median_s
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median of the batches: how noisy the measurement was."""
+        return (max(self.seconds_per_batch) - min(self.seconds_per_batch)) / self.median_s
+
+
+@torch.inference_mode()
+def compare_throughput(
+    models: Mapping[str, nn.Module], inputs: torch.Tensor, *, warmup: int = 2, repeats: int = 10
+) -> dict[str, Throughput]:
+    """Time each model on ``inputs``, interleaving them batch by batch so that machine noise hits
+    all of them alike; report the median per model. Models should already be in eval mode."""
+    for _ in range(warmup):
+        for model in models.values():
+            model(inputs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(inputs)
+            times[name].append(time.perf_counter() - start)
+    return {name: Throughput(inputs.shape[0], t) for name, t in times.items()}

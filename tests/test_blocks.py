@@ -1,0 +1,97 @@
+"""RepVGG blocks: conversion is exact for every shape of block (property tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from repvgg import ModelConfigError, RepVGGBlock, SEBlock
+from repvgg.reparam import randomize_batchnorm_
+
+from tests.helpers import relative_error
+
+
+@st.composite
+def block_settings(draw: st.DrawFn) -> dict[str, int | bool]:
+    groups = draw(st.sampled_from([1, 2, 4]))
+    in_channels = groups * draw(st.integers(1, 6))
+    same = draw(st.booleans())  # makes the identity branch likely
+    out_channels = in_channels if same else 16 * draw(st.integers(1, 3))
+    stride = draw(st.sampled_from([1, 2]))
+    return {
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "stride": stride,
+        "groups": groups,
+        "dilation": draw(st.sampled_from([1, 2])),
+        "use_se": draw(st.booleans()),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(options=block_settings(), height=st.integers(5, 13), width=st.integers(5, 13), seed=st.integers(0, 99))
+def test_reparameterized_block_is_exact(
+    options: dict[str, int | bool], height: int, width: int, seed: int
+) -> None:
+    block = RepVGGBlock(kernel_size=3, **options).double()  # type: ignore[arg-type]
+    randomize_batchnorm_(block, seed=seed).eval()
+    has_identity = options["in_channels"] == options["out_channels"] and options["stride"] == 1
+    assert (block.rbr_identity is not None) == has_identity
+    x = torch.randn(2, int(options["in_channels"]), height, width, dtype=torch.float64)
+    expected = block(x)
+    block.reparameterize()
+    assert block.deploy and not hasattr(block, "rbr_dense") and not hasattr(block, "rbr_identity")
+    assert block.rbr_reparam.groups == options["groups"]
+    assert block.rbr_reparam.dilation == (options["dilation"],) * 2
+    assert relative_error(block(x), expected) <= 1e-12
+
+
+def test_equivalent_kernel_bias_is_differentiable() -> None:
+    block = randomize_batchnorm_(RepVGGBlock(8, 8, groups=2).double(), seed=3)
+    kernel, bias = block.equivalent_kernel_bias()
+    (kernel.square().sum() + bias.square().sum()).backward()
+    for name, parameter in block.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_deployed_block_reports_its_conv_and_converts_once() -> None:
+    block = RepVGGBlock(4, 4).eval()
+    block.reparameterize()
+    weight = block.rbr_reparam.weight
+    block.reparameterize()
+    assert block.rbr_reparam.weight is weight
+    kernel, bias = block.equivalent_kernel_bias()
+    assert kernel is weight and bias is block.rbr_reparam.bias
+
+
+def test_conversion_keeps_dtype_and_device() -> None:
+    block = RepVGGBlock(4, 6, stride=2).to(torch.float64).eval()
+    block.reparameterize()
+    assert block.rbr_reparam.weight.dtype == torch.float64
+
+
+def test_se_block_works_on_non_square_input() -> None:
+    se = SEBlock(32, internal_neurons=2).double()
+    x = torch.randn(2, 32, 7, 19, dtype=torch.float64)
+    gate = torch.sigmoid(se.up(torch.relu(se.down(x.mean(dim=(2, 3), keepdim=True)))))
+    torch.testing.assert_close(se(x), x * gate)
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_padding_that_misaligns_branches_is_refused(padding: int) -> None:
+    with pytest.raises(ModelConfigError, match="line up"):
+        RepVGGBlock(4, 4, 3, padding=padding)
+
+
+def test_groups_must_divide_channels() -> None:
+    with pytest.raises(ModelConfigError, match="groups=4"):
+        RepVGGBlock(6, 6, groups=4)
+
+
+def test_block_in_deploy_form_has_only_conv_relu() -> None:
+    block = RepVGGBlock(4, 4, deploy=True)
+    kinds = {type(m) for m in block.modules()} - {RepVGGBlock}
+    assert kinds == {nn.Conv2d, nn.ReLU, nn.Identity}
