@@ -10,7 +10,6 @@ from torch import nn
 
 from repvgg import ModelConfigError, RepVGGBlock, SEBlock
 from repvgg.reparam import randomize_batchnorm_
-
 from tests.helpers import relative_error
 
 

@@ -9,31 +9,41 @@ Quick start::
     print(repvgg.verify_equivalence(model, deployed))
     repvgg.save_checkpoint(deployed, "a0_deploy.safetensors")
     again = repvgg.load_checkpoint("a0_deploy.safetensors")
+
+The names below are imported on first use, so that ``import repvgg`` (and the command line's start-up)
+does not pay for importing torch until something needs it.
 """
 
-from repvgg.blocks import RepVGGBlock, SEBlock
-from repvgg.checkpoints import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-from repvgg.exceptions import (
-    CheckpointError,
-    ConversionError,
-    ModelConfigError,
-    RepVGGError,
-    RepVGGWarning,
-)
-from repvgg.formats import convert_state_dict, detect_format
-from repvgg.fusion import ConvBN
-from repvgg.models import MODEL_SPECS, RepVGG, create_model, list_models
-from repvgg.reparam import (
-    EquivalenceReport,
-    is_deployed,
-    randomize_batchnorm_,
-    reparameterize,
-    repvgg_model_convert,
-    verify_equivalence,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "repvgg.blocks": ("RepVGGBlock", "SEBlock"),
+    "repvgg.checkpoints": ("Checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"),
+    "repvgg.exceptions": (
+        "CheckpointError",
+        "ConversionError",
+        "ModelConfigError",
+        "RepVGGError",
+        "RepVGGWarning",
+    ),
+    "repvgg.formats": ("convert_state_dict", "detect_format"),
+    "repvgg.fusion": ("ConvBN",),
+    "repvgg.models": ("MODEL_SPECS", "RepVGG", "create_model", "list_models"),
+    "repvgg.reparam": (
+        "EquivalenceReport",
+        "is_deployed",
+        "randomize_batchnorm_",
+        "reparameterize",
+        "repvgg_model_convert",
+        "verify_equivalence",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "MODEL_SPECS",
     "Checkpoint",
@@ -61,3 +71,39 @@ __all__ = [
     "save_checkpoint",
     "verify_equivalence",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'repvgg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from repvgg.blocks import RepVGGBlock, SEBlock
+    from repvgg.checkpoints import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+    from repvgg.exceptions import (
+        CheckpointError,
+        ConversionError,
+        ModelConfigError,
+        RepVGGError,
+        RepVGGWarning,
+    )
+    from repvgg.formats import convert_state_dict, detect_format
+    from repvgg.fusion import ConvBN
+    from repvgg.models import MODEL_SPECS, RepVGG, create_model, list_models
+    from repvgg.reparam import (
+        EquivalenceReport,
+        is_deployed,
+        randomize_batchnorm_,
+        reparameterize,
+        repvgg_model_convert,
+        verify_equivalence,
+    )

@@ -101,7 +101,8 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, class_names: Sequence[s
         save_file(tensors, str(temporary), metadata=metadata)
         os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        if temporary.is_file():
+            temporary.unlink()
         raise CheckpointError(
             f"Cannot write the checkpoint to {path} ({error.strerror or error}); choose a writable "
             "location with enough free space."
@@ -144,7 +145,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
         raise CheckpointError(
             f"{path} is not a PyTorch or safetensors checkpoint, or it is truncated."
         ) from error
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
+    except Exception as error:  # a file that is not a checkpoint fails in many ways inside torch.load
         raise CheckpointError(
             f"{path} is not a PyTorch or safetensors checkpoint, or it is truncated."
         ) from error
