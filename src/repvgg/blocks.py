@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from repvgg.exceptions import ModelConfigError, RepVGGWarning
-from repvgg.fusion import ConvBN, branch_kernel_bias
+from repvgg.exceptions import ConversionError, ModelConfigError, RepVGGWarning
+from repvgg.fusion import ConvBN, bn_scale_shift, branch_kernel_bias
 
 TRAIN_MODE_WARNING = (
     "Converting a module in training mode: the fused kernels use the BatchNorm running statistics, "
@@ -161,6 +161,24 @@ class RepVGGBlock(nn.Module):
         kernel = torch.stack([k for k, _ in kernel_bias]).sum(0)
         bias = torch.stack([b for _, b in kernel_bias]).sum(0)
         return kernel, bias
+
+    def custom_l2(self) -> Tensor:
+        """The authors' "custom L2" of the 3x3 and 1x1 kernels (to replace their plain weight decay).
+
+        Plain L2 on the outer ring of the 3x3 kernel, plus L2 of the equivalent centre tap
+        ``K3[:, :, 1, 1] * t3 + K1 * t1`` normalised by ``t3^2 + t1^2``, where ``t`` is each branch's
+        BatchNorm scale ``gamma / sigma`` (detached). Add ``0.5 * weight_decay * custom_l2`` to the loss.
+        """
+        if self.deploy:
+            raise ConversionError("custom_l2 regularises the training form; this block is already deployed.")
+        k3, k1 = self.rbr_dense.conv.weight, self.rbr_1x1.conv.weight
+        t3 = bn_scale_shift(self.rbr_dense.bn)[0].detach().reshape(-1, 1, 1, 1)
+        t1 = bn_scale_shift(self.rbr_1x1.bn)[0].detach().reshape(-1, 1, 1, 1)
+        centre = self.kernel_size // 2
+        k3_centre = k3[:, :, centre : centre + 1, centre : centre + 1]
+        ring = k3.square().sum() - k3_centre.square().sum()
+        equivalent_centre = k3_centre * t3 + k1 * t1
+        return ring + (equivalent_centre.square() / (t3.square() + t1.square())).sum()
 
     def reparameterize(self, *, warn_if_training_mode: bool = True) -> None:
         """Replace the branches by one equivalent convolution, in place. Does nothing if deployed."""

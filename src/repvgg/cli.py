@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _models_table(args: argparse.Namespace) -> int:
@@ -67,45 +68,172 @@ def _models_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace) -> tuple[Any, bool]:
+    """Defaults, then the saved run (``--resume``) or ``--config`` file, then the flags given."""
+    from pathlib import Path
+
+    from repvgg.training import TrainConfig, load_run_config
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume")}
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_run_config(args.config))
+    values.update(given)
+    if "output" not in values:
+        values["output"] = f"runs/{values.get('model', 'repvgg_a0')}-{values.get('data', 'fashion-mnist')}"
+    if args.resume:
+        saved = Path(values["output"]) / "config.json"
+        values = {**load_run_config(saved), **given} if saved.is_file() else values
+    return TrainConfig.from_dict(values), bool(args.resume)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from repvgg.training import train
+
+    config, resume = _train_config(args)
+    summary = train(config, resume=resume)
+    _print_summary(summary, config.output)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], output: str) -> None:
+    train_form, deploy_form = summary["train_form"], summary["deploy_form"]
+    print(
+        f"training form: top-1 {train_form['top1']:.2f}%, top-5 {train_form['top5']:.2f}%, "
+        f"{train_form['images_per_s']:.0f} img/s"
+    )
+    print(
+        f"deploy form:   top-1 {deploy_form['top1']:.2f}%, top-5 {deploy_form['top5']:.2f}%, "
+        f"{deploy_form['images_per_s']:.0f} img/s"
+    )
+    verdict = "agree" if summary["forms_agree"] else "DISAGREE"
+    print(f"the two forms {verdict} (top-1 difference {summary['top1_difference']:.4f} points)")
+    print(f"saved {output}/model_train.safetensors and {output}/model_deploy.safetensors")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from repvgg.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        val_subset=args.val_subset,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+    )
+    print(
+        f"{args.checkpoint}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f} "
+        f"on {result.images} {args.data} validation images, {result.images_per_s:.0f} img/s"
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from repvgg.benchmark import compare_throughput, count_parameters
-    from repvgg.models import create_model
-    from repvgg.reparam import randomize_batchnorm_, reparameterize, verify_equivalence
+    from repvgg.checkpoints import load_checkpoint
+    from repvgg.reparam import verify_equivalence
+    from repvgg.training import TrainConfig, train
 
-    torch.manual_seed(0)
-    print(f"Building {args.model} (training form) ...")
-    model = create_model(args.model)
-    # A fresh model has identity BatchNorms, which would make the check below too easy.
-    randomize_batchnorm_(model, seed=0).eval()
-    deployed = reparameterize(model)
-    train_params, deploy_params = count_parameters(model), count_parameters(deployed)
+    output = args.output
+    print(
+        f"Training {args.model} on {args.train_subset} Fashion-MNIST images for {args.epochs} epoch(s), "
+        "then converting it ..."
+    )
+    config = TrainConfig(
+        model=args.model,
+        data="fashion-mnist",
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+        output=output,
+        warmup_epochs=0.2,
+    )
+    summary = train(config)
+    trained = load_checkpoint(f"{output}/model_train.safetensors").eval()
+    deployed = load_checkpoint(f"{output}/model_deploy.safetensors").eval()
+    train_params, deploy_params = count_parameters(trained), count_parameters(deployed)
     print(
         f"parameters: training form {train_params:,}, deploy form {deploy_params:,} "
         f"({1 - deploy_params / train_params:.1%} fewer)"
     )
-    report = verify_equivalence(model)
-    print(f"equivalence (random BN statistics, eval mode): {report}")
-    inputs = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    print(f"equivalence of the trained model: {verify_equivalence(trained)}")
+    _print_summary(summary, output)
+    inputs = torch.randn(args.batch_size, 1, 28, 28)
     print(
-        f"timing on CPU ({torch.get_num_threads()} threads, batch {args.batch_size}, "
-        f"{args.image_size}x{args.image_size}, fp32, median of {args.repeats} interleaved batches) ..."
+        f"inference speed on CPU ({torch.get_num_threads()} threads, batch {args.batch_size}, 28x28, fp32, "
+        f"median of {args.repeats} interleaved batches):"
     )
     speeds = compare_throughput(
-        {"training form": model, "deploy form": deployed}, inputs, repeats=args.repeats
+        {"training form": trained, "deploy form": deployed}, inputs, repeats=args.repeats
     )
     for name, speed in speeds.items():
         print(
-            f"  {name:14s} {speed.images_per_s:7.1f} images/s  "
-            f"({speed.median_s * 1000:.0f} ms/batch, spread {speed.spread:.0%})"
+            f"  {name:14s} {speed.images_per_s:8.0f} images/s  "
+            f"({speed.median_s * 1000:.1f} ms/batch, spread {speed.spread:.0%})"
         )
     ratio = speeds["deploy form"].images_per_s / speeds["training form"].images_per_s
     print(f"  deploy / training speed: {ratio:.2f}x")
-    return 0 if report.passed else 1
+    return 0 if summary["forms_agree"] else 1
 
 
 Command = Callable[[argparse.Namespace], int]
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--data",
+        choices=("fashion-mnist", "cifar10", "imagefolder"),
+        default=argparse.SUPPRESS if suppress else "fashion-mnist",
+        help="dataset (default fashion-mnist, from the Debian package dataset-fashion-mnist)",
+    )
+    parser.add_argument("--data-dir", default=default, help="where the dataset lies")
+
+
+def _add_train_parser(commands: Any) -> None:
+    """Flags default to 'not given', so that --config and --resume values are overridden only when given."""
+    train = commands.add_parser(
+        "train",
+        help="train a model with the paper's recipe, then convert and evaluate both forms",
+        argument_default=argparse.SUPPRESS,
+    )
+    train.add_argument("--config", default=None, help="a JSON configuration (e.g. a run's config.json)")
+    train.add_argument("--resume", action="store_true", default=False, help="continue the run in --output")
+    train.add_argument("--model", help="model name (default repvgg_a0)")
+    _add_data_arguments(train, suppress=True)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="per process (default 128)")
+    train.add_argument("--lr", type=float, help="default 0.1 x global batch / 256")
+    train.add_argument("--momentum", type=float)
+    train.add_argument("--nesterov", action="store_true")
+    train.add_argument("--weight-decay", type=float, help="default 1e-4, with the authors' exclusions")
+    train.add_argument("--custom-l2", action="store_true", help="the authors' custom L2 on branch kernels")
+    train.add_argument("--warmup-epochs", type=float)
+    train.add_argument("--label-smoothing", type=float)
+    train.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
+    train.add_argument("--autoaugment", action="store_true")
+    train.add_argument("--ema", dest="ema_decay", type=float, help="EMA decay of the weights, e.g. 0.9998")
+    train.add_argument("--amp", choices=("none", "bf16", "fp16"), help="bf16 on CPU; fp16 or bf16 on CUDA")
+    train.add_argument("--channels-last", action="store_true")
+    train.add_argument("--grad-checkpointing", action="store_true")
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--strides", type=int, nargs=5, help="strides of stages 0-4 (default: adapted)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--workers", type=int, help="data-loading processes")
+    train.add_argument("--train-subset", type=int, help="train on this many images")
+    train.add_argument("--val-subset", type=int, help="evaluate on this many images")
+    train.add_argument("--output", help="run folder (default runs/MODEL-DATA)")
+    train.add_argument("--init", help="start from this training-form checkpoint")
+    train.add_argument("--finetune", action="store_true", help="with --init: replace its classifier head")
+    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+    train.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
+    train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    train.set_defaults(run=_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,12 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     models.set_defaults(run=_models_table)
 
-    demo = commands.add_parser("demo", help="build a model, convert it, check exactness and speed")
+    demo = commands.add_parser(
+        "demo", help="train A0 briefly on Fashion-MNIST, convert, evaluate both forms, time them"
+    )
     demo.add_argument("--model", default="repvgg_a0")
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--image-size", type=int, default=224)
-    demo.add_argument("--repeats", type=int, default=5)
+    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--train-subset", type=int, default=20000)
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--batch-size", type=int, default=256, help="batch size of the speed measurement")
+    demo.add_argument("--repeats", type=int, default=10)
     demo.set_defaults(run=_demo)
+
+    _add_train_parser(commands)
+
+    evaluation = commands.add_parser("eval", help="top-1/top-5 and speed of any checkpoint on a dataset")
+    evaluation.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
+    _add_data_arguments(evaluation, suppress=False)
+    evaluation.add_argument("--batch-size", type=int, default=256)
+    evaluation.add_argument("--val-subset", type=int, default=None)
+    evaluation.add_argument("--workers", type=int, default=None)
+    evaluation.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    evaluation.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    evaluation.set_defaults(run=_eval)
     return parser
 
 

@@ -25,3 +25,11 @@ class ModelConfigError(RepVGGError, ValueError):
 
 class RepVGGWarning(UserWarning):
     """A warning about a likely mistake that the package can still carry out."""
+
+
+class DataError(RepVGGError, ValueError):
+    """A dataset is missing, unreadable, or does not fit the model."""
+
+
+class TrainingError(RepVGGError, RuntimeError):
+    """Training cannot go on (a non-finite loss, a run that cannot be resumed)."""

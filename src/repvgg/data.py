@@ -1,0 +1,339 @@
+"""Datasets and their transforms: Fashion-MNIST (built in), CIFAR-10, and ImageNet-style image folders.
+
+Small-image sets (28-32 px) are held in memory as uint8 tensors and augmented with crops and flips;
+image folders get the paper's transforms (random-resized crop 224 + flip; resize 256, centre crop 224).
+All transforms come from ``torchvision.transforms.v2``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from repvgg.exceptions import DataError
+
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SMALL_IMAGE_LIMIT = 64  # images at most this size are "small": no resizing, crop-with-padding augmentation
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """Returned in place of a sample whose file cannot be decoded, so the main process can report it."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class DataBundle:
+    """The two splits of a dataset and what a model needs to know about them."""
+
+    train: Dataset[Any]
+    val: Dataset[Any]
+    num_classes: int
+    class_names: list[str]
+    in_chans: int
+    image_size: int
+    in_memory: bool
+
+
+class TensorImages(Dataset[tuple[torch.Tensor, int]]):
+    """Images held as one uint8 tensor ``(N, C, H, W)`` with integer labels."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: Callable[[Any], torch.Tensor]
+    ) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(tv_tensors.Image(self.images[index])), int(self.labels[index])
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An array from an IDX file (the MNIST family's format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, ValueError, struct.error, EOFError) as error:
+        raise DataError(f"{path} is not a readable IDX file ({error}); reinstall the dataset.") from error
+
+
+def _fashion_mnist_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    prefix = "train" if train else "t10k"
+    found = {}
+    for kind, suffix in (("images", "idx3-ubyte"), ("labels", "idx1-ubyte")):
+        candidates = [root / f"{prefix}-{kind}-{suffix}.gz", root / f"{prefix}-{kind}-{suffix}"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise DataError(
+                f"Fashion-MNIST is not in {root}: install it with `apt-get install dataset-fashion-mnist` "
+                "(Debian/Ubuntu) or pass --data-dir to a folder holding the four idx files."
+            )
+        found[kind] = read_idx(path)
+    images = torch.from_numpy(found["images"].copy()).unsqueeze(1)
+    return images, torch.from_numpy(found["labels"].astype(np.int64))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's python batches and refuses any object but NumPy arrays."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle_arrays(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            raw = _ArrayUnpickler(handle, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise DataError(f"{path} is not a readable CIFAR-10 batch ({error}).") from error
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _cifar10_root(data_dir: Path) -> Path:
+    for root in (data_dir, data_dir / "cifar-10-batches-py"):
+        if (root / "data_batch_1").is_file() and (root / "test_batch").is_file():
+            return root
+    raise DataError(
+        f"No CIFAR-10 python batches in {data_dir}: pass --data-dir to the folder `cifar-10-batches-py` "
+        "(data_batch_1..5, test_batch, batches.meta) from the CIFAR-10 python version."
+    )
+
+
+def _cifar10_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    batches = [_unpickle_arrays(root / name) for name in names if (root / name).is_file()]
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+def _cifar10_classes(root: Path) -> list[str]:
+    meta = root / "batches.meta"
+    if not meta.is_file():
+        return [str(i) for i in range(10)]
+    names = _unpickle_arrays(meta).get("label_names", [])
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def small_image_transforms(
+    size: int, mean: Sequence[float], std: Sequence[float], *, train: bool, autoaugment: bool
+) -> v2.Compose:
+    """Crop-with-padding and flip for 28-32 px images (no resizing); plain normalisation for eval."""
+    steps: list[Callable[..., Any]] = []
+    if train:
+        steps += [v2.RandomCrop(size, padding=max(2, size // 8)), v2.RandomHorizontalFlip()]
+        if autoaugment:
+            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def imagenet_transforms(
+    size: int, mean: Sequence[float], std: Sequence[float], *, train: bool, autoaugment: bool
+) -> v2.Compose:
+    """The paper's: random-resized crop + flip for training; resize to size*8/7, centre crop for eval."""
+    steps: list[Callable[..., Any]] = [v2.ToImage()]
+    if train:
+        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        if autoaugment:
+            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+    else:
+        steps += [v2.Resize(round(size * 8 / 7), antialias=True), v2.CenterCrop(size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+class ImageFiles(Dataset[Any]):
+    """An ImageNet-layout split (``root/<class>/<image>``) whose unreadable files become :class:`BadImage`."""
+
+    def __init__(self, root: Path, transform: Callable[[Any], torch.Tensor]) -> None:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            self.folder = ImageFolder(str(root))
+        except (FileNotFoundError, OSError) as error:
+            raise DataError(
+                f"No images found under {root}: expected {root}/<class name>/<image files> ({error})."
+            ) from error
+        self.transform = transform
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.folder.classes)
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        path, label = self.folder.samples[index]
+        try:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except Exception as error:  # PIL raises many types for damaged files
+            return BadImage(path, f"{type(error).__name__}: {error}")
+        return self.transform(image), label
+
+
+def collate_reporting_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+    """Stack the good samples; hand the unreadable ones back to the caller to report or count."""
+    bad = [item for item in batch if isinstance(item, BadImage)]
+    good = [item for item in batch if not isinstance(item, BadImage)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    images = torch.stack([image for image, _ in good])
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    return images, labels, bad
+
+
+def seeded_subset(dataset: Dataset[Any], size: int | None, seed: int) -> Dataset[Any]:
+    """The first ``size`` samples of a fixed random permutation (all of them when None)."""
+    total = len(dataset)  # type: ignore[arg-type]
+    if size is None or size >= total:
+        return dataset
+    if size <= 0:
+        raise DataError(f"A subset must hold at least one image, got {size}.")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:size].tolist())
+
+
+def build_data(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    image_size: int | None = None,
+    autoaugment: bool = False,
+    train_subset: int | None = None,
+    val_subset: int | None = None,
+    seed: int = 0,
+) -> DataBundle:
+    """Both splits of ``name`` (one of :data:`DATASETS`) with training and evaluation transforms."""
+    if name not in DATASETS:
+        raise DataError(f"Unknown dataset {name!r}: choose one of {', '.join(DATASETS)}.")
+    if name == "fashion-mnist":
+        root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+        splits = {train: _fashion_mnist_split(root, train) for train in (True, False)}
+        classes, (mean, std), native = FASHION_MNIST_CLASSES, FASHION_MNIST_STATS, 28
+    elif name == "cifar10":
+        if data_dir is None:
+            raise DataError("CIFAR-10 needs --data-dir: the folder holding cifar-10-batches-py.")
+        root = _cifar10_root(Path(data_dir))
+        splits = {train: _cifar10_split(root, train) for train in (True, False)}
+        classes, (mean, std), native = _cifar10_classes(root), CIFAR10_STATS, 32
+    else:
+        return _image_folder_bundle(data_dir, image_size, autoaugment, train_subset, val_subset, seed)
+    size = image_size or native
+    if size != native:
+        raise DataError(f"{name} images are {native} px; --image-size {size} is not supported for it.")
+    in_chans = int(splits[True][0].shape[1])
+    train = TensorImages(
+        *splits[True], small_image_transforms(size, mean, std, train=True, autoaugment=autoaugment)
+    )
+    val = TensorImages(
+        *splits[False], small_image_transforms(size, mean, std, train=False, autoaugment=False)
+    )
+    return DataBundle(
+        train=seeded_subset(train, train_subset, seed),
+        val=seeded_subset(val, val_subset, seed),
+        num_classes=len(classes),
+        class_names=list(classes),
+        in_chans=in_chans,
+        image_size=size,
+        in_memory=True,
+    )
+
+
+def _image_folder_bundle(
+    data_dir: str | Path | None,
+    image_size: int | None,
+    autoaugment: bool,
+    train_subset: int | None,
+    val_subset: int | None,
+    seed: int,
+) -> DataBundle:
+    if data_dir is None:
+        raise DataError("imagefolder needs --data-dir: a folder with train/<class>/* and val/<class>/*.")
+    root = Path(data_dir)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root} has no {split}/ folder: expected {root}/{split}/<class name>/<images>.")
+    size = image_size or 224
+    mean, std = IMAGENET_STATS
+    train = ImageFiles(
+        root / "train", imagenet_transforms(size, mean, std, train=True, autoaugment=autoaugment)
+    )
+    val = ImageFiles(root / "val", imagenet_transforms(size, mean, std, train=False, autoaugment=False))
+    if train.classes != val.classes:
+        raise DataError(
+            f"train/ and val/ in {root} have different class folders; both need the same class names."
+        )
+    return DataBundle(
+        train=seeded_subset(train, train_subset, seed),
+        val=seeded_subset(val, val_subset, seed),
+        num_classes=len(train.classes),
+        class_names=train.classes,
+        in_chans=3,
+        image_size=size,
+        in_memory=False,
+    )
+
+
+def strides_for_image_size(size: int) -> tuple[int, int, int, int, int]:
+    """Stage strides that keep the last feature map at least 2x2 (the paper's for 64 px and up).
+
+    Stride-2 stages are dropped from the end: 28-32 px images get ``(2, 2, 2, 2, 1)``.
+    """
+    reductions = 5
+    while reductions > 0 and math.ceil(size / 2**reductions) < 2:
+        reductions -= 1
+    return (2,) * reductions + (1,) * (5 - reductions)  # type: ignore[return-value]

@@ -1,0 +1,58 @@
+"""Process-group set-up for ``torchrun``: PyTorch DDP with gloo on CPU and nccl on CUDA."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank among ``world_size`` and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    ``device`` is ``cpu``, ``cuda`` or None (CUDA when available). Each process uses the GPU of its
+    local rank; the backend is nccl on CUDA and gloo on CPU.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(target)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+
+
+def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """Sum ``values`` over all processes (a no-op for one process)."""
+    if context.distributed:
+        values = values.to(context.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values.cpu()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
