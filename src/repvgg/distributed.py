@@ -53,6 +53,26 @@ def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:
     return values.cpu()
 
 
+def ranks_agree(model: torch.nn.Module, context: DistContext) -> bool:
+    """Whether every process holds bit-identical weights and buffers (trivially true for one process).
+
+    Each rank reduces every tensor to two float64 fingerprints (sum and sum of squares); rank 0
+    compares the gathered fingerprints exactly.
+    """
+    if not context.distributed:
+        return True
+    fingerprint = (
+        torch.stack(
+            [torch.stack([t.double().sum(), t.double().square().sum()]) for t in model.state_dict().values()]
+        )
+        .flatten()
+        .to(context.device)
+    )
+    gathered = [torch.empty_like(fingerprint) for _ in range(context.world_size)]
+    dist.all_gather(gathered, fingerprint)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from repvgg.exceptions import ConversionError
 
@@ -48,7 +49,7 @@ class ConvBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_channels)
 
 
-def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def bn_scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
     """Per-channel ``(t, s)`` such that ``bn(x) == t * x + s`` in eval mode.
 
     ``t = gamma / sqrt(running_var + eps)`` and ``s = beta - running_mean * t``; a BatchNorm without
@@ -68,7 +69,7 @@ def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
-def fuse_conv_bn(kernel: Tensor, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def fuse_conv_bn(kernel: Tensor, bn: _BatchNorm) -> tuple[Tensor, Tensor]:
     """Fold an eval-mode BatchNorm into the bias-free convolution ``kernel`` that precedes it."""
     scale, shift = bn_scale_shift(bn)
     return kernel * scale.reshape(-1, 1, 1, 1), shift
@@ -123,7 +124,7 @@ def branch_kernel_bias(
         kernel = pad_kernel(branch.weight, kernel_size)
         bias = branch.bias if branch.bias is not None else kernel.new_zeros(kernel.shape[0])
         return kernel, bias
-    if isinstance(branch, nn.BatchNorm2d):
+    if isinstance(branch, _BatchNorm):  # BatchNorm2d, or SyncBatchNorm after convert_sync_batchnorm
         scale, shift = bn_scale_shift(branch)
         kernel = identity_kernel(in_channels, groups, kernel_size, dtype=scale.dtype, device=scale.device)
         return kernel * scale.reshape(-1, 1, 1, 1), shift

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from repvgg.blocks import RepVGGBlock
 from repvgg.checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
 from repvgg.data import BadImage, DataBundle, build_data, collate_reporting_bad, strides_for_image_size
-from repvgg.distributed import DistContext, all_reduce_sum, init_distributed, shutdown
+from repvgg.distributed import DistContext, all_reduce_sum, init_distributed, ranks_agree, shutdown
 from repvgg.evaluation import EvalResult, eval_loader, evaluate
 from repvgg.exceptions import CheckpointError, DataError, TrainingError
 from repvgg.models import RepVGG, create_model
@@ -433,7 +433,9 @@ class Trainer:
                 self.ema.update_parameters(self.model)
             hard_labels = targets.argmax(1) if targets.ndim == 2 else targets
             correct = float((logits.argmax(1) == hard_labels).sum())
-            totals += torch.tensor([float(loss.detach()) * len(labels), correct, len(labels)], dtype=torch.float64)
+            totals += torch.tensor(
+                [float(loss.detach()) * len(labels), correct, len(labels)], dtype=torch.float64
+            )
             elapsed = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(
@@ -460,7 +462,7 @@ class Trainer:
         kept = self.output / STATE_FILE
         where = f"{kept} (epoch {self.start_epoch - 1})" if kept.is_file() else "none yet"
         raise TrainingError(
-            f"The loss became {float(loss):.4g} at epoch {epoch}, step {step + 1}, so training stopped; "
+            f"The loss became {float(loss.detach()):.4g} at epoch {epoch}, step {step + 1}, so training stopped; "
             "the last "
             f"good checkpoint is kept ({where}): lower --lr or use --amp bf16/none, then --resume."
         )
@@ -508,6 +510,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         """Evaluate the final model in both forms, check they agree, and save both."""
         final: nn.Module = self.ema.module if self.ema is not None else self.model
+        identical = ranks_agree(final, self.context)
         final.eval()
         trained = self._evaluate(final)
         deployed_model = reparameterize(final)
@@ -523,6 +526,8 @@ class Trainer:
             "forms_agree": abs(trained.top1 - deployed.top1) <= 0.01
             and abs(trained.top5 - deployed.top5) <= 0.01,
             "bad_images_skipped": self.bad_images,
+            "processes": self.context.world_size,
+            "ranks_hold_identical_weights": identical,
         }
         if self.context.is_main:
             save_checkpoint(final, self.output / "model_train.safetensors")

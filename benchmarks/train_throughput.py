@@ -1,0 +1,133 @@
+"""Training throughput and peak memory of our RepVGG-A0 beside timm's repvgg_a0, in one run.
+
+Each measurement runs in a fresh subprocess (so peak memory is the model's own) and the two
+implementations alternate (ours, timm, ours, timm, ...) so that machine noise hits both alike.
+Throughput is the median over the timed SGD steps of every repetition; memory is the peak resident
+set size during the steps minus the resident size just before them (ru_maxrss - VmRSS), on CPU.
+
+    python benchmarks/train_throughput.py --batch-size 128 --image-size 32 --in-chans 1 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(
+    implementation: str, batch: int, size: int, in_chans: int, classes: int, steps: int
+) -> dict[str, float]:
+    """Time ``steps`` SGD steps of one implementation in this process (called in a subprocess)."""
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    if implementation == "ours":
+        import repvgg
+
+        model = repvgg.create_model("repvgg_a0", num_classes=classes, in_chans=in_chans)
+    else:
+        import timm
+
+        model = timm.create_model("repvgg_a0", pretrained=False, num_classes=classes, in_chans=in_chans)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    images = torch.randn(batch, in_chans, size, size)
+    labels = torch.randint(0, classes, (batch,))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: allocators, oneDNN primitives, optimizer state
+    step()
+    baseline = resident_mib()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_times": times, "peak_extra_mib": peak - baseline}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--in-chans", type=int, default=1)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = (args.batch_size, args.image_size, args.in_chans, args.classes, args.steps)
+    if args.child:
+        print(json.dumps(measure(args.child, *shape)))
+        return
+    runs: dict[str, list[dict[str, float]]] = {"ours": [], "timm": []}
+    for repeat in range(args.repeats):
+        for implementation in runs:
+            command = [sys.executable, __file__, "--child", implementation]
+            command += ["--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
+            command += [
+                "--in-chans",
+                str(args.in_chans),
+                "--classes",
+                str(args.classes),
+                "--steps",
+                str(args.steps),
+            ]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[implementation].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"repeat {repeat + 1}/{args.repeats}: {implementation} done", file=sys.stderr)
+    table = {}
+    for implementation, results in runs.items():
+        times = [t for r in results for t in r["step_times"]]
+        median = statistics.median(times)
+        table[implementation] = {
+            "images_per_s": args.batch_size / median,
+            "spread": (max(times) - min(times)) / median,
+            "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in results),
+        }
+    ratio = table["ours"]["images_per_s"] / table["timm"]["images_per_s"]
+    print(
+        f"RepVGG-A0 training, CPU {os.cpu_count()} cores, torch threads default, batch {args.batch_size}, "
+        f"{args.in_chans}x{args.image_size}x{args.image_size}, {args.classes} classes, fp32, "
+        f"{args.repeats} alternating subprocesses x {args.steps} timed steps"
+    )
+    print("| implementation | images/s (median) | spread | peak extra memory (MiB) |")
+    print("|---|---:|---:|---:|")
+    for implementation, row in table.items():
+        cells = f"{row['images_per_s']:.1f} | {row['spread']:.0%} | {row['peak_extra_mib']:.0f}"
+        print(f"| {implementation} | {cells} |")
+    print(f"ours / timm throughput: {ratio:.3f}x")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"settings": vars(args), "results": table, "ratio": ratio}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
