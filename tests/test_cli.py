@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from repvgg.cli import main
+from tests.test_data import fake_fashion_mnist
 from tests.test_models import SPEC_COUNTS
 
 
@@ -30,18 +32,22 @@ def test_models_table_for_terminal_and_markdown(capsys: pytest.CaptureFixture[st
     assert "| repvgg_d2se | 133,334,836 | 120,387,572 | 32.830 |" in capsys.readouterr().out
 
 
-def test_demo_reports_exactness_and_speed(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--image-size", "64", "--batch-size", "2", "--repeats", "2"]) == 0
+def test_demo_trains_converts_and_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = fake_fashion_mnist(tmp_path / "fashion", train=256, test=32)
+    arguments = ["demo", "--data-dir", str(data), "--train-subset", "256", "--epochs", "1"]
+    arguments += ["--output", str(tmp_path / "demo"), "--batch-size", "8", "--repeats", "2"]
+    assert main(arguments) == 0
     out = capsys.readouterr().out
-    assert "training form 9,108,968, deploy form 8,309,384" in out
-    assert "ok at tolerance 1e-10" in out
-    assert "deploy / training speed" in out
+    assert "equivalence of the trained model: max |deploy - train|" in out and "ok at tolerance 1e-10" in out
+    assert "the two forms agree" in out and "deploy / training speed" in out
+    assert (tmp_path / "demo" / "model_deploy.safetensors").is_file()
 
 
-def test_errors_are_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--model", "repvgg_z9"]) == 2
+def test_errors_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = fake_fashion_mnist(tmp_path / "fashion", train=64, test=32)
+    assert main(["train", "--model", "repvgg_z9", "--data-dir", str(data), "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("repvgg demo: error: Unknown model 'repvgg_z9'") and "\n" not in err
+    assert err.startswith("repvgg train: error: Unknown model 'repvgg_z9'") and "\n" not in err
 
 
 def test_python_dash_m_and_console_script_start_without_importing_torch() -> None:
@@ -51,4 +57,4 @@ def test_python_dash_m_and_console_script_start_without_importing_torch() -> Non
     help_text = subprocess.run(
         [sys.executable, "-m", "repvgg", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "models" in help_text and "demo" in help_text
+    assert all(command in help_text for command in ("models", "demo", "train", "eval"))

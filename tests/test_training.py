@@ -134,7 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fashion: Path,
 def test_checkpoint_for_other_classes_is_refused_or_finetuned(fashion: Path, tmp_path: Path) -> None:
     imagenet = repvgg.create_model("repvgg_a0", num_classes=1000, in_chans=1)
     path = repvgg.save_checkpoint(imagenet, tmp_path / "in1k.safetensors")
-    with pytest.raises(CheckpointError, match="1000 classes .* has 10: add --finetune"):
+    with pytest.raises(CheckpointError, match=r"1000 classes .* has 10: add --finetune"):
         Trainer(small_config(fashion, tmp_path / "a", init=str(path)), DistContext())
     trainer = Trainer(small_config(fashion, tmp_path / "b", init=str(path), finetune=True), DistContext())
     assert trainer.model.num_classes == 10

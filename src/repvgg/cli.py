@@ -147,6 +147,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = TrainConfig(
         model=args.model,
         data="fashion-mnist",
+        data_dir=args.data_dir,
         epochs=args.epochs,
         train_subset=args.train_subset,
         output=output,
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="repvgg_a0")
     demo.add_argument("--epochs", type=int, default=2)
     demo.add_argument("--train-subset", type=int, default=20000)
+    demo.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--batch-size", type=int, default=256, help="batch size of the speed measurement")
     demo.add_argument("--repeats", type=int, default=10)

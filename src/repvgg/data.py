@@ -120,7 +120,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "_reconstruct"),
             ("numpy", "ndarray"),
             ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
+            ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
         }
     )
 

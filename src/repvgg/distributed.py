@@ -53,6 +53,21 @@ def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:
     return values.cpu()
 
 
+def average_buffers(model: torch.nn.Module, context: DistContext) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over all processes, in place.
+
+    DDP keeps parameters identical, but each process updates its running statistics on its own
+    batches; averaging them before evaluation and checkpointing gives every rank the same model.
+    """
+    if not context.distributed:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            averaged = buffer.detach().to(context.device)
+            dist.all_reduce(averaged, op=dist.ReduceOp.SUM)
+            buffer.copy_(averaged / context.world_size)
+
+
 def ranks_agree(model: torch.nn.Module, context: DistContext) -> bool:
     """Whether every process holds bit-identical weights and buffers (trivially true for one process).
 

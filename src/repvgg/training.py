@@ -27,7 +27,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from repvgg.blocks import RepVGGBlock
 from repvgg.checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
 from repvgg.data import BadImage, DataBundle, build_data, collate_reporting_bad, strides_for_image_size
-from repvgg.distributed import DistContext, all_reduce_sum, init_distributed, ranks_agree, shutdown
+from repvgg.distributed import (
+    DistContext,
+    all_reduce_sum,
+    average_buffers,
+    init_distributed,
+    ranks_agree,
+    shutdown,
+)
 from repvgg.evaluation import EvalResult, eval_loader, evaluate
 from repvgg.exceptions import CheckpointError, DataError, TrainingError
 from repvgg.models import RepVGG, create_model
@@ -215,6 +222,10 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[config.amp]
         if config.amp == "fp16" and context.device.type != "cuda":
             raise TrainingError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU.")
+        if config.sync_bn and context.device.type != "cuda":
+            raise TrainingError(
+                "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs); drop it on CPU."
+            )
         self.bad_images = 0
         _seed_everything(config.seed)
         self.data = build_data(
@@ -462,9 +473,9 @@ class Trainer:
         kept = self.output / STATE_FILE
         where = f"{kept} (epoch {self.start_epoch - 1})" if kept.is_file() else "none yet"
         raise TrainingError(
-            f"The loss became {float(loss.detach()):.4g} at epoch {epoch}, step {step + 1}, so training stopped; "
-            "the last "
-            f"good checkpoint is kept ({where}): lower --lr or use --amp bf16/none, then --resume."
+            f"The loss became {float(loss.detach()):.4g} at epoch {epoch}, step {step + 1}, so training "
+            f"stopped; the last good checkpoint is kept ({where}): lower --lr or use --amp bf16/none, "
+            "then --resume."
         )
 
     def _evaluate(self, model: nn.Module) -> EvalResult:
@@ -487,6 +498,9 @@ class Trainer:
             for epoch in range(self.start_epoch, config.epochs + 1):
                 record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
                 record.update(self._train_epoch(epoch))
+                average_buffers(self.model, context)
+                if self.ema is not None:
+                    average_buffers(self.ema, context)
                 result = self._evaluate(self.model)
                 record.update(result.as_dict("val_"))
                 if self.ema is not None:
