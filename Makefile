@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: install data demo test lint format clean
 
 install: $(STAMP)
 
@@ -14,7 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The built-in dataset is Debian's package dataset-fashion-mnist; installed here when we may.
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+		else \
+			echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; \
+		fi; \
+	fi
+
+demo: $(STAMP) data
 	$(BIN)/repvgg demo
 
 test: $(STAMP)

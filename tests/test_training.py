@@ -254,3 +254,12 @@ def test_eval_command_reads_any_checkpoint(
     assert main(["eval", str(other), "--data-dir", str(fashion)]) == 2
     assert "has 5 classes but fashion-mnist has 10" in capsys.readouterr().err
     assert not math.isnan(summary["train_form"]["images_per_s"])
+
+
+def test_resuming_with_another_model_is_explained(fashion: Path, tmp_path: Path) -> None:
+    Trainer(small_config(fashion, tmp_path), DistContext()).run()
+    with pytest.raises(TrainingError, match=r"already holds a run .* --resume, .* --overwrite"):
+        train(small_config(fashion, tmp_path))
+    other = Trainer(small_config(fashion, tmp_path, model="repvgg_b0"), DistContext())
+    with pytest.raises(TrainingError, match="does not fit the configured model"):
+        other.resume()

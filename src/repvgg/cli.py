@@ -152,6 +152,7 @@ def _demo(args: argparse.Namespace) -> int:
         train_subset=args.train_subset,
         output=output,
         warmup_epochs=0.2,
+        overwrite=True,  # the demo's folder is replaced on every run
     )
     summary = train(config)
     trained = load_checkpoint(f"{output}/model_train.safetensors").eval()
@@ -234,6 +235,7 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
     train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     train.set_defaults(run=_train)
 
 

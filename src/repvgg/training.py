@@ -79,6 +79,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     device: str | None = None
     progress: bool = True
+    overwrite: bool = False  # start afresh in an output folder that already holds a run
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -227,7 +228,7 @@ class Trainer:
                 "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs); drop it on CPU."
             )
         self.bad_images = 0
-        _seed_everything(config.seed)
+        _seed_everything(config.seed + context.rank)  # DDP gives every rank rank 0's initial weights
         self.data = build_data(
             config.data,
             config.data_dir,
@@ -379,7 +380,14 @@ class Trainer:
             raise TrainingError(
                 f"{path} cannot be read ({error}); it is damaged, start the run again."
             ) from error
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            first_line = str(error).splitlines()[0]
+            raise TrainingError(
+                f"The saved state in {path} does not fit the configured model ({first_line}); "
+                "resume with the run's own configuration (drop the flags that changed it)."
+            ) from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -394,7 +402,7 @@ class Trainer:
 
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The order of an epoch depends on the seed and the epoch only, so a resumed run replays it.
-        self.generator.manual_seed(self.config.seed * 100_003 + epoch)
+        self.generator.manual_seed((self.config.seed * 100_003 + epoch) * 1_009 + self.context.rank)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         for images, labels, bad in self.train_loader:
@@ -563,6 +571,12 @@ def _print_epoch(record: dict[str, Any], epochs: int) -> None:
 
 def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run (or, with ``resume``, continue) a training run; returns the final summary."""
+    state = Path(config.output) / STATE_FILE
+    if state.exists() and not resume and not config.overwrite:
+        raise TrainingError(
+            f"{config.output} already holds a run ({state}); continue it with --resume, or choose another "
+            "--output, or pass --overwrite to replace it."
+        )
     context = init_distributed(config.device)
     try:
         trainer = Trainer(config, context)
