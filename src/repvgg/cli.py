@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", default="repvgg_a0")
     demo.add_argument("--epochs", type=int, default=2)
-    demo.add_argument("--train-subset", type=int, default=20000)
+    demo.add_argument("--train-subset", type=int, default=10000)
     demo.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--batch-size", type=int, default=256, help="batch size of the speed measurement")

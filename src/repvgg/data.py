@@ -332,9 +332,10 @@ def _image_folder_bundle(
 def strides_for_image_size(size: int) -> tuple[int, int, int, int, int]:
     """Stage strides that keep the last feature map at least 2x2 (the paper's for 64 px and up).
 
-    Stride-2 stages are dropped from the end: 28-32 px images get ``(2, 2, 2, 2, 1)``.
+    Stride-2 stages are dropped from the start, so early layers see the small image at full
+    resolution, as CIFAR-style networks do: 28-32 px images get ``(1, 2, 2, 2, 2)``.
     """
     reductions = 5
     while reductions > 0 and math.ceil(size / 2**reductions) < 2:
         reductions -= 1
-    return (2,) * reductions + (1,) * (5 - reductions)  # type: ignore[return-value]
+    return (1,) * (5 - reductions) + (2,) * reductions  # type: ignore[return-value]
