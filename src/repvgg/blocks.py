@@ -97,7 +97,7 @@ class RepVGGBlock(nn.Module):
         self.se: nn.Module = (
             SEBlock(out_channels, internal_neurons=max(1, out_channels // 16)) if use_se else nn.Identity()
         )
-        self.nonlinearity = nn.ReLU()
+        self.nonlinearity = nn.ReLU(inplace=True)  # its input, a fresh sum, is needed by no one else
 
         if deploy:
             self.rbr_reparam = self._deploy_conv()
@@ -146,7 +146,7 @@ class RepVGGBlock(nn.Module):
             return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
         out = self.rbr_dense(inputs) + self.rbr_1x1(inputs)
         if self.rbr_identity is not None:
-            out = out + self.rbr_identity(inputs)
+            out += self.rbr_identity(inputs)
         return self.nonlinearity(self.se(out))
 
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
