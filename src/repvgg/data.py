@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import pickle
 import struct
 from collections.abc import Callable, Sequence
@@ -235,6 +236,11 @@ def collate_reporting_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor,
     images = torch.stack([image for image, _ in good])
     labels = torch.tensor([label for _, label in good], dtype=torch.long)
     return images, labels, bad
+
+
+def default_workers(bundle: DataBundle) -> int:
+    """Data-loading processes: none for in-memory sets (decoding is free), else up to 8."""
+    return 0 if bundle.in_memory else min(8, os.cpu_count() or 1)
 
 
 def seeded_subset(dataset: Dataset[Any], size: int | None, seed: int) -> Dataset[Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from repvgg.checkpoints import load_checkpoint
-from repvgg.data import build_data
+from repvgg.data import build_data, default_workers
 from repvgg.distributed import init_distributed
 from repvgg.evaluation import EvalResult, eval_loader, evaluate
 from repvgg.exceptions import DataError, TrainingError
@@ -43,7 +43,7 @@ def evaluate_checkpoint(
     context = init_distributed(device)
     model = model.to(context.device)
     if workers is None:
-        workers = 0 if bundle.in_memory else 4
+        workers = default_workers(bundle)
     loader = eval_loader(bundle.val, batch_size, workers, context)
 
     def refuse(bad: list) -> None:  # type: ignore[type-arg]

@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from repvgg.blocks import RepVGGBlock
 from repvgg.checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
-from repvgg.data import BadImage, DataBundle, build_data, collate_reporting_bad, strides_for_image_size
+from repvgg.data import (
+    BadImage,
+    DataBundle,
+    build_data,
+    collate_reporting_bad,
+    default_workers,
+    strides_for_image_size,
+)
 from repvgg.distributed import (
     DistContext,
     all_reduce_sum,
@@ -239,11 +246,7 @@ class Trainer:
             seed=config.seed,
         )
         self.model = self._build_model(self.data)
-        self.workers = (
-            config.workers
-            if config.workers is not None
-            else (0 if self.data.in_memory else min(8, os.cpu_count() or 1))
-        )
+        self.workers = config.workers if config.workers is not None else default_workers(self.data)
         self.train_loader, self.sampler = self._train_loader()
         self.val_loader = eval_loader(self.data.val, config.batch_size, self.workers, context)
         self.steps_per_epoch = len(self.train_loader)
