@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,26 @@ def _form_of(model: nn.Module) -> str:
     return "train"
 
 
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it into place.
+
+    An interrupted or failed write never leaves a damaged file where a good one was; a failure is
+    reported as one sentence.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary.is_file():
+            temporary.unlink()
+        raise CheckpointError(
+            f"Cannot write the checkpoint to {path} ({error.strerror or error}); choose a writable "
+            "location with enough free space."
+        ) from error
+
+
 def save_checkpoint(model: nn.Module, path: PathLike, *, class_names: Sequence[str] | None = None) -> Path:
     """Write ``model`` in this package's format: safetensors weights plus rebuild metadata.
 
@@ -95,18 +115,7 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, class_names: Sequence[s
         metadata["config"] = json.dumps(model.config)
         metadata["model_name"] = model.model_name or name_for_config(model.config) or ""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
-    except OSError as error:
-        if temporary.is_file():
-            temporary.unlink()
-        raise CheckpointError(
-            f"Cannot write the checkpoint to {path} ({error.strerror or error}); choose a writable "
-            "location with enough free space."
-        ) from error
+    atomic_write(path, lambda target: save_file(tensors, str(target), metadata=metadata))
     return path
 
 

@@ -52,6 +52,9 @@ class BadImage:
     path: str
     reason: str
 
+    def error(self, remedy: str) -> DataError:
+        return DataError(f"Cannot read image {self.path} ({self.reason}); {remedy}.")
+
 
 @dataclass
 class DataBundle:

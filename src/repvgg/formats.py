@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from torch import Tensor
@@ -36,7 +37,7 @@ class KeyConvention:
     roles: Mapping[str, str]
     head: str
 
-    @property
+    @cached_property
     def block_regex(self) -> re.Pattern[str]:
         pattern = re.escape(self.stage_block).replace(r"\{stage\}", r"(\d+)")
         return re.compile("^" + pattern.replace(r"\{index\}", r"(\d+)") + r"\.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from repvgg.checkpoints import load_checkpoint
-from repvgg.data import build_data, default_workers
+from repvgg.data import BadImage, build_data, default_workers
 from repvgg.distributed import init_distributed
 from repvgg.evaluation import EvalResult, eval_loader, evaluate
 from repvgg.exceptions import DataError, TrainingError
@@ -46,7 +46,7 @@ def evaluate_checkpoint(
         workers = default_workers(bundle)
     loader = eval_loader(bundle.val, batch_size, workers, context)
 
-    def refuse(bad: list) -> None:  # type: ignore[type-arg]
-        raise DataError(f"Cannot read image {bad[0].path} ({bad[0].reason}); fix or remove it.")
+    def refuse(bad: list[BadImage]) -> None:
+        raise bad[0].error("fix or remove it")
 
     return evaluate(model, loader, context, amp_dtype=AMP_DTYPES[amp], on_bad_images=refuse)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from repvgg.blocks import RepVGGBlock
-from repvgg.checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
+from repvgg.checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
 from repvgg.data import (
     BadImage,
     DataBundle,
@@ -169,12 +169,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
 
 
 class RunLog:
@@ -417,11 +411,7 @@ class Trainer:
 
     def _report_bad(self, bad: list[BadImage]) -> None:
         if not self.config.skip_bad_images:
-            first = bad[0]
-            raise DataError(
-                f"Cannot read image {first.path} ({first.reason}); "
-                "fix or remove it, or pass --skip-bad-images."
-            )
+            raise bad[0].error("fix or remove it, or pass --skip-bad-images")
         self.bad_images += len(bad)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -523,7 +513,7 @@ class Trainer:
                     log.epoch(record)
                     if improved:
                         save_checkpoint(self.model, self.output / "best_train.safetensors")
-                    _atomic_torch_save(self._state(epoch), self.output / STATE_FILE)
+                    atomic_write(self.output / STATE_FILE, partial(torch.save, self._state(epoch)))
                     self.start_epoch = epoch + 1
                     _print_epoch(record, config.epochs)
                 else:
