@@ -215,14 +215,17 @@ def test_truncated_files(tmp_path: Path) -> None:
     theirs = tmp_path / "m.pth"
     torch.save(model.state_dict(), theirs)
     theirs.write_bytes(theirs.read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match="not a PyTorch or safetensors checkpoint, or it is truncated"):
+    with pytest.raises(CheckpointError, match="damaged or truncated PyTorch file"):
         repvgg.load_checkpoint(theirs)
 
 
-def test_not_a_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", ["hello, this is not a model\n", "pear-tree-42\n", "\x00" * 64])
+def test_not_a_checkpoint_names_the_known_formats(tmp_path: Path, content: str) -> None:
     text = tmp_path / "notes.txt"
-    text.write_text("hello, this is not a model\n")
-    with pytest.raises(CheckpointError, match="not a PyTorch or safetensors checkpoint"):
+    text.write_text(content)
+    with pytest.raises(
+        CheckpointError, match="not a checkpoint in any format repvgg knows .*safetensors.*timm"
+    ):
         repvgg.load_checkpoint(text)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,19 +51,31 @@ class Throughput:
         return (max(self.seconds_per_batch) - min(self.seconds_per_batch)) / self.median_s
 
 
-@torch.inference_mode()
+def _synchronize(inputs: torch.Tensor) -> None:
+    if inputs.device.type == "cuda":
+        torch.cuda.synchronize(inputs.device)
+
+
+@torch.no_grad()
 def compare_throughput(
-    models: Mapping[str, nn.Module], inputs: torch.Tensor, *, warmup: int = 2, repeats: int = 10
+    models: Mapping[str, Callable[[torch.Tensor], Any]],
+    inputs: torch.Tensor,
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
 ) -> dict[str, Throughput]:
-    """Time each model on ``inputs``, interleaving them batch by batch so that machine noise hits
-    all of them alike; report the median per model. Models should already be in eval mode."""
+    """Time each model (any callable) on ``inputs``, interleaving them batch by batch so that machine
+    noise hits all of them alike; report the median per model. Models should already be in eval mode.
+    On CUDA each call is timed up to its completion (the device is synchronized)."""
     for _ in range(warmup):
         for model in models.values():
             model(inputs)
+    _synchronize(inputs)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
             start = time.perf_counter()
             model(inputs)
+            _synchronize(inputs)
             times[name].append(time.perf_counter() - start)
     return {name: Throughput(inputs.shape[0], t) for name, t in times.items()}

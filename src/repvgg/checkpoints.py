@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from repvgg.exceptions import CheckpointError
+from repvgg.exceptions import CheckpointError, RepVGGError
 from repvgg.formats import (
     CONVENTIONS,
     convert_state_dict,
@@ -34,6 +34,10 @@ from repvgg.reparam import is_deployed, reparameterizable_blocks
 FORMAT_TAG = "repvgg"
 FORMAT_VERSION = "1"
 PathLike = str | os.PathLike[str]
+KNOWN_FORMATS = (
+    "this package's .safetensors files, and PyTorch state dicts (.pth/.pt/.safetensors) in the authors', "
+    "timm's or mmpretrain's key names"
+)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Checkpoint:
     config: dict[str, Any] | None
     model_name: str | None
     class_names: list[str] | None
+    preprocessing: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -71,11 +76,17 @@ def _form_of(model: nn.Module) -> str:
     return "train"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(
+    path: Path,
+    write: Callable[[Path], None],
+    *,
+    what: str = "the checkpoint",
+    error_type: type[RepVGGError] = CheckpointError,
+) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename it into place.
 
     An interrupted or failed write never leaves a damaged file where a good one was; a failure is
-    reported as one sentence.
+    reported as one sentence naming ``what`` was being written.
     """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -85,8 +96,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as error:
         if temporary.is_file():
             temporary.unlink()
-        raise CheckpointError(
-            f"Cannot write the checkpoint to {path} ({error.strerror or error}); choose a writable "
+        raise error_type(
+            f"Cannot write {what} to {path} ({error.strerror or error}); choose a writable "
             "location with enough free space."
         ) from error
 
@@ -105,6 +116,7 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, class_names: Sequence[s
         "form": _form_of(model),
         "module_type": type(model).__name__,
         "class_names": json.dumps(names) if names is not None else "",
+        "preprocessing": json.dumps(getattr(model, "preprocessing", None) or {}),
     }
     if isinstance(model, RepVGG):
         if names is not None and model.num_classes and len(names) != model.num_classes:
@@ -143,6 +155,8 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
             raise CheckpointError(
                 f"{path} is a damaged or truncated safetensors file ({error}); save it again."
             ) from error
+    if not _is_torch_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint in any format repvgg knows ({KNOWN_FORMATS}).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except pickle.UnpicklingError as error:
@@ -151,13 +165,16 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
                 f"{path} stores Python objects besides tensors, which are not unpickled for safety; "
                 "re-save it as a plain state dict with torch.save(model.state_dict(), path)."
             ) from error
-        raise CheckpointError(
-            f"{path} is not a PyTorch or safetensors checkpoint, or it is truncated."
-        ) from error
-    except Exception as error:  # a file that is not a checkpoint fails in many ways inside torch.load
-        raise CheckpointError(
-            f"{path} is not a PyTorch or safetensors checkpoint, or it is truncated."
-        ) from error
+        raise CheckpointError(f"{path} is a damaged or truncated PyTorch file; save it again.") from error
+    except Exception as error:  # a damaged file fails in many ways inside torch.load
+        raise CheckpointError(f"{path} is a damaged or truncated PyTorch file; save it again.") from error
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A ``torch.save`` file: a zip archive (PyTorch >= 1.6) or a bare pickle (older PyTorch)."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def read_checkpoint(source: PathLike | Mapping[str, Any]) -> Checkpoint:
@@ -196,6 +213,7 @@ def _own_checkpoint(state: dict[str, Tensor], metadata: Mapping[str, str]) -> Ch
         config=config,
         model_name=metadata.get("model_name") or None,
         class_names=json.loads(metadata["class_names"]) if metadata.get("class_names") else None,
+        preprocessing=json.loads(metadata.get("preprocessing") or "{}") or None,
     )
 
 
@@ -223,8 +241,11 @@ def load_checkpoint(source: PathLike | Mapping[str, Any], model: nn.Module | Non
     if model is None:
         model = build_model(checkpoint)
     load_state_dict_strict(model, checkpoint)
-    if checkpoint.class_names is not None and isinstance(model, RepVGG):
-        model.class_names = list(checkpoint.class_names)
+    if isinstance(model, RepVGG):
+        if checkpoint.class_names is not None:
+            model.class_names = list(checkpoint.class_names)
+        if checkpoint.preprocessing is not None:
+            model.preprocessing = dict(checkpoint.preprocessing)
     return model
 
 

@@ -123,12 +123,67 @@ def _eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         amp=args.amp,
+        backend=args.backend,
     )
     print(
         f"{args.checkpoint}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f} "
         f"on {result.images} {args.data} validation images, {result.images_per_s:.0f} img/s"
     )
     return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from repvgg.deploy import convert_checkpoint
+
+    result = convert_checkpoint(args.checkpoint, args.output, to=args.format)
+    print(f"conversion check in float64: {result.report}")
+    print(f"wrote the deploy-form checkpoint {result.path} ({result.output_format} format)")
+    if result.note:
+        print(f"note: {result.note}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from repvgg.deploy import verify_checkpoints
+
+    report = verify_checkpoints(args.checkpoint, args.deploy_checkpoint)
+    against = args.deploy_checkpoint or "its own conversion"
+    print(f"{args.checkpoint} vs {against}: {report}")
+    return 0 if report.passed else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from repvgg.checkpoints import load_checkpoint
+    from repvgg.deploy import export_model, writable_or_raise
+    from repvgg.reparam import is_deployed
+
+    writable_or_raise(args.output)
+    model = load_checkpoint(args.checkpoint)
+    if not is_deployed(model):
+        print(f"note: {args.checkpoint} is in training form; converting it before the export")
+    shape = (args.batch_size, model.in_chans, args.image_size, args.image_size) if args.image_size else None
+    print(export_model(model, args.output, to=args.to, input_shape=shape))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from repvgg.inference import predict
+
+    predictions, bad = predict(
+        args.checkpoint,
+        args.images,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        preprocessing=args.preprocessing,
+        device=args.device,
+    )
+    for prediction in predictions:
+        labels = ", ".join(f"{label} {probability:.1%}" for label, probability in prediction.top)
+        print(f"{prediction.path}: {labels}")
+    for image in bad:
+        print(f"repvgg predict: error: {image.error('it was skipped')}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -183,6 +238,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 Command = Callable[[argparse.Namespace], int]
+BACKEND_CHOICES = ("auto", "eager", "inductor", "onnxruntime")  # repvgg.inference's, without importing torch
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -275,7 +331,55 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--workers", type=int, default=None)
     evaluation.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     evaluation.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    evaluation.add_argument(
+        "--backend", choices=BACKEND_CHOICES, default=None, help="convert, then run with this backend"
+    )
     evaluation.set_defaults(run=_eval)
+
+    convert = commands.add_parser(
+        "convert", help="convert a training-form checkpoint to deploy form, verified"
+    )
+    convert.add_argument("checkpoint", help="a training-form checkpoint in any format repvgg reads")
+    convert.add_argument("output", help="where to write the deploy-form checkpoint")
+    convert.add_argument(
+        "--format",
+        choices=("repvgg", "official", "timm"),
+        default="repvgg",
+        help="key names to write: ours (safetensors + metadata), the authors', or timm's",
+    )
+    convert.set_defaults(run=_convert)
+
+    verify = commands.add_parser(
+        "verify", help="check a train/deploy checkpoint pair (or one train checkpoint)"
+    )
+    verify.add_argument("checkpoint", help="a training-form checkpoint")
+    verify.add_argument("deploy_checkpoint", nargs="?", default=None, help="its deploy-form checkpoint")
+    verify.set_defaults(run=_verify)
+
+    export = commands.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch")
+    export.add_argument("checkpoint", help="a checkpoint in any format repvgg reads (converted if needed)")
+    export.add_argument("--to", choices=("onnx", "torchscript"), required=True)
+    export.add_argument("output", help="the file to write (.onnx or .pt)")
+    export.add_argument(
+        "--image-size", type=int, default=None, help="example size (default: the training size)"
+    )
+    export.add_argument("--batch-size", type=int, default=2, help="with --image-size: example batch")
+    export.set_defaults(run=_export)
+
+    predict = commands.add_parser("predict", help="top-k classes of image files")
+    predict.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--backend", choices=BACKEND_CHOICES, default="eager")
+    predict.add_argument(
+        "--preprocessing",
+        choices=("fashion-mnist", "cifar10", "imagenet"),
+        default=None,
+        help="use a dataset's preprocessing instead of the one saved in the checkpoint",
+    )
+    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    predict.set_defaults(run=_predict)
     return parser
 
 

@@ -56,6 +56,69 @@ class BadImage:
         return DataError(f"Cannot read image {self.path} ({self.reason}); {remedy}.")
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes a model input: saved in checkpoints so ``predict`` needs no dataset.
+
+    The image is converted to ``in_chans`` channels (L or RGB), resized so its shorter side is
+    ``resize``, centre-cropped to ``image_size`` and normalised with ``mean`` and ``std``.
+    """
+
+    image_size: int
+    resize: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_chans(self) -> int:
+        return len(self.mean)
+
+    def transform(self) -> v2.Compose:
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(self.resize, antialias=True),
+                v2.CenterCrop(self.image_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        try:
+            return cls(
+                image_size=int(values["image_size"]),
+                resize=int(values["resize"]),
+                mean=tuple(float(m) for m in values["mean"]),
+                std=tuple(float(s) for s in values["std"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(
+                f"The preprocessing record {values!r} is incomplete: it needs image_size, resize, mean, std."
+            ) from error
+
+
+def imagenet_preprocessing(size: int = 224) -> Preprocessing:
+    """The paper's evaluation preprocessing: resize to size*8/7 (256 for 224), centre crop."""
+    return Preprocessing(size, round(size * 8 / 7), *IMAGENET_STATS)
+
+
+PREPROCESSING_PRESETS: dict[str, Preprocessing] = {
+    "fashion-mnist": Preprocessing(28, 28, *FASHION_MNIST_STATS),
+    "cifar10": Preprocessing(32, 32, *CIFAR10_STATS),
+    "imagenet": imagenet_preprocessing(),
+}
+
+
 @dataclass
 class DataBundle:
     """The two splits of a dataset and what a model needs to know about them."""
@@ -67,6 +130,7 @@ class DataBundle:
     in_chans: int
     image_size: int
     in_memory: bool
+    preprocessing: Preprocessing
 
 
 class TensorImages(Dataset[tuple[torch.Tensor, int]]):
@@ -191,10 +255,9 @@ def imagenet_transforms(
         steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
         if autoaugment:
             steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
-    else:
-        steps += [v2.Resize(round(size * 8 / 7), antialias=True), v2.CenterCrop(size)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(steps)
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        return v2.Compose(steps)
+    return Preprocessing(size, round(size * 8 / 7), tuple(mean), tuple(std)).transform()
 
 
 class ImageFiles(Dataset[Any]):
@@ -300,6 +363,7 @@ def build_data(
         in_chans=in_chans,
         image_size=size,
         in_memory=True,
+        preprocessing=Preprocessing(size, size, tuple(mean), tuple(std)),
     )
 
 
@@ -335,6 +399,7 @@ def _image_folder_bundle(
         in_chans=3,
         image_size=size,
         in_memory=False,
+        preprocessing=imagenet_preprocessing(size),
     )
 
 
@@ -348,3 +413,29 @@ def strides_for_image_size(size: int) -> tuple[int, int, int, int, int]:
     while reductions > 0 and math.ceil(size / 2**reductions) < 2:
         reductions -= 1
     return (1,) * (5 - reductions) + (2,) * reductions  # type: ignore[return-value]
+
+
+def write_sample_images(bundle: DataBundle, folder: str | Path, count: int) -> list[Path]:
+    """Save the first ``count`` validation images of an in-memory dataset as PNG files.
+
+    Files are named ``<index>_<true class>.png``, so a prediction can be checked by eye. For examples
+    and the demo: they turn a dataset into the image files ``repvgg predict`` reads.
+    """
+    from PIL import Image
+
+    dataset, indices = bundle.val, list(range(count))
+    if isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    if not isinstance(dataset, TensorImages):
+        raise DataError("Sample images can be written for in-memory datasets (Fashion-MNIST, CIFAR-10) only.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in indices[: len(dataset)]:
+        pixels = dataset.images[index].permute(1, 2, 0).squeeze(-1).numpy()
+        label = bundle.class_names[int(dataset.labels[index])].replace("/", "-").replace(" ", "-")
+        path = folder / f"{index:05d}_{label}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths

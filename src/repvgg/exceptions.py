@@ -33,3 +33,11 @@ class DataError(RepVGGError, ValueError):
 
 class TrainingError(RepVGGError, RuntimeError):
     """Training cannot go on (a non-finite loss, a run that cannot be resumed)."""
+
+
+class ExportError(RepVGGError, ValueError):
+    """A model cannot be exported, written, or its export does not reproduce its outputs."""
+
+
+class InferenceError(RepVGGError, RuntimeError):
+    """A backend cannot run a model here, or prediction was asked for something impossible."""

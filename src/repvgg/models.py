@@ -73,6 +73,8 @@ class RepVGG(nn.Module):
         self.strides = tuple(int(s) for s in strides)
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
+        # How images were prepared in training (``repvgg.data.Preprocessing.as_dict()``), saved with it.
+        self.preprocessing: dict[str, Any] | None = None
 
         widths = stage_widths(self.width_multiplier)
         self._layer_index = 0

@@ -289,6 +289,7 @@ class Trainer:
             use_checkpoint=config.grad_checkpointing,
         )
         model.class_names = data.class_names
+        model.preprocessing = data.preprocessing.as_dict()
         if config.init:
             self._load_initial_weights(model)
         if config.sync_bn and self.context.distributed:
