@@ -224,7 +224,7 @@ def test_not_a_checkpoint_names_the_known_formats(tmp_path: Path, content: str) 
     text = tmp_path / "notes.txt"
     text.write_text(content)
     with pytest.raises(
-        CheckpointError, match="not a checkpoint in any format repvgg knows .*safetensors.*timm"
+        CheckpointError, match=r"not a checkpoint in any format repvgg knows .*safetensors.*timm"
     ):
         repvgg.load_checkpoint(text)
 

@@ -16,22 +16,7 @@ from repvgg.data import PREPROCESSING_PRESETS
 from repvgg.deploy import convert_checkpoint, export_model, verify_checkpoints
 from repvgg.exceptions import ConversionError, ExportError
 from repvgg.reparam import EquivalenceReport
-from tests.helpers import relative_error
-
-SMALL = dict(num_blocks=[1, 1, 2, 1], width_multiplier=[0.25, 0.25, 0.25, 0.5])
-STRIDES = (1, 2, 2, 2, 2)
-
-
-def small_model(seed: int = 1, **kwargs: object) -> repvgg.RepVGG:
-    """A small Fashion-MNIST-shaped RepVGG that looks trained; the same weights for the same seed."""
-    options = {"num_classes": 10, "in_chans": 1, "strides": STRIDES, **SMALL, **kwargs}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = repvgg.RepVGG(**options)  # type: ignore[arg-type]
-    repvgg.randomize_batchnorm_(model, seed=seed)
-    model.class_names = [f"class {i}" for i in range(model.num_classes)]
-    model.preprocessing = PREPROCESSING_PRESETS["fashion-mnist"].as_dict()
-    return model.eval()
+from tests.helpers import SMALL, STRIDES, relative_error, small_model
 
 
 @pytest.fixture()
@@ -80,7 +65,7 @@ def test_an_inexact_conversion_writes_nothing(
 ) -> None:
     failing = EquivalenceReport(1e-3, 1e-4, 1.0, torch.float64, (2, 1, 64, 48), 1e-10)
     monkeypatch.setattr("repvgg.deploy._verify_equivalence", lambda *a, **k: failing)
-    with pytest.raises(ConversionError, match="not exact .* nothing was written"):
+    with pytest.raises(ConversionError, match=r"not exact .* nothing was written"):
         convert_checkpoint(train_file, tmp_path / "deploy.safetensors")
     assert list(tmp_path.iterdir()) == [train_file]
 
@@ -200,7 +185,7 @@ def test_export_command_converts_a_train_checkpoint_first(
 def test_export_refuses_an_unwritable_target_before_working(train_file: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ExportError, match="Cannot write to .*a-file"):
+    with pytest.raises(ExportError, match=r"Cannot write to .*a-file"):
         export_model(small_model(), blocker / "model.onnx", to="onnx")
     with pytest.raises(ExportError, match="is a folder; give a file name"):
         export_model(small_model(), tmp_path, to="torchscript")
@@ -211,6 +196,6 @@ def test_export_that_disagrees_with_pytorch_is_not_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("repvgg.deploy.relative_difference", lambda *a: 0.5)
-    with pytest.raises(ExportError, match="differs from PyTorch .* not written"):
+    with pytest.raises(ExportError, match=r"differs from PyTorch .* not written"):
         export_model(small_model(), tmp_path / "model.pt", to="torchscript")
     assert not (tmp_path / "model.pt").exists()
