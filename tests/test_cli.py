@@ -32,15 +32,22 @@ def test_models_table_for_terminal_and_markdown(capsys: pytest.CaptureFixture[st
     assert "| repvgg_d2se | 133,334,836 | 120,387,572 | 32.830 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_trains_converts_and_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = fake_fashion_mnist(tmp_path / "fashion", train=256, test=32)
     arguments = ["demo", "--data-dir", str(data), "--train-subset", "256", "--epochs", "1"]
     arguments += ["--output", str(tmp_path / "demo"), "--batch-size", "8", "--repeats", "2"]
+    arguments += ["--images", "3", "--backend", "onnxruntime"]
     assert main(arguments) == 0
     out = capsys.readouterr().out
-    assert "equivalence of the trained model: max |deploy - train|" in out and "ok at tolerance 1e-10" in out
-    assert "the two forms agree" in out and "deploy / training speed" in out
-    assert (tmp_path / "demo" / "model_deploy.safetensors").is_file()
+    assert "checked in float64:" in out and "ok at tolerance 1e-10" in out and "agree)" in out
+    assert "verify the saved pair" in out and "ok at tolerance 1e-05" in out
+    assert "export ONNX: wrote" in out and "onnxruntime vs PyTorch" in out
+    assert "predict 3 test images" in out and " right" in out
+    assert "deploy form, onnxruntime" in out and "deploy / training speed" in out
+    for name in ("model_train.safetensors", "model_deploy.safetensors", "model.onnx"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert len(list((tmp_path / "demo" / "images").glob("*.png"))) == 3
 
 
 def test_errors_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -187,54 +187,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from repvgg.demo import DemoOptions, run_demo
 
-    from repvgg.benchmark import compare_throughput, count_parameters
-    from repvgg.checkpoints import load_checkpoint
-    from repvgg.reparam import verify_equivalence
-    from repvgg.training import TrainConfig, train
-
-    output = args.output
-    print(
-        f"Training {args.model} on {args.train_subset} Fashion-MNIST images for {args.epochs} epoch(s), "
-        "then converting it ..."
-    )
-    config = TrainConfig(
-        model=args.model,
-        data="fashion-mnist",
-        data_dir=args.data_dir,
-        epochs=args.epochs,
-        train_subset=args.train_subset,
-        output=output,
-        warmup_epochs=0.2,
-        overwrite=True,  # the demo's folder is replaced on every run
-    )
-    summary = train(config)
-    trained = load_checkpoint(f"{output}/model_train.safetensors").eval()
-    deployed = load_checkpoint(f"{output}/model_deploy.safetensors").eval()
-    train_params, deploy_params = count_parameters(trained), count_parameters(deployed)
-    print(
-        f"parameters: training form {train_params:,}, deploy form {deploy_params:,} "
-        f"({1 - deploy_params / train_params:.1%} fewer)"
-    )
-    print(f"equivalence of the trained model: {verify_equivalence(trained)}")
-    _print_summary(summary, output)
-    inputs = torch.randn(args.batch_size, 1, 28, 28)
-    print(
-        f"inference speed on CPU ({torch.get_num_threads()} threads, batch {args.batch_size}, 28x28, fp32, "
-        f"median of {args.repeats} interleaved batches):"
-    )
-    speeds = compare_throughput(
-        {"training form": trained, "deploy form": deployed}, inputs, repeats=args.repeats
-    )
-    for name, speed in speeds.items():
-        print(
-            f"  {name:14s} {speed.images_per_s:8.0f} images/s  "
-            f"({speed.median_s * 1000:.1f} ms/batch, spread {speed.spread:.0%})"
-        )
-    ratio = speeds["deploy form"].images_per_s / speeds["training form"].images_per_s
-    print(f"  deploy / training speed: {ratio:.2f}x")
-    return 0 if summary["forms_agree"] else 1
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    return 0 if run_demo(DemoOptions(**options)) else 1
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -310,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_models_table)
 
     demo = commands.add_parser(
-        "demo", help="train A0 briefly on Fashion-MNIST, convert, evaluate both forms, time them"
+        "demo", help="train A0 briefly on Fashion-MNIST, convert, verify, export, predict, time every form"
     )
     demo.add_argument("--model", default="repvgg_a0")
     demo.add_argument("--epochs", type=int, default=2)
@@ -319,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--batch-size", type=int, default=256, help="batch size of the speed measurement")
     demo.add_argument("--repeats", type=int, default=10)
+    demo.add_argument("--images", type=int, default=8, help="test images to write and predict")
+    demo.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="the fast backend to time")
     demo.set_defaults(run=_demo)
 
     _add_train_parser(commands)

@@ -1,0 +1,117 @@
+"""The main job (``make demo``): train briefly, convert, verify, export, predict, and time every form.
+
+Each step is the one a user runs by hand (``repvgg train``, ``convert``, ``verify``, ``export``,
+``predict``), called as a library so that the whole path is shown in one command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from repvgg.benchmark import compare_throughput, count_parameters
+from repvgg.checkpoints import load_checkpoint
+from repvgg.data import build_data, write_sample_images
+from repvgg.deploy import convert_checkpoint, export_model, verify_checkpoints
+from repvgg.inference import optimize, predict
+from repvgg.training import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    model: str = "repvgg_a0"
+    epochs: int = 2
+    train_subset: int = 10000
+    data_dir: str | None = None
+    output: str = "runs/demo"
+    batch_size: int = 256
+    repeats: int = 10
+    images: int = 8
+    backend: str = "auto"
+
+
+def run_demo(options: DemoOptions) -> bool:
+    """Run every step, printing what it shows; True when both forms agree and every check passed."""
+    output = Path(options.output)
+    print(
+        f"1. training {options.model} on {options.train_subset} Fashion-MNIST images for {options.epochs} "
+        "epoch(s) ..."
+    )
+    summary = train(
+        TrainConfig(
+            model=options.model,
+            data="fashion-mnist",
+            data_dir=options.data_dir,
+            epochs=options.epochs,
+            train_subset=options.train_subset,
+            output=str(output),
+            warmup_epochs=0.2,
+            overwrite=True,  # the demo's folder is replaced on every run
+        )
+    )
+    train_form, deploy_form = summary["train_form"], summary["deploy_form"]
+    print(
+        f"   training form top-1 {train_form['top1']:.2f}%, deploy form top-1 {deploy_form['top1']:.2f}% "
+        f"(difference {summary['top1_difference']:.4f} points: "
+        f"{'agree' if summary['forms_agree'] else 'DISAGREE'})"
+    )
+
+    train_file, deploy_file = output / "model_train.safetensors", output / "model_deploy.safetensors"
+    conversion = convert_checkpoint(train_file, deploy_file)
+    print(f"2. convert {train_file} -> {deploy_file}, checked in float64:\n   {conversion.report}")
+    verified = verify_checkpoints(train_file, deploy_file)
+    print(f"3. verify the saved pair (float32 weights):\n   {verified}")
+
+    trained, deployed = load_checkpoint(train_file).eval(), load_checkpoint(deploy_file).eval()
+    train_params, deploy_params = count_parameters(trained), count_parameters(deployed)
+    print(
+        f"   parameters: training form {train_params:,}, deploy form {deploy_params:,} "
+        f"({1 - deploy_params / train_params:.1%} fewer)"
+    )
+
+    exported = export_model(deployed, output / "model.onnx", to="onnx")
+    print(f"4. export ONNX: {exported}")
+
+    bundle = build_data("fashion-mnist", options.data_dir)
+    images = write_sample_images(bundle, output / "images", options.images)
+    predictions, _ = predict(deploy_file, images, topk=1)
+    correct = 0
+    print(f"5. predict {len(images)} test images (true class in the file name):")
+    for prediction in predictions:
+        label, probability = prediction.top[0]
+        right = Path(prediction.path).stem.split("_", 1)[1] == label.replace("/", "-").replace(" ", "-")
+        correct += right
+        verdict = "" if right else "  (wrong)"
+        print(f"   {Path(prediction.path).name:28s} -> {label} ({probability:.0%}){verdict}")
+    print(f"   {correct} of {len(predictions)} right")
+
+    inputs = torch.randn(options.batch_size, trained.in_chans, 28, 28)
+    print(
+        f"6. inference speed on the CPU ({torch.get_num_threads()} threads, batch {options.batch_size}, "
+        f"28x28, float32), choosing a backend ({options.backend}) ..."
+    )
+    fastest = optimize(deployed, options.backend, example_input=inputs)
+    for name, reason in fastest.skipped.items():
+        print(f"   ({name} not used: {reason})")
+    speeds = compare_throughput(
+        {
+            "training form, eager": trained,
+            "deploy form, eager": deployed,
+            f"deploy form, {fastest.backend}": fastest,
+        },
+        inputs,
+        repeats=options.repeats,
+    )
+    for name, speed in speeds.items():
+        print(
+            f"   {name:28s} {speed.images_per_s:8.0f} images/s  "
+            f"({speed.median_s * 1000:.1f} ms/batch, spread {speed.spread:.0%})"
+        )
+    rates = [speed.images_per_s for speed in speeds.values()]
+    print(
+        f"   deploy / training speed: {rates[1] / rates[0]:.2f}x eager, "
+        f"{rates[2] / rates[0]:.2f}x with {fastest.backend}"
+    )
+    return bool(summary["forms_agree"]) and conversion.report.passed and verified.passed
