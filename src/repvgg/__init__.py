@@ -24,14 +24,18 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "repvgg.blocks": ("RepVGGBlock", "SEBlock"),
     "repvgg.checkpoints": ("Checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"),
+    "repvgg.deploy": ("convert_checkpoint", "export_model", "verify_checkpoints"),
     "repvgg.exceptions": (
         "CheckpointError",
         "ConversionError",
+        "ExportError",
+        "InferenceError",
         "ModelConfigError",
         "RepVGGError",
         "RepVGGWarning",
     ),
     "repvgg.formats": ("convert_state_dict", "detect_format"),
+    "repvgg.inference": ("OptimizedModel", "optimize", "predict"),
     "repvgg.fusion": ("ConvBN",),
     "repvgg.models": ("MODEL_SPECS", "RepVGG", "create_model", "list_models"),
     "repvgg.reparam": (
@@ -51,24 +55,32 @@ __all__ = [
     "ConvBN",
     "ConversionError",
     "EquivalenceReport",
+    "ExportError",
+    "InferenceError",
     "ModelConfigError",
+    "OptimizedModel",
     "RepVGG",
     "RepVGGBlock",
     "RepVGGError",
     "RepVGGWarning",
     "SEBlock",
     "__version__",
+    "convert_checkpoint",
     "convert_state_dict",
     "create_model",
     "detect_format",
+    "export_model",
     "is_deployed",
     "list_models",
     "load_checkpoint",
+    "optimize",
+    "predict",
     "randomize_batchnorm_",
     "read_checkpoint",
     "reparameterize",
     "repvgg_model_convert",
     "save_checkpoint",
+    "verify_checkpoints",
     "verify_equivalence",
 ]
 
@@ -89,15 +101,19 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from repvgg.blocks import RepVGGBlock, SEBlock
     from repvgg.checkpoints import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+    from repvgg.deploy import convert_checkpoint, export_model, verify_checkpoints
     from repvgg.exceptions import (
         CheckpointError,
         ConversionError,
+        ExportError,
+        InferenceError,
         ModelConfigError,
         RepVGGError,
         RepVGGWarning,
     )
     from repvgg.formats import convert_state_dict, detect_format
     from repvgg.fusion import ConvBN
+    from repvgg.inference import OptimizedModel, optimize, predict
     from repvgg.models import MODEL_SPECS, RepVGG, create_model, list_models
     from repvgg.reparam import (
         EquivalenceReport,

@@ -10,6 +10,7 @@ and the fastest correct one is kept.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ def _eager(model: nn.Module, setting: _Setting, example: Tensor) -> Runner:
 def _inductor(model: nn.Module, setting: _Setting, example: Tensor) -> Runner:
     """TorchInductor with frozen weights: constant-folded, prepacked oneDNN convolutions fused with ReLU
     on CPU; the conversion to a plain conv stack is what makes this fusion apply to every layer."""
+    # Inductor's C++ toolchain probe logs "No CUDA runtime is found" on CPU-only machines: not news here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(setting.prepare(model), options={"freezing": True})
     with torch.no_grad():
         compiled(setting.place(example))  # compile now, not on the user's first call
