@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import repvgg
 from repvgg.cli import _train_config as train_config_from_args
 from repvgg.cli import build_parser, main
+from repvgg.data import PREPROCESSING_PRESETS
 from repvgg.distributed import DistContext
 from repvgg.exceptions import CheckpointError, DataError, TrainingError
 from repvgg.training import TrainConfig, Trainer, WarmupCosine, parameter_groups, train
@@ -50,6 +51,7 @@ def test_a_run_writes_its_record_and_both_forms_agree(fashion: Path, tmp_path: P
     deployed = repvgg.load_checkpoint(run / "model_deploy.safetensors")
     assert deployed.deploy and deployed.class_names[0] == "T-shirt/top" and deployed.in_chans == 1
     assert deployed.strides == (1, 2, 2, 2, 2), "strides adapted to 28 px"
+    assert deployed.preprocessing == PREPROCESSING_PRESETS["fashion-mnist"].as_dict(), "predict needs it"
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
 
 

@@ -71,7 +71,7 @@ def _inductor(model: nn.Module, setting: _Setting, example: Tensor) -> Runner:
     # Inductor's C++ toolchain probe logs "No CUDA runtime is found" on CPU-only machines: not news here.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(setting.prepare(model), options={"freezing": True})
-    with torch.no_grad():
+    with torch.inference_mode():
         compiled(setting.place(example))  # compile now, not on the user's first call
     return lambda inputs: compiled(setting.place(inputs))
 
@@ -130,7 +130,8 @@ class OptimizedModel(nn.Module):
         self.in_chans: int = getattr(source, "in_chans", 3)
 
     def forward(self, inputs: Tensor) -> Tensor:
-        with torch.no_grad():
+        # Always inference mode, whatever the caller's: a compiled graph is specialised to the grad mode.
+        with torch.inference_mode():
             return self._runner(inputs).float()
 
     def extra_repr(self) -> str:
@@ -167,7 +168,7 @@ def optimize(
     setting = _Setting(target, dtype, channels_last)
     deployed, _ = to_deploy_form(model)
     example = example_input.to(target)
-    with torch.no_grad():
+    with torch.inference_mode():
         reference = deployed.float().to(target)(example.float()).float()
     names = BACKENDS if backend == "auto" else (backend,)
     runners: dict[str, Runner] = {}
@@ -176,7 +177,7 @@ def optimize(
     for name in names:
         try:
             runner = _BUILDERS[name](deployed, setting, example)
-            with torch.no_grad():
+            with torch.inference_mode():
                 error = relative_difference(runner(example).float(), reference)
         except RepVGGError as failure:
             skipped[name] = str(failure)
@@ -193,7 +194,7 @@ def optimize(
         raise InferenceError(f"No backend could run this model here ({reasons}).")
     timings: dict[str, float] = {}
     if len(runners) > 1:
-        with torch.no_grad():
+        with torch.inference_mode():
             measured = compare_throughput(runners, example, repeats=repeats)
         timings = {name: result.median_s for name, result in measured.items()}
         chosen = min(timings, key=timings.__getitem__)
@@ -286,7 +287,7 @@ def predict(
         batch = torch.stack([item for _, item in good]).to(target)
         if runner is None:
             runner = optimize(model, backend, example_input=batch, device=target)
-        with torch.no_grad():
+        with torch.inference_mode():
             probabilities = runner(batch).softmax(dim=1).cpu()
         names = getattr(model, "class_names", None) or [str(i) for i in range(probabilities.shape[1])]
         values, indices = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
