@@ -186,6 +186,45 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+
+    from repvgg.bench import (
+        candidates,
+        conv_density,
+        default_protocol,
+        markdown_report,
+        memory_of_residual_vs_plain,
+        run_bench,
+        write_reports,
+    )
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    protocol = default_protocol(device, quick=args.quick)
+    overrides = {k: getattr(args, k) for k in ("batch_size", "image_size", "warmup", "batches", "rounds")}
+    protocol = dataclasses.replace(protocol, **{k: v for k, v in overrides.items() if v is not None})
+    quick_models, quick_baselines = ["repvgg_a0", "repvgg_b0"], ["resnet18", "resnet34"]
+    chosen = candidates(
+        args.models or (quick_models if args.quick else None),
+        forms=args.forms,
+        baselines=args.baselines if args.baselines is not None else (quick_baselines if args.quick else None),
+        timm_peers=not args.no_timm,
+    )
+    print(f"Measuring {len(chosen)} networks: {protocol.describe()} ...")
+    baseline = args.baseline if any(args.baseline in c.spec for c in chosen) else None
+    result = run_bench(chosen, protocol, baseline=baseline, measure_memory=not args.no_memory)
+    if not args.no_extras:
+        result.extras["conv_density"] = conv_density(protocol)
+        result.extras["residual_vs_plain"] = memory_of_residual_vs_plain(protocol)
+    print(markdown_report(result))
+    for path in write_reports(result, Path(args.output), figures=not args.no_extras):
+        print(f"wrote {path}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from repvgg.demo import DemoOptions, run_demo
 
@@ -280,6 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     _add_train_parser(commands)
+
+    bench = commands.add_parser("bench", help="the paper's speed and memory comparisons, measured here")
+    bench.add_argument(
+        "--quick", action="store_true", help="A0/B0, ResNet-18/34, small batches: minutes on a CPU"
+    )
+    bench.add_argument("--models", nargs="+", default=None, help="RepVGG models (default: all)")
+    bench.add_argument("--forms", nargs="+", choices=("train", "deploy"), default=["train", "deploy"])
+    bench.add_argument(
+        "--baselines", nargs="*", default=None, help="torchvision baselines (default: Table 4's)"
+    )
+    bench.add_argument("--no-timm", action="store_true", help="leave out timm's re-parameterized RepVGG")
+    bench.add_argument("--baseline", default="resnet18", help="speed ratios are relative to this network")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    for flag in ("--batch-size", "--image-size", "--warmup", "--batches", "--rounds"):
+        bench.add_argument(flag, type=int, default=None, help="override the protocol")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    bench.add_argument("--no-extras", action="store_true", help="skip Table 1, Figure 3 and the figures")
+    bench.add_argument("--output", default="runs/bench", help="folder for bench.json, bench.md, PNGs")
+    bench.set_defaults(run=_bench)
 
     evaluation = commands.add_parser("eval", help="top-1/top-5 and speed of any checkpoint on a dataset")
     evaluation.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")

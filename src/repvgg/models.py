@@ -174,6 +174,7 @@ class ModelSpec:
     paper_top1: float | None = None
     top1_source: str = ""
     paper_params_m: float | None = None  # deploy-form parameters in millions, paper Table 4
+    paper_speed: float | None = None  # examples/s of the deploy form on a GTX 1080Ti, batch 128 (Tables 4-5)
     override_groups_map: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -196,26 +197,46 @@ _B = (4, 6, 16, 1)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "repvgg_a0": ModelSpec(
-        _A, (0.75, 0.75, 0.75, 2.5), paper_top1=72.41, top1_source=TABLE4, paper_params_m=8.3
+        _A,
+        (0.75, 0.75, 0.75, 2.5),
+        paper_top1=72.41,
+        top1_source=TABLE4,
+        paper_params_m=8.3,
+        paper_speed=3256,
     ),
-    "repvgg_a1": ModelSpec(_A, (1, 1, 1, 2.5), paper_top1=74.46, top1_source=TABLE4, paper_params_m=12.78),
+    "repvgg_a1": ModelSpec(
+        _A, (1, 1, 1, 2.5), paper_top1=74.46, top1_source=TABLE4, paper_params_m=12.78, paper_speed=2339
+    ),
     "repvgg_a2": ModelSpec(
-        _A, (1.5, 1.5, 1.5, 2.75), paper_top1=76.48, top1_source=TABLE4, paper_params_m=25.49
+        _A,
+        (1.5, 1.5, 1.5, 2.75),
+        paper_top1=76.48,
+        top1_source=TABLE4,
+        paper_params_m=25.49,
+        paper_speed=1322,
     ),
-    "repvgg_b0": ModelSpec(_B, (1, 1, 1, 2.5), paper_top1=75.14, top1_source=TABLE4, paper_params_m=14.33),
-    "repvgg_b1": ModelSpec(_B, (2, 2, 2, 4), paper_top1=78.37, top1_source=TABLE4, paper_params_m=51.82),
-    "repvgg_b1g2": ModelSpec(_B, (2, 2, 2, 4), 2, paper_top1=77.78, top1_source=TABLE4, paper_params_m=41.36),
-    "repvgg_b1g4": ModelSpec(_B, (2, 2, 2, 4), 4, paper_top1=77.58, top1_source=TABLE4, paper_params_m=36.12),
+    "repvgg_b0": ModelSpec(
+        _B, (1, 1, 1, 2.5), paper_top1=75.14, top1_source=TABLE4, paper_params_m=14.33, paper_speed=1817
+    ),
+    "repvgg_b1": ModelSpec(
+        _B, (2, 2, 2, 4), paper_top1=78.37, top1_source=TABLE4, paper_params_m=51.82, paper_speed=685
+    ),
+    "repvgg_b1g2": ModelSpec(
+        _B, (2, 2, 2, 4), 2, paper_top1=77.78, top1_source=TABLE4, paper_params_m=41.36, paper_speed=792
+    ),
+    "repvgg_b1g4": ModelSpec(
+        _B, (2, 2, 2, 4), 4, paper_top1=77.58, top1_source=TABLE4, paper_params_m=36.12, paper_speed=868
+    ),
     "repvgg_b2": ModelSpec(
-        _B, (2.5, 2.5, 2.5, 5), paper_top1=78.78, top1_source=TABLE4, paper_params_m=80.31
+        _B, (2.5, 2.5, 2.5, 5), paper_top1=78.78, top1_source=TABLE4, paper_params_m=80.31, paper_speed=460
     ),
     "repvgg_b2g2": ModelSpec(_B, (2.5, 2.5, 2.5, 5), 2),
     "repvgg_b2g4": ModelSpec(
-        _B, (2.5, 2.5, 2.5, 5), 4, paper_top1=78.50, top1_source=TABLE4, paper_params_m=55.77
+        _B, (2.5, 2.5, 2.5, 5), 4, paper_top1=78.50, top1_source=TABLE4, paper_params_m=55.77, paper_speed=581
     ),
-    "repvgg_b3": ModelSpec(_B, (3, 3, 3, 5), paper_top1=80.52, top1_source=TABLE5),
+    "repvgg_b3": ModelSpec(_B, (3, 3, 3, 5), paper_top1=80.52, top1_source=TABLE5, paper_speed=363),
     "repvgg_b3g2": ModelSpec(_B, (3, 3, 3, 5), 2),
-    "repvgg_b3g4": ModelSpec(_B, (3, 3, 3, 5), 4, paper_top1=80.21, top1_source=TABLE5),
+    "repvgg_b3g4": ModelSpec(_B, (3, 3, 3, 5), 4, paper_top1=80.21, top1_source=TABLE5, paper_speed=464),
     "repvgg_d2se": ModelSpec(
         (8, 14, 24, 1),
         (2.5, 2.5, 2.5, 5),

@@ -1,0 +1,554 @@
+"""``repvgg bench``: the paper's speed and memory claims, measured on the user's machine.
+
+Every network is measured in one process, interleaved round by round (each round times a few batches of
+every network in turn), so machine noise hits all of them alike; examples/s come from the median batch,
+and the spread of all timed batches is shown beside it. Peak memory is measured in a fresh process per
+network (see :func:`peak_memory_mib`). Figures and tables are written to ``--output``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repvgg.benchmark import count_macs, count_parameters
+from repvgg.exceptions import ModelConfigError
+from repvgg.models import MODEL_SPECS, canonical_name, create_model
+from repvgg.reparam import reparameterize
+
+# torchvision baselines of the paper's Table 4: (top-1, examples/s on a GTX 1080Ti at batch 128).
+TORCHVISION_BASELINES: dict[str, tuple[float, float]] = {
+    "resnet18": (71.16, 2442),
+    "resnet34": (74.17, 1419),
+    "resnet50": (76.31, 719),
+    "resnet101": (77.21, 430),
+    "resnet152": (77.78, 297),
+    "vgg16": (72.21, 415),
+    "resnext50_32x4d": (77.46, 484),
+    "efficientnet_b0": (75.11, 829),
+    "regnet_x_3_2gf": (77.98, 671),
+}
+FORMS = ("train", "deploy")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One network to measure, named by a spec that a fresh process can rebuild it from.
+
+    Specs: ``repvgg_a0:deploy`` / ``repvgg_a0:train``, ``torchvision:resnet18`` (conv-BN fused, as in
+    the paper), ``timm:repvgg_a0`` (timm's, re-parameterized).
+    """
+
+    spec: str
+    label: str
+    family: str
+    paper_top1: float | None = None
+    paper_speed: float | None = None
+
+
+def candidates(
+    models: Sequence[str] | None = None,
+    forms: Sequence[str] = FORMS,
+    baselines: Sequence[str] | None = None,
+    timm_peers: bool = True,
+) -> list[Candidate]:
+    """The networks to measure: RepVGG models in each form, torchvision baselines, timm's RepVGG."""
+    names = [canonical_name(m) for m in models] if models is not None else list(MODEL_SPECS)
+    chosen_baselines = list(TORCHVISION_BASELINES) if baselines is None else list(baselines)
+    unknown = [b for b in chosen_baselines if b not in TORCHVISION_BASELINES]
+    if unknown:
+        raise ModelConfigError(
+            f"Unknown baseline {unknown[0]!r}: choose from {', '.join(TORCHVISION_BASELINES)}."
+        )
+    bad_forms = [f for f in forms if f not in FORMS]
+    if bad_forms:
+        raise ModelConfigError(f"Unknown form {bad_forms[0]!r}: choose train, deploy or both.")
+    result = []
+    for name in names:
+        spec = MODEL_SPECS[name]
+        for form in forms:
+            top1, speed = (spec.paper_top1, spec.paper_speed) if form == "deploy" else (spec.paper_top1, None)
+            result.append(Candidate(f"{name}:{form}", f"{name} ({form})", f"RepVGG {form}", top1, speed))
+    for name in chosen_baselines:
+        top1, speed = TORCHVISION_BASELINES[name]
+        result.append(Candidate(f"torchvision:{name}", f"{name} (BN fused)", "torchvision", top1, speed))
+    if timm_peers and _timm_available():
+        for name in names:
+            result.append(Candidate(f"timm:{name}", f"timm {name} (re-param)", "timm"))
+    return result
+
+
+def _timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(spec: str) -> nn.Module:
+    """The network a candidate spec names, in eval mode, with random weights."""
+    source, _, name = spec.partition(":")
+    if source == "figure3":
+        kind, width, depth = name.split(":")
+        return _ConvReLUStack(int(width), int(depth), residual=kind == "residual").eval()
+    if source == "torchvision":
+        import torchvision.models
+        from torch.fx.experimental.optimization import fuse
+
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        try:
+            return fuse(model)  # conv-BN folded, as the paper did for its baselines
+        except Exception:  # a network torch.fx cannot trace is measured unfused
+            return model
+    if source == "timm":
+        import timm
+        from timm.utils.model import reparameterize_model
+
+        return reparameterize_model(timm.create_model(name, pretrained=False).eval())
+    model = create_model(source).eval()
+    return reparameterize(model) if name == "deploy" else model
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How networks are timed; stated in every report."""
+
+    device: str
+    batch_size: int
+    image_size: int
+    warmup: int
+    batches: int
+    rounds: int
+
+    @property
+    def timed_batches(self) -> int:
+        return self.batches * self.rounds
+
+    def describe(self) -> str:
+        return (
+            f"{self.device}, batch {self.batch_size}, float32, {self.image_size}x{self.image_size}, "
+            f"{self.warmup} warm-up then {self.timed_batches} timed batches per network "
+            f"({self.rounds} interleaved rounds of {self.batches})"
+        )
+
+
+def default_protocol(device: str, quick: bool = False) -> Protocol:
+    """The paper's on CUDA (batch 128, 50 warm-up, 50 timed); smaller on the CPU, fewer with ``quick``."""
+    if device == "cuda":
+        return Protocol("cuda", 128, 224, 50, 10, 5) if not quick else Protocol("cuda", 64, 224, 5, 4, 3)
+    return Protocol("cpu", 8, 224, 2, 2, 3) if not quick else Protocol("cpu", 4, 224, 1, 2, 3)
+
+
+@dataclass
+class Row:
+    """The measurements of one network."""
+
+    label: str
+    spec: str
+    family: str
+    params: int
+    gflops: float
+    examples_per_s: float
+    latency_ms: float
+    spread: float
+    peak_memory_mib: float | None
+    paper_top1: float | None
+    paper_speed: float | None
+    speed_ratio: float | None = None  # to the chosen baseline
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def time_interleaved(
+    models: dict[str, nn.Module],
+    protocol: Protocol,
+    on_progress: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per batch of each network: warm-up, then rounds in which every network runs in turn."""
+    inputs = torch.randn(
+        protocol.batch_size, 3, protocol.image_size, protocol.image_size, device=protocol.device
+    )
+    for model in models.values():
+        for _ in range(protocol.warmup):
+            model(inputs)
+        _synchronize(protocol.device)
+        on_progress()
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(protocol.rounds):
+        for name, model in models.items():
+            for _ in range(protocol.batches):
+                start = time.perf_counter()
+                model(inputs)
+                _synchronize(protocol.device)
+                times[name].append(time.perf_counter() - start)
+            on_progress()
+    return times
+
+
+def peak_memory_mib(spec: str, protocol: Protocol) -> float | None:
+    """Peak extra memory of one inference batch, beyond the weights and the input, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` around the forward pass. CPU: in a fresh process (so no
+    other network's freed memory is reused), the kernel's resident-set high-water mark (VmHWM) is reset
+    just before the forward pass (``/proc/self/clear_refs``) and read after it, minus the resident set
+    just before: the memory the activations really took, as the operating system saw it. None where
+    neither is available.
+    """
+    if protocol.device == "cuda":
+        with torch.inference_mode():
+            model = build(spec).to("cuda")
+            inputs = torch.randn(
+                protocol.batch_size, 3, protocol.image_size, protocol.image_size, device="cuda"
+            )
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            model(inputs)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        del model, inputs
+        torch.cuda.empty_cache()
+        return peak / 2**20
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    command = [
+        sys.executable,
+        "-c",
+        "from repvgg.bench import _measure_peak_in_this_process as m; m()",
+        spec,
+        str(protocol.batch_size),
+        str(protocol.image_size),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900)
+    if result.returncode != 0:
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field_name} not in /proc/self/status")
+
+
+def _measure_peak_in_this_process() -> None:
+    """The child of :func:`peak_memory_mib`: prints the peak extra MiB of one forward pass."""
+    spec, batch, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with torch.inference_mode():
+        model = build(spec)
+        inputs = torch.randn(batch, 3, size, size)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset VmHWM to the current resident set
+        before = _status_kib("VmRSS")
+        model(inputs)
+        peak = _status_kib("VmHWM")
+    print((peak - before) / 1024)
+
+
+@dataclass
+class BenchResult:
+    protocol: Protocol
+    rows: list[Row]
+    baseline: str | None
+    machine: str
+    torch_version: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": asdict(self.protocol),
+            "protocol_text": self.protocol.describe(),
+            "machine": self.machine,
+            "torch": self.torch_version,
+            "baseline": self.baseline,
+            "rows": [asdict(row) for row in self.rows],
+            **self.extras,
+        }
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "CPU"
+            )
+    except OSError:
+        model = "CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def run_bench(
+    chosen: Iterable[Candidate],
+    protocol: Protocol,
+    *,
+    baseline: str | None = None,
+    measure_memory: bool = True,
+    progress: bool = True,
+) -> BenchResult:
+    """Build every candidate, count it, time them interleaved, measure peak memory; ratios to ``baseline``
+    (a candidate's label or spec)."""
+    from tqdm import tqdm
+
+    chosen = list(chosen)
+    models: dict[str, nn.Module] = {}
+    steps = len(chosen) * (2 + protocol.rounds) + (len(chosen) if measure_memory else 0)
+    bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress, leave=False)
+    for candidate in chosen:
+        models[candidate.spec] = build(candidate.spec).to(protocol.device)
+        bar.update()
+    times = time_interleaved(models, protocol, on_progress=bar.update)
+    rows = []
+    for candidate in chosen:
+        with torch.device("meta"):
+            meta_model = build_for_counting(candidate.spec)
+        flops = 2 * count_macs(meta_model, (1, 3, protocol.image_size, protocol.image_size))
+        batch_times = times[candidate.spec]
+        median = statistics.median(batch_times)
+        memory = None
+        if measure_memory:
+            memory = peak_memory_mib(candidate.spec, protocol)
+            bar.update()
+        rows.append(
+            Row(
+                label=candidate.label,
+                spec=candidate.spec,
+                family=candidate.family,
+                params=count_parameters(models[candidate.spec]),
+                gflops=flops / 1e9,
+                examples_per_s=protocol.batch_size / median,
+                latency_ms=median * 1000,
+                spread=(max(batch_times) - min(batch_times)) / median,
+                peak_memory_mib=memory,
+                paper_top1=candidate.paper_top1,
+                paper_speed=candidate.paper_speed,
+            )
+        )
+    bar.close()
+    chosen_baseline = None
+    if baseline is not None:
+        reference = next((r for r in rows if baseline in (r.label, r.spec, r.spec.split(":")[-1])), None)
+        if reference is None:
+            raise ModelConfigError(f"The baseline {baseline!r} is not among the measured networks.")
+        chosen_baseline = reference.label
+        for row in rows:
+            row.speed_ratio = row.examples_per_s / reference.examples_per_s
+    return BenchResult(protocol, rows, chosen_baseline, machine_name(protocol.device), torch.__version__)
+
+
+def build_for_counting(spec: str) -> nn.Module:
+    """The candidate's network for counting FLOPs on the meta device (conv-BN fusion changes no FLOP
+    that the counter counts, so torchvision baselines are counted unfused)."""
+    source, _, name = spec.partition(":")
+    if source == "torchvision":
+        import torchvision.models
+
+        return getattr(torchvision.models, name)(weights=None).eval()
+    if source == "timm":  # the same network as ours in deploy form (the tests compare their logits)
+        return create_model(canonical_name(name), deploy=True).eval()
+    return create_model(source, deploy=name == "deploy").eval()
+
+
+class _ConvReLUStack(nn.Module):
+    """``depth`` blocks of two 3x3 conv + ReLU at one width; ``residual`` adds each block's input back.
+
+    The two networks of the paper's Figure 3: same widths, depths and arithmetic; the residual one must
+    keep every block's input alive until the addition.
+    """
+
+    def __init__(self, width: int, depth: int, residual: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.convs = nn.ModuleList(
+            nn.ModuleList([nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)])
+            for _ in range(depth)
+        )
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu_(self.stem(x))
+        for first, second in self.convs:
+            y = second(torch.relu_(first(x)))
+            x = torch.relu_(y + x) if self.residual else torch.relu_(y)
+        return x
+
+
+FIGURE3_SPECS = {"figure3:residual": True, "figure3:plain": False}
+
+
+def memory_of_residual_vs_plain(protocol: Protocol, width: int = 64, depth: int = 8) -> dict[str, Any]:
+    """Measured peak inference memory of a residual network and a plain one of the same shape."""
+    peaks = {
+        spec.split(":")[1]: peak_memory_mib(f"{spec}:{width}:{depth}", protocol) for spec in FIGURE3_SPECS
+    }
+    return {"width": width, "depth": depth, "peak_memory_mib": peaks}
+
+
+def conv_density(protocol: Protocol, kernel_sizes: Sequence[int] = (1, 3, 5, 7)) -> list[dict[str, float]]:
+    """Speed and TFLOP/s of single convolutions by kernel size (the paper's Table 1).
+
+    The paper's shape on CUDA (batch 32, 2048 -> 2048 channels, 56x56); a smaller one on the CPU
+    (batch 1, 256 channels, 28x28), stated in the result.
+    """
+    if protocol.device == "cuda":
+        batch, channels, size = 32, 2048, 56
+    else:
+        batch, channels, size = 1, 256, 28
+    inputs = torch.randn(batch, channels, size, size, device=protocol.device)
+    rows = []
+    with torch.inference_mode():
+        for k in kernel_sizes:
+            conv = nn.Conv2d(channels, channels, k, padding=k // 2, bias=False).to(protocol.device).eval()
+            for _ in range(2):
+                conv(inputs)
+            _synchronize(protocol.device)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                conv(inputs)
+                _synchronize(protocol.device)
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            flops = 2 * batch * size * size * channels * channels * k * k
+            rows.append(
+                {
+                    "kernel": k,
+                    "shape": f"batch {batch}, {channels}->{channels} channels, {size}x{size}",
+                    "ms": seconds * 1000,
+                    "tflops": flops / seconds / 1e12,
+                    "examples_per_s": batch / seconds,
+                }
+            )
+    return rows
+
+
+def figure1(result: BenchResult, path: Path) -> Path:
+    """Paper top-1 against measured examples/s: the paper's Figure 1, on this machine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    families = {
+        "RepVGG deploy": ("o", "tab:red", "RepVGG (deploy form)"),
+        "torchvision": ("s", "tab:blue", "torchvision (BN fused)"),
+    }
+    for family, (marker, colour, legend) in families.items():
+        points = [r for r in result.rows if r.family == family and r.paper_top1 is not None]
+        if not points:
+            continue
+        speeds, accuracies = [r.examples_per_s for r in points], [r.paper_top1 for r in points]
+        axes.scatter(speeds, accuracies, marker=marker, color=colour, label=legend)
+        for r, x, y in zip(points, speeds, accuracies, strict=True):
+            name = r.spec.split(":")[1] if family == "torchvision" else r.spec.split(":")[0]
+            axes.annotate(
+                name.removeprefix("repvgg_"), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points"
+            )
+    axes.set_xlabel(f"measured examples/s ({result.protocol.describe()})", fontsize=8)
+    axes.set_ylabel("ImageNet top-1 (%), as published")
+    axes.set_title(f"Accuracy vs speed on {result.machine}", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def figure3(memory: dict[str, Any], path: Path) -> Path:
+    """Bars of measured peak inference memory: residual vs plain network of the same shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peaks = memory["peak_memory_mib"]
+    figure, axes = plt.subplots(figsize=(5, 4))
+    axes.bar(list(peaks), [peaks[k] or 0 for k in peaks], color=["tab:blue", "tab:red"])
+    axes.set_ylabel("peak extra memory of one batch (MiB)")
+    axes.set_title(f"{memory['depth']} blocks of 2 conv3x3, width {memory['width']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def markdown_report(result: BenchResult) -> str:
+    """The results as Markdown: the protocol, the main table, and the extras that were measured."""
+    lines = [
+        f"Machine: {result.machine}; torch {result.torch_version}.",
+        f"Protocol: {result.protocol.describe()}.",
+        "",
+        "| network | params (M) | GFLOPs | examples/s | ms/batch | spread | peak MiB | paper top-1 | "
+        "paper ex/s (1080Ti) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(result.rows, key=lambda r: -r.examples_per_s):
+        cells = [
+            r.label,
+            f"{r.params / 1e6:.2f}",
+            f"{r.gflops:.2f}",
+            f"{r.examples_per_s:.1f}",
+            f"{r.latency_ms:.0f}",
+            f"{r.spread:.0%}",
+            f"{r.peak_memory_mib:.0f}" if r.peak_memory_mib is not None else "-",
+            f"{r.paper_top1:.2f}" if r.paper_top1 is not None else "-",
+            f"{r.paper_speed:.0f}" if r.paper_speed is not None else "-",
+            f"{r.speed_ratio:.2f}x" if r.speed_ratio is not None else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result.baseline:
+        lines += ["", f"Ratio: examples/s relative to {result.baseline}, measured in the same run."]
+    density = result.extras.get("conv_density")
+    if density:
+        lines += [
+            "",
+            f"Convolution density ({density[0]['shape']}):",
+            "",
+            "| kernel | ms | TFLOP/s |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {d['kernel']}x{d['kernel']} | {d['ms']:.2f} | {d['tflops']:.3f} |" for d in density]
+    memory = result.extras.get("residual_vs_plain")
+    if memory:
+        peaks = memory["peak_memory_mib"]
+        lines += [
+            "",
+            f"Peak inference memory, {memory['depth']} blocks of two 3x3 convs at width {memory['width']}: "
+            + ", ".join(f"{k} {v:.0f} MiB" if v is not None else f"{k} -" for k, v in peaks.items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(result: BenchResult, output: Path, *, figures: bool = True) -> list[Path]:
+    """``bench.json``, ``bench.md`` and, with ``figures``, ``figure1.png`` and ``figure3.png``."""
+    output.mkdir(parents=True, exist_ok=True)
+    written = [output / "bench.json", output / "bench.md"]
+    written[0].write_text(json.dumps(result.to_json(), indent=2))
+    written[1].write_text(markdown_report(result))
+    if figures:
+        written.append(figure1(result, output / "figure1.png"))
+        if result.extras.get("residual_vs_plain"):
+            written.append(figure3(result.extras["residual_vs_plain"], output / "figure3.png"))
+    return written
