@@ -205,10 +205,12 @@ def peak_memory_mib(spec: str, protocol: Protocol) -> float | None:
     """Peak extra memory of one inference batch, beyond the weights and the input, in MiB.
 
     CUDA: ``torch.cuda.max_memory_allocated`` around the forward pass. CPU: in a fresh process (so no
-    other network's freed memory is reused), the kernel's resident-set high-water mark (VmHWM) is reset
-    just before the forward pass (``/proc/self/clear_refs``) and read after it, minus the resident set
-    just before: the memory the activations really took, as the operating system saw it. None where
-    neither is available.
+    other network's freed memory is reused), after one warm-up pass (which maps the library code and
+    oneDNN's generated kernels), the kernel's resident-set high-water mark (VmHWM) is reset
+    (``/proc/self/clear_refs``) and read after a second pass, minus the resident set just before it. The
+    process runs with glibc's mmap threshold fixed at 64 KiB, so every tensor's memory goes back to the
+    system when it is freed and the high-water mark follows the live tensors. None where neither is
+    available.
     """
     if protocol.device == "cuda":
         with torch.inference_mode():
@@ -235,7 +237,11 @@ def peak_memory_mib(spec: str, protocol: Protocol) -> float | None:
         str(protocol.batch_size),
         str(protocol.image_size),
     ]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900)
     if result.returncode != 0:
         return None
@@ -256,6 +262,7 @@ def _measure_peak_in_this_process() -> None:
     with torch.inference_mode():
         model = build(spec)
         inputs = torch.randn(batch, 3, size, size)
+        model(inputs)  # warm-up: library pages and generated kernels are not activations
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # reset VmHWM to the current resident set
         before = _status_kib("VmRSS")
@@ -388,8 +395,12 @@ class _ConvReLUStack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu_(self.stem(x))
         for first, second in self.convs:
-            y = second(torch.relu_(first(x)))
-            x = torch.relu_(y + x) if self.residual else torch.relu_(y)
+            identity = x if self.residual else None  # the plain block lets go of its input at once
+            x = torch.relu_(first(x))
+            x = second(x)
+            if identity is not None:
+                x += identity
+            x = torch.relu_(x)
         return x
 
 
