@@ -9,6 +9,7 @@ import pytest
 from torch import nn
 
 from repvgg.bench import (
+    TORCHVISION_BASELINES,
     Protocol,
     build,
     candidates,
@@ -63,6 +64,25 @@ def test_run_bench_reports_every_measure_and_ratios(tmp_path: Path) -> None:
     assert written[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ModelConfigError, match="baseline 'vgg16' is not among"):
         run_bench(chosen[:1], TINY, baseline="vgg16", measure_memory=False, progress=False)
+
+
+@pytest.mark.slow
+def test_every_torchvision_baseline_is_built_counted_and_timed() -> None:
+    chosen = candidates([], baselines=list(TORCHVISION_BASELINES), timm_peers=False)
+    protocol = Protocol("cpu", batch_size=1, image_size=64, warmup=0, batches=1, rounds=1)
+    rows = {
+        row.spec.split(":")[1]: row
+        for row in run_bench(chosen, protocol, progress=False, measure_memory=False).rows
+    }
+    assert set(rows) == set(TORCHVISION_BASELINES)
+    assert all(row.examples_per_s > 0 for row in rows.values())
+    assert (
+        rows["resnet152"].gflops
+        > rows["resnet101"].gflops
+        > rows["resnet50"].gflops
+        > rows["resnet18"].gflops
+    )
+    assert rows["regnet_x_3_2gf"].gflops > rows["efficientnet_b0"].gflops > 0
 
 
 @pytest.mark.slow
