@@ -9,6 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from repvgg import ModelConfigError, RepVGGBlock, SEBlock
+from repvgg.blocks import BLOCK_DESIGNS
+from repvgg.exceptions import ConversionError
+from repvgg.fusion import ConvBN
 from repvgg.reparam import randomize_batchnorm_
 from tests.helpers import relative_error
 
@@ -27,6 +30,7 @@ def block_settings(draw: st.DrawFn) -> dict[str, int | bool]:
         "groups": groups,
         "dilation": draw(st.sampled_from([1, 2])),
         "use_se": draw(st.booleans()),
+        "block": draw(st.sampled_from(list(BLOCK_DESIGNS))),
     }
 
 
@@ -37,8 +41,10 @@ def test_reparameterized_block_is_exact(
 ) -> None:
     block = RepVGGBlock(kernel_size=3, **options).double()  # type: ignore[arg-type]
     randomize_batchnorm_(block, seed=seed).eval()
+    design = BLOCK_DESIGNS[str(options["block"])]
     has_identity = options["in_channels"] == options["out_channels"] and options["stride"] == 1
-    assert (block.rbr_identity is not None) == has_identity
+    assert (block.rbr_identity is not None) == (has_identity and design.identity is not None)
+    assert (block.bn is not None) == design.post_bn
     x = torch.randn(2, int(options["in_channels"]), height, width, dtype=torch.float64)
     expected = block(x)
     block.reparameterize()
@@ -94,3 +100,32 @@ def test_block_in_deploy_form_has_only_conv_relu() -> None:
     block = RepVGGBlock(4, 4, deploy=True)
     kinds = {type(m) for m in block.modules()} - {RepVGGBlock}
     assert kinds == {nn.Conv2d, nn.ReLU, nn.Identity}
+
+
+def test_qarepvgg_block_has_bare_1x1_and_identity_and_one_bn_after_the_sum() -> None:
+    block = RepVGGBlock(8, 8, block="qarepvgg")
+    assert isinstance(block.rbr_dense, ConvBN)
+    assert type(block.rbr_1x1) is nn.Conv2d and block.rbr_1x1.bias is None
+    assert type(block.rbr_identity) is nn.Identity and isinstance(block.bn, nn.BatchNorm2d)
+    assert "block='qarepvgg'" in repr(block)
+    x = torch.randn(2, 8, 6, 6)
+    block.eval()
+    expected = block.nonlinearity(block.bn(block.rbr_dense(x) + block.rbr_1x1(x) + x))
+    torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("block", "branches"),
+    [("no_identity", 2), ("no_1x1", 2), ("plain", 1), ("post_add_bn", 3), ("identity_no_bn", 3)],
+)
+def test_ablation_blocks_have_their_branches(block: str, branches: int) -> None:
+    assert len(list(RepVGGBlock(8, 8, block=block).branches())) == branches
+
+
+def test_unknown_block_and_custom_l2_on_bare_branches_are_refused() -> None:
+    with pytest.raises(ModelConfigError, match=r"Unknown block 'qa'.*qarepvgg"):
+        RepVGGBlock(8, 8, block="qa")
+    with pytest.raises(ModelConfigError, match="plain weight decay"):
+        RepVGGBlock(8, 8, block="qarepvgg").custom_l2()
+    with pytest.raises(ConversionError, match="already deployed"):
+        RepVGGBlock(8, 8, deploy=True).custom_l2()

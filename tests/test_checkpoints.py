@@ -47,6 +47,16 @@ def test_own_format_keeps_options_that_weights_do_not_show(tmp_path: Path) -> No
     assert loaded.config == model.config
 
 
+def test_block_design_is_saved_and_a_mismatch_is_named(tmp_path: Path) -> None:
+    model = trained_looking("repvgg_a0", num_classes=10, block="qarepvgg")
+    path = repvgg.save_checkpoint(model, tmp_path / "qa.safetensors")
+    loaded = repvgg.load_checkpoint(path)
+    assert loaded.block == "qarepvgg" and loaded.config == model.config
+    torch.testing.assert_close(outputs(loaded), outputs(model), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"trained with 'qarepvgg' blocks.*block='qarepvgg'"):
+        repvgg.load_checkpoint(path, repvgg.create_model("repvgg_a0", num_classes=10))
+
+
 def test_class_names_must_match_the_classes(tmp_path: Path) -> None:
     model = repvgg.create_model("repvgg_a0", num_classes=3, deploy=True)
     with pytest.raises(CheckpointError, match="one name per class"):

@@ -11,6 +11,8 @@ from repvgg.exceptions import ConversionError
 from repvgg.fusion import ConvBN, branch_kernel_bias, fuse_conv_bn, identity_kernel, pad_kernel
 from repvgg.reparam import randomize_batchnorm_
 
+DOUBLE = {"dtype": torch.float64, "device": torch.device("cpu")}
+
 
 def test_fuse_conv_bn_matches_conv_then_bn() -> None:
     branch = ConvBN(6, 8, 3, padding=1).double()
@@ -26,8 +28,25 @@ def test_bn_without_affine_parameters_fuses() -> None:
     bn.running_var.uniform_(0.5, 2)
     bn.eval()
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
-    kernel, bias = branch_kernel_bias(bn, in_channels=4, groups=1, kernel_size=(3, 3))
+    kernel, bias = branch_kernel_bias(bn, in_channels=4, groups=1, kernel_size=(3, 3), **DOUBLE)
     torch.testing.assert_close(F.conv2d(x, kernel, bias, padding=1), bn(x), rtol=1e-12, atol=1e-12)
+
+
+def test_fuse_conv_bn_carries_a_conv_bias_through_the_bn() -> None:
+    conv = nn.Conv2d(6, 8, 3, padding=1, bias=True).double()
+    bn = randomize_batchnorm_(nn.BatchNorm2d(8).double(), seed=4).eval()
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    kernel, bias = fuse_conv_bn(conv.weight, bn, conv.bias)
+    torch.testing.assert_close(F.conv2d(x, kernel, bias, padding=1), bn(conv(x)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_identity_branch_without_bn_is_an_identity_kernel(groups: int) -> None:
+    kernel, bias = branch_kernel_bias(
+        nn.Identity(), in_channels=4, groups=groups, kernel_size=(3, 3), **DOUBLE
+    )
+    x = torch.randn(1, 4, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(F.conv2d(x, kernel, bias, padding=1, groups=groups), x)
 
 
 def test_bn_without_running_statistics_is_refused() -> None:
@@ -59,4 +78,4 @@ def test_identity_kernel_is_identity_with_groups(groups: int) -> None:
 
 def test_unsupported_branch_is_named() -> None:
     with pytest.raises(ConversionError, match="ReLU"):
-        branch_kernel_bias(nn.ReLU(), in_channels=4, groups=1, kernel_size=(3, 3))
+        branch_kernel_bias(nn.ReLU(), in_channels=4, groups=1, kernel_size=(3, 3), **DOUBLE)

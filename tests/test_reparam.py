@@ -10,6 +10,7 @@ from torch import nn
 
 import repvgg
 from repvgg import ConversionError, RepVGGBlock, RepVGGWarning, SEBlock
+from repvgg.blocks import BLOCK_DESIGNS
 from tests.helpers import relative_error, trained_looking
 
 BIG = {"repvgg_b2", "repvgg_b3", "repvgg_b3g2", "repvgg_d2se"}
@@ -41,6 +42,18 @@ def test_every_model_converts_exactly_in_float64(name: str) -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
     assert repvgg.is_deployed(deployed) and deployed.deploy
     assert not repvgg.is_deployed(model), "the original must stay untouched"
+
+
+@pytest.mark.parametrize("block", list(BLOCK_DESIGNS))
+def test_every_block_design_converts_a0_exactly_to_the_same_plain_network(block: str) -> None:
+    model = trained_looking("repvgg_a0", num_classes=10, block=block).double()
+    report = repvgg.verify_equivalence(model, input_shape=(2, 3, 64, 48))
+    assert report.passed and report.max_rel_error <= 1e-10, str(report)
+    plain = repvgg.create_model("repvgg_a0", num_classes=10, deploy=True)
+    converted = repvgg.reparameterize(model)
+    assert {k: v.shape for k, v in converted.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
 
 
 def test_verify_equivalence_reports_float64_exactness() -> None:

@@ -77,6 +77,19 @@ def test_options_of_the_recipe_run_together(fashion: Path, tmp_path: Path) -> No
     assert "ema_val_top1" in record
 
 
+def test_qarepvgg_trains_and_converts_through_the_cli(fashion: Path, tmp_path: Path) -> None:
+    run = tmp_path / "qa"
+    arguments = ["train", "--block", "qarepvgg", "--data-dir", str(fashion), "--epochs", "1"]
+    arguments += ["--batch-size", "32", "--no-progress", "--output", str(run)]
+    assert main(arguments) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["forms_agree"]
+    trained = repvgg.load_checkpoint(run / "model_train.safetensors")
+    assert trained.block == "qarepvgg" and not trained.deploy
+    with pytest.raises(TrainingError, match="drop --custom-l2"):
+        small_config(fashion, tmp_path / "x", block="qarepvgg", custom_l2=True).validate()
+
+
 def test_learning_rate_scales_with_the_batch_and_follows_warmup_then_cosine(
     fashion: Path, tmp_path: Path
 ) -> None:

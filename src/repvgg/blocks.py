@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from repvgg.exceptions import ConversionError, ModelConfigError, RepVGGWarning
-from repvgg.fusion import ConvBN, bn_scale_shift, branch_kernel_bias
+from repvgg.fusion import ConvBN, bn_scale_shift, branch_kernel_bias, fuse_conv_bn
 
 TRAIN_MODE_WARNING = (
     "Converting a module in training mode: the fused kernels use the BatchNorm running statistics, "
@@ -43,6 +45,53 @@ class SEBlock(nn.Module):
         return inputs * excitation
 
 
+@dataclass(frozen=True)
+class BlockDesign:
+    """Which branches a block trains with and where its BatchNorms sit.
+
+    Every design converts to the same single 3x3 convolution through the one fusion function.
+    ``one_by_one`` and ``identity``: ``None`` (no such branch), ``"bn"`` (the branch ends in BatchNorm) or
+    ``"plain"`` (a bare 1x1 convolution / the input itself). ``dense_bn=False`` leaves the 3x3
+    convolution without BatchNorm; ``post_bn`` puts one BatchNorm after the sum of the branches.
+    """
+
+    dense_bn: bool = True
+    one_by_one: Literal["bn", "plain"] | None = "bn"
+    identity: Literal["bn", "plain"] | None = "bn"
+    post_bn: bool = False
+    description: str = ""
+
+
+#: The block designs of the paper's Tables 6 and 7, and QARepVGG (Chu et al., 2022).
+BLOCK_DESIGNS: dict[str, BlockDesign] = {
+    "repvgg": BlockDesign(description="3x3+BN, 1x1+BN and BN identity branches (the paper's block)"),
+    "no_identity": BlockDesign(identity=None, description="3x3+BN and 1x1+BN branches (Table 6)"),
+    "no_1x1": BlockDesign(one_by_one=None, description="3x3+BN and BN identity branches (Table 6)"),
+    "plain": BlockDesign(one_by_one=None, identity=None, description="3x3+BN alone (Table 6)"),
+    "identity_no_bn": BlockDesign(identity="plain", description="identity branch without BN (Table 7)"),
+    "post_add_bn": BlockDesign(
+        dense_bn=False,
+        one_by_one="plain",
+        identity="plain",
+        post_bn=True,
+        description="no BN in the branches, one BN after the sum (Table 7)",
+    ),
+    "qarepvgg": BlockDesign(
+        one_by_one="plain",
+        identity="plain",
+        post_bn=True,
+        description="3x3+BN, bare 1x1 and identity, one BN after the sum (QARepVGG)",
+    ),
+}
+
+
+def block_design(name: str) -> BlockDesign:
+    """The registered design called ``name``; an unknown name gets one sentence listing the known ones."""
+    if name not in BLOCK_DESIGNS:
+        raise ModelConfigError(f"Unknown block {name!r}: choose one of {', '.join(BLOCK_DESIGNS)}.")
+    return BLOCK_DESIGNS[name]
+
+
 class RepVGGBlock(nn.Module):
     """A RepVGG block: three branches while training, one 3x3 convolution once deployed.
 
@@ -55,6 +104,10 @@ class RepVGGBlock(nn.Module):
 
     ``padding`` defaults to ``dilation * (kernel_size // 2)`` ("same" padding), the only padding at which
     the three branches line up; any other value is refused.
+
+    ``block`` picks a :class:`BlockDesign` from :data:`BLOCK_DESIGNS` (default ``"repvgg"``): e.g.
+    ``"qarepvgg"`` trains with a bare 1x1 and identity branch and one BatchNorm after the sum (named
+    ``bn``). Every design has the same deploy form.
     """
 
     def __init__(
@@ -69,8 +122,10 @@ class RepVGGBlock(nn.Module):
         padding_mode: str = "zeros",
         deploy: bool = False,
         use_se: bool = False,
+        block: str = "repvgg",
     ) -> None:
         super().__init__()
+        design = block_design(block)
         same_padding = dilation * (kernel_size // 2)
         if padding is None:
             padding = same_padding
@@ -93,6 +148,7 @@ class RepVGGBlock(nn.Module):
         self.groups = groups
         self.padding_mode = padding_mode
         self.deploy = deploy
+        self.block = block
 
         self.se: nn.Module = (
             SEBlock(out_channels, internal_neurons=max(1, out_channels // 16)) if use_se else nn.Identity()
@@ -102,9 +158,8 @@ class RepVGGBlock(nn.Module):
         if deploy:
             self.rbr_reparam = self._deploy_conv()
             return
-        has_identity = in_channels == out_channels and stride == 1
-        self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
-        self.rbr_dense = ConvBN(
+        make_dense = ConvBN if design.dense_bn else _bare_conv
+        self.rbr_dense = make_dense(
             in_channels,
             out_channels,
             kernel_size,
@@ -114,8 +169,15 @@ class RepVGGBlock(nn.Module):
             groups=groups,
             padding_mode=padding_mode,
         )
-        # A 1x1 kernel always reads the centre tap, so it needs no padding whatever the dilation.
-        self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups)
+        self.rbr_1x1: nn.Module | None = None
+        if design.one_by_one is not None:
+            # A 1x1 kernel always reads the centre tap, so it needs no padding whatever the dilation.
+            make_1x1 = ConvBN if design.one_by_one == "bn" else _bare_conv
+            self.rbr_1x1 = make_1x1(in_channels, out_channels, 1, stride=stride, groups=groups)
+        self.rbr_identity: nn.Module | None = None
+        if in_channels == out_channels and stride == 1 and design.identity is not None:
+            self.rbr_identity = nn.BatchNorm2d(in_channels) if design.identity == "bn" else nn.Identity()
+        self.bn = nn.BatchNorm2d(out_channels) if design.post_bn else None
 
     def _deploy_conv(self, reference: Tensor | None = None) -> nn.Conv2d:
         factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
@@ -137,16 +199,21 @@ class RepVGGBlock(nn.Module):
         if self.deploy:
             return
         yield self.rbr_dense
-        yield self.rbr_1x1
+        if self.rbr_1x1 is not None:
+            yield self.rbr_1x1
         if self.rbr_identity is not None:
             yield self.rbr_identity
 
     def forward(self, inputs: Tensor) -> Tensor:
         if self.deploy:
             return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
-        out = self.rbr_dense(inputs) + self.rbr_1x1(inputs)
+        out = self.rbr_dense(inputs)  # a fresh tensor that no backward pass needs: safe to add into
+        if self.rbr_1x1 is not None:
+            out += self.rbr_1x1(inputs)
         if self.rbr_identity is not None:
             out += self.rbr_identity(inputs)
+        if self.bn is not None:
+            out = self.bn(out)
         return self.nonlinearity(self.se(out))
 
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
@@ -154,12 +221,22 @@ class RepVGGBlock(nn.Module):
         if self.deploy:
             return self.rbr_reparam.weight, self.rbr_reparam.bias
         size = (self.kernel_size, self.kernel_size)
+        reference = next(self.rbr_dense.parameters())
         kernel_bias = [
-            branch_kernel_bias(branch, in_channels=self.in_channels, groups=self.groups, kernel_size=size)
+            branch_kernel_bias(
+                branch,
+                in_channels=self.in_channels,
+                groups=self.groups,
+                kernel_size=size,
+                dtype=reference.dtype,
+                device=reference.device,
+            )
             for branch in self.branches()
         ]
         kernel = torch.stack([k for k, _ in kernel_bias]).sum(0)
         bias = torch.stack([b for _, b in kernel_bias]).sum(0)
+        if self.bn is not None:
+            kernel, bias = fuse_conv_bn(kernel, self.bn, bias)
         return kernel, bias
 
     def custom_l2(self) -> Tensor:
@@ -171,6 +248,11 @@ class RepVGGBlock(nn.Module):
         """
         if self.deploy:
             raise ConversionError("custom_l2 regularises the training form; this block is already deployed.")
+        if not (isinstance(self.rbr_dense, ConvBN) and isinstance(self.rbr_1x1, ConvBN)):
+            raise ModelConfigError(
+                f"The custom L2 needs a 3x3 and a 1x1 branch that both end in BatchNorm; the {self.block!r} "
+                "block has not, so train it with plain weight decay (drop --custom-l2)."
+            )
         k3, k1 = self.rbr_dense.conv.weight, self.rbr_1x1.conv.weight
         t3 = bn_scale_shift(self.rbr_dense.bn)[0].detach().reshape(-1, 1, 1, 1)
         t1 = bn_scale_shift(self.rbr_1x1.bn)[0].detach().reshape(-1, 1, 1, 1)
@@ -191,10 +273,37 @@ class RepVGGBlock(nn.Module):
             fused = self._deploy_conv(reference=kernel)
             fused.weight.copy_(kernel)
             fused.bias.copy_(bias)
-        for name in ("rbr_dense", "rbr_1x1", "rbr_identity"):
+        for name in ("rbr_dense", "rbr_1x1", "rbr_identity", "bn"):
             delattr(self, name)
         self.rbr_reparam = fused
         self.deploy = True
 
     def extra_repr(self) -> str:
-        return "deploy=True" if self.deploy else ""
+        options = ["deploy=True"] if self.deploy else []
+        if self.block != "repvgg":
+            options.append(f"block={self.block!r}")
+        return ", ".join(options)
+
+
+def _bare_conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> nn.Conv2d:
+    """A bias-free convolution: a branch whose BatchNorm comes after the sum (or not at all)."""
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=False,
+        padding_mode=padding_mode,
+    )

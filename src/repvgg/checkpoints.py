@@ -291,6 +291,13 @@ def _diagnose(
             "This is a training-form checkpoint but the model is in deploy form: build the model with "
             "deploy=False, load it, then convert it with repvgg.reparameterize(model)."
         )
+    checkpoint_block = (checkpoint.config or {}).get("block", "repvgg")
+    model_block = getattr(model, "block", checkpoint_block)
+    if checkpoint.form == "train" and checkpoint_block != model_block:
+        return (
+            f"The checkpoint was trained with {checkpoint_block!r} blocks but the model has "
+            f"{model_block!r} blocks: build the model with block={checkpoint_block!r}."
+        )
     head = CONVENTIONS["official"].head + "."
     wrong = missing + unexpected + mismatched
     if wrong and all(key.startswith(head) for key in wrong) and isinstance(model, RepVGG):

@@ -249,6 +249,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, suppress: bool) -> N
 
 def _add_train_parser(commands: Any) -> None:
     """Flags default to 'not given', so that --config and --resume values are overridden only when given."""
+    from repvgg.blocks import BLOCK_DESIGNS
+
     train = commands.add_parser(
         "train",
         help="train a model with the paper's recipe, then convert and evaluate both forms",
@@ -264,6 +266,11 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--momentum", type=float)
     train.add_argument("--nesterov", action="store_true")
     train.add_argument("--weight-decay", type=float, help="default 1e-4, with the authors' exclusions")
+    train.add_argument(
+        "--block",
+        choices=list(BLOCK_DESIGNS),
+        help="training-time block design (default repvgg; qarepvgg quantizes well)",
+    )
     train.add_argument("--custom-l2", action="store_true", help="the authors' custom L2 on branch kernels")
     train.add_argument("--warmup-epochs", type=float)
     train.add_argument("--label-smoothing", type=float)

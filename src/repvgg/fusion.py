@@ -69,9 +69,14 @@ def bn_scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
-def fuse_conv_bn(kernel: Tensor, bn: _BatchNorm) -> tuple[Tensor, Tensor]:
-    """Fold an eval-mode BatchNorm into the bias-free convolution ``kernel`` that precedes it."""
+def fuse_conv_bn(kernel: Tensor, bn: _BatchNorm, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm into the convolution (``kernel``, ``bias``) that precedes it.
+
+    ``bn(conv(x) + b) == conv'(x) + b'`` with ``conv' = t * kernel`` and ``b' = t * b + s``.
+    """
     scale, shift = bn_scale_shift(bn)
+    if bias is not None:
+        shift = shift + bias * scale
     return kernel * scale.reshape(-1, 1, 1, 1), shift
 
 
@@ -111,13 +116,23 @@ def identity_kernel(
 
 
 def branch_kernel_bias(
-    branch: nn.Module, *, in_channels: int, groups: int, kernel_size: tuple[int, int]
+    branch: nn.Module,
+    *,
+    in_channels: int,
+    groups: int,
+    kernel_size: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """The equivalent ``kernel_size`` kernel and bias of one branch of a block.
 
-    A branch is a :class:`ConvBN`, a lone ``BatchNorm2d`` (the identity branch) or a ``Conv2d`` with or
-    without bias. Every block type converts through this one function.
+    A branch is a :class:`ConvBN`, a lone ``BatchNorm2d`` (the identity branch with BN), an
+    ``nn.Identity`` (the identity branch without BN) or a ``Conv2d`` with or without bias. Every block
+    type converts through this one function.
     """
+    if isinstance(branch, nn.Identity):
+        kernel = identity_kernel(in_channels, groups, kernel_size, dtype=dtype, device=device)
+        return kernel, kernel.new_zeros(in_channels)
     if isinstance(branch, ConvBN):
         return fuse_conv_bn(pad_kernel(branch.conv.weight, kernel_size), branch.bn)
     if isinstance(branch, nn.Conv2d):
@@ -130,5 +145,5 @@ def branch_kernel_bias(
         return kernel * scale.reshape(-1, 1, 1, 1), shift
     raise ConversionError(
         f"Cannot re-parameterize a branch of type {type(branch).__name__}; "
-        "supported branches are ConvBN, Conv2d and BatchNorm2d."
+        "supported branches are ConvBN, Conv2d, BatchNorm2d and Identity."
     )

@@ -16,7 +16,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from repvgg.blocks import RepVGGBlock
+from repvgg.blocks import RepVGGBlock, block_design
 from repvgg.exceptions import ModelConfigError
 
 DEFAULT_STRIDES = (2, 2, 2, 2, 2)
@@ -39,6 +39,8 @@ class RepVGG(nn.Module):
         in_chans: input channels (1 for grey images).
         strides: the stride of the first block of stages 0-4; ``(2, 2, 2, 2, 2)`` is the paper's total
             stride 32. Small images (28-32 px) keep more resolution with e.g. ``(1, 1, 2, 2, 2)``.
+        block: the training-time block design, a key of :data:`repvgg.blocks.BLOCK_DESIGNS` (e.g.
+            ``"qarepvgg"`` or a Table 6/7 ablation); every design deploys to the same plain network.
     """
 
     def __init__(
@@ -53,8 +55,10 @@ class RepVGG(nn.Module):
         *,
         in_chans: int = 3,
         strides: Sequence[int] = DEFAULT_STRIDES,
+        block: str = "repvgg",
     ) -> None:
         super().__init__()
+        block_design(block)  # an unknown design fails here, before any layer is built
         if width_multiplier is None or len(width_multiplier) != 4 or len(num_blocks) != 4:
             raise ModelConfigError(
                 "RepVGG needs four block counts (stages 1-4) and four width multipliers [a, a, a, b]."
@@ -71,6 +75,7 @@ class RepVGG(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.in_chans = in_chans
         self.strides = tuple(int(s) for s in strides)
+        self.block = block
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
         # How images were prepared in training (``repvgg.data.Preprocessing.as_dict()``), saved with it.
@@ -100,6 +105,7 @@ class RepVGG(nn.Module):
             groups=self.override_groups_map.get(self._layer_index, 1),
             deploy=self.deploy,
             use_se=self.use_se,
+            block=self.block,
         )
         self._layer_index += 1
         return block
@@ -124,6 +130,7 @@ class RepVGG(nn.Module):
             "num_classes": self.num_classes,
             "in_chans": self.in_chans,
             "strides": list(self.strides),
+            "block": self.block,
         }
 
     def stages(self) -> list[nn.Module]:
@@ -273,7 +280,8 @@ def create_model(
 ) -> RepVGG:
     """Build a named model, in training form or (``deploy=True``) directly in its plain form.
 
-    ``options`` are the other keyword arguments of :class:`RepVGG`: ``strides``, ``use_checkpoint``.
+    ``options`` are the other keyword arguments of :class:`RepVGG`: ``strides``, ``use_checkpoint``,
+    ``block`` (e.g. ``create_model("a0", block="qarepvgg")``).
     """
     key = canonical_name(name)
     model = RepVGG(

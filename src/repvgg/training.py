@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from repvgg.blocks import RepVGGBlock
+from repvgg.blocks import RepVGGBlock, block_design
 from repvgg.checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
 from repvgg.data import (
     BadImage,
@@ -56,6 +56,7 @@ class TrainConfig:
     """Everything that defines a run; saved as ``config.json`` in the output folder."""
 
     model: str = "repvgg_a0"
+    block: str = "repvgg"  # a key of repvgg.blocks.BLOCK_DESIGNS, e.g. "qarepvgg"
     data: str = "fashion-mnist"
     data_dir: str | None = None
     epochs: int = 10
@@ -101,6 +102,12 @@ class TrainConfig:
             raise TrainingError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}.")
         if self.epochs < 1 or self.batch_size < 1:
             raise TrainingError("--epochs and --batch-size must be at least 1.")
+        design = block_design(self.block)
+        if self.custom_l2 and not (design.dense_bn and design.one_by_one == "bn"):
+            raise TrainingError(
+                f"--custom-l2 needs 3x3 and 1x1 branches that end in BatchNorm; the {self.block!r} block "
+                "has not, so drop --custom-l2 (it trains with plain weight decay)."
+            )
         if self.finetune and not self.init:
             raise TrainingError(
                 "--finetune replaces the head of the --init checkpoint; give --init CKPT too."
@@ -287,6 +294,7 @@ class Trainer:
             in_chans=data.in_chans,
             strides=strides,
             use_checkpoint=config.grad_checkpointing,
+            block=config.block,
         )
         model.class_names = data.class_names
         model.preprocessing = data.preprocessing.as_dict()
