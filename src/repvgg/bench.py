@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from repvgg.benchmark import count_macs, count_parameters
+from repvgg.checkpoints import load_checkpoint
 from repvgg.exceptions import ModelConfigError
 from repvgg.models import MODEL_SPECS, canonical_name, create_model
+from repvgg.quantization import QuantizedRepVGG, quantize_ptq
 from repvgg.reparam import reparameterize
 
 # torchvision baselines of the paper's Table 4: (top-1, examples/s on a GTX 1080Ti at batch 128).
@@ -39,15 +41,16 @@ TORCHVISION_BASELINES: dict[str, tuple[float, float]] = {
     "efficientnet_b0": (75.11, 829),
     "regnet_x_3_2gf": (77.98, 671),
 }
-FORMS = ("train", "deploy")
+FORMS = ("train", "deploy", "int8")
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One network to measure, named by a spec that a fresh process can rebuild it from.
 
-    Specs: ``repvgg_a0:deploy`` / ``repvgg_a0:train``, ``torchvision:resnet18`` (conv-BN fused, as in
-    the paper), ``timm:repvgg_a0`` (timm's, re-parameterized).
+    Specs: ``repvgg_a0:deploy`` / ``repvgg_a0:train`` / ``repvgg_a0:int8`` (deploy form quantized on
+    random calibration input: for speed only), ``torchvision:resnet18`` (conv-BN fused, as in the
+    paper), ``timm:repvgg_a0`` (timm's, re-parameterized), ``file:PATH`` (a checkpoint, as stored).
     """
 
     spec: str
@@ -59,11 +62,13 @@ class Candidate:
 
 def candidates(
     models: Sequence[str] | None = None,
-    forms: Sequence[str] = FORMS,
+    forms: Sequence[str] = ("train", "deploy"),
     baselines: Sequence[str] | None = None,
     timm_peers: bool = True,
+    checkpoints: Sequence[str] = (),
 ) -> list[Candidate]:
-    """The networks to measure: RepVGG models in each form, torchvision baselines, timm's RepVGG."""
+    """The networks to measure: RepVGG models in each form, torchvision baselines, timm's RepVGG, and
+    checkpoint files (float or INT8) as they are stored."""
     names = [canonical_name(m) for m in models] if models is not None else list(MODEL_SPECS)
     chosen_baselines = list(TORCHVISION_BASELINES) if baselines is None else list(baselines)
     unknown = [b for b in chosen_baselines if b not in TORCHVISION_BASELINES]
@@ -73,12 +78,15 @@ def candidates(
         )
     bad_forms = [f for f in forms if f not in FORMS]
     if bad_forms:
-        raise ModelConfigError(f"Unknown form {bad_forms[0]!r}: choose train, deploy or both.")
+        raise ModelConfigError(f"Unknown form {bad_forms[0]!r}: choose from {', '.join(FORMS)}.")
     result = []
     for name in names:
         spec = MODEL_SPECS[name]
         for form in forms:
-            top1, speed = (spec.paper_top1, spec.paper_speed) if form == "deploy" else (spec.paper_top1, None)
+            if form == "int8" and spec.use_se:
+                continue  # INT8 quantization supports models without SE
+            top1 = spec.paper_top1 if form != "int8" else None
+            speed = spec.paper_speed if form == "deploy" else None
             result.append(Candidate(f"{name}:{form}", f"{name} ({form})", f"RepVGG {form}", top1, speed))
     for name in chosen_baselines:
         top1, speed = TORCHVISION_BASELINES[name]
@@ -86,6 +94,8 @@ def candidates(
     if timm_peers and _timm_available():
         for name in names:
             result.append(Candidate(f"timm:{name}", f"timm {name} (re-param)", "timm"))
+    for path in checkpoints:
+        result.append(Candidate(f"file:{path}", Path(path).name, "checkpoint"))
     return result
 
 
@@ -117,8 +127,19 @@ def build(spec: str) -> nn.Module:
         from timm.utils.model import reparameterize_model
 
         return reparameterize_model(timm.create_model(name, pretrained=False).eval())
+    if source == "file":
+        return load_checkpoint(name).eval()
+    if name == "int8":
+        generator = torch.Generator().manual_seed(0)
+        calibration = [torch.randn(4, 3, 64, 64, generator=generator) for _ in range(2)]
+        return quantize_ptq(create_model(source, deploy=True).eval(), calibration)
     model = create_model(source).eval()
     return reparameterize(model) if name == "deploy" else model
+
+
+def counted_model(model: nn.Module) -> nn.Module:
+    """The network whose FLOPs are counted: an INT8 model's float twin (the counter sees no int8 ops)."""
+    return model.float_twin() if isinstance(model, QuantizedRepVGG) else model
 
 
 @dataclass(frozen=True)
@@ -174,6 +195,16 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def input_channels(model: nn.Module) -> int:
+    """3 for every network but a checkpoint trained on grey images."""
+    return int(getattr(model, "in_chans", 3))
+
+
+def example_batch(model: nn.Module, protocol: Protocol) -> torch.Tensor:
+    size = protocol.image_size
+    return torch.randn(protocol.batch_size, input_channels(model), size, size, device=protocol.device)
+
+
 @torch.inference_mode()
 def time_interleaved(
     models: dict[str, nn.Module],
@@ -181,12 +212,10 @@ def time_interleaved(
     on_progress: Callable[[], None] = lambda: None,
 ) -> dict[str, list[float]]:
     """Seconds per batch of each network: warm-up, then rounds in which every network runs in turn."""
-    inputs = torch.randn(
-        protocol.batch_size, 3, protocol.image_size, protocol.image_size, device=protocol.device
-    )
-    for model in models.values():
+    inputs = {name: example_batch(model, protocol) for name, model in models.items()}
+    for name, model in models.items():
         for _ in range(protocol.warmup):
-            model(inputs)
+            model(inputs[name])
         _synchronize(protocol.device)
         on_progress()
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -194,7 +223,7 @@ def time_interleaved(
         for name, model in models.items():
             for _ in range(protocol.batches):
                 start = time.perf_counter()
-                model(inputs)
+                model(inputs[name])
                 _synchronize(protocol.device)
                 times[name].append(time.perf_counter() - start)
             on_progress()
@@ -215,9 +244,7 @@ def peak_memory_mib(spec: str, protocol: Protocol) -> float | None:
     if protocol.device == "cuda":
         with torch.inference_mode():
             model = build(spec).to("cuda")
-            inputs = torch.randn(
-                protocol.batch_size, 3, protocol.image_size, protocol.image_size, device="cuda"
-            )
+            inputs = example_batch(model, protocol)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -261,7 +288,7 @@ def _measure_peak_in_this_process() -> None:
     spec, batch, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     with torch.inference_mode():
         model = build(spec)
-        inputs = torch.randn(batch, 3, size, size)
+        inputs = torch.randn(batch, input_channels(model), size, size)
         model(inputs)  # warm-up: library pages and generated kernels are not activations
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # reset VmHWM to the current resident set
@@ -328,7 +355,9 @@ def run_bench(
     rows = []
     for candidate in chosen:
         # Counted on the built network at batch 1 (the meta device cannot build every torchvision model).
-        flops = 2 * count_macs(models[candidate.spec], (1, 3, protocol.image_size, protocol.image_size))
+        counted = counted_model(models[candidate.spec])
+        size = protocol.image_size
+        flops = 2 * count_macs(counted, (1, input_channels(counted), size, size))
         batch_times = times[candidate.spec]
         median = statistics.median(batch_times)
         memory = None

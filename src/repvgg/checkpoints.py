@@ -177,12 +177,25 @@ def _is_torch_file(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+INT8_FORMAT_TAG = "repvgg-int8"
+
+
 def read_checkpoint(source: PathLike | Mapping[str, Any]) -> Checkpoint:
-    """Read a checkpoint from a path or an in-memory state dict, in any known format."""
-    if isinstance(source, Mapping):
-        raw, metadata = source, {}
-    else:
-        raw, metadata = _read_file(Path(source))
+    """Read a float checkpoint from a path or an in-memory state dict, in any known format."""
+    raw, metadata = _read_source(source)
+    return _checkpoint_from(raw, metadata)
+
+
+def _read_source(source: PathLike | Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
+    return (source, {}) if isinstance(source, Mapping) else _read_file(Path(source))
+
+
+def _checkpoint_from(raw: Any, metadata: dict[str, str]) -> Checkpoint:
+    if metadata.get("format") == INT8_FORMAT_TAG:
+        raise CheckpointError(
+            "This is an INT8 (quantized) checkpoint: it can be evaluated, predicted and benchmarked, but "
+            "converting, exporting or training needs the float checkpoint it was quantized from."
+        )
     if metadata.get("format") == FORMAT_TAG:
         return _own_checkpoint(raw, metadata)
     state = unwrap_state_dict(raw)
@@ -232,12 +245,18 @@ def build_model(checkpoint: Checkpoint) -> RepVGG:
 def load_checkpoint(source: PathLike | Mapping[str, Any], model: nn.Module | None = None) -> nn.Module:
     """Load a checkpoint in any known format; with ``model``, strictly into it, else into a new model.
 
-    ``source`` is a path or a state dict: this package's safetensors files, the authors' train- or
+    ``source`` is a path or a state dict: this package's safetensors files (an INT8 one loads as a
+    :class:`repvgg.quantization.QuantizedRepVGG`), the authors' train- or
     deploy-time state dicts, timm's and mmpretrain's, with or without a ``module.`` prefix or a
     ``state_dict`` / ``model`` wrapper. A mismatch raises :class:`CheckpointError` naming the likely
     cause and the first offending keys; nothing is loaded partially.
     """
-    checkpoint = read_checkpoint(source)
+    raw, metadata = _read_source(source)
+    if metadata.get("format") == INT8_FORMAT_TAG and model is None:
+        from repvgg.quantization import load_quantized
+
+        return load_quantized(raw, metadata)
+    checkpoint = _checkpoint_from(raw, metadata)
     if model is None:
         model = build_model(checkpoint)
     load_state_dict_strict(model, checkpoint)

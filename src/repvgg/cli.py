@@ -186,6 +186,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from repvgg.quantization import quantize_checkpoint
+
+    _, notes = quantize_checkpoint(
+        args.checkpoint,
+        args.output,
+        data=args.data,
+        data_dir=args.data_dir,
+        calib=args.calib,
+        qat_epochs=args.qat_epochs,
+        qat_lr=args.qat_lr,
+        qat_subset=args.qat_subset,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    for note in notes:
+        print(f"note: {note}")
+    how = f"{args.qat_epochs} QAT epochs" if args.qat_epochs else f"{args.calib} calibration images"
+    print(f"wrote the INT8 model {args.output} (x86 engine, {how}); evaluate it with repvgg eval")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
@@ -201,6 +224,7 @@ def _bench(args: argparse.Namespace) -> int:
         run_bench,
         write_reports,
     )
+    from repvgg.exceptions import ModelConfigError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     protocol = default_protocol(device, quick=args.quick)
@@ -212,7 +236,10 @@ def _bench(args: argparse.Namespace) -> int:
         forms=args.forms,
         baselines=args.baselines if args.baselines is not None else (quick_baselines if args.quick else None),
         timm_peers=not args.no_timm,
+        checkpoints=args.checkpoints,
     )
+    if device != "cpu" and any(c.spec.endswith(":int8") for c in chosen):
+        raise ModelConfigError("INT8 models run on the CPU: drop the int8 form or pass --device cpu.")
     print(f"Measuring {len(chosen)} networks: {protocol.describe()} ...")
     baseline = args.baseline if any(args.baseline in c.spec for c in chosen) else None
     result = run_bench(chosen, protocol, baseline=baseline, measure_memory=not args.no_memory)
@@ -332,7 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="A0/B0, ResNet-18/34, small batches: minutes on a CPU"
     )
     bench.add_argument("--models", nargs="+", default=None, help="RepVGG models (default: all)")
-    bench.add_argument("--forms", nargs="+", choices=("train", "deploy"), default=["train", "deploy"])
+    bench.add_argument(
+        "--forms",
+        nargs="+",
+        choices=("train", "deploy", "int8"),
+        default=["train", "deploy"],
+        help="RepVGG forms to time (int8: CPU only, PTQ on random input, for speed)",
+    )
+    bench.add_argument(
+        "--checkpoints", nargs="+", default=(), help="also time these checkpoint files (float or INT8)"
+    )
     bench.add_argument(
         "--baselines", nargs="*", default=None, help="torchvision baselines (default: Table 4's)"
     )
@@ -403,6 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     predict.set_defaults(run=_predict)
+
+    quantize = commands.add_parser(
+        "quantize", help="INT8 for the CPU: post-training calibration, or quantization-aware training"
+    )
+    quantize.add_argument("checkpoint", help="a float checkpoint (training form is converted first)")
+    quantize.add_argument("output", help="where to write the INT8 checkpoint (.safetensors)")
+    _add_data_arguments(quantize, suppress=False)
+    quantize.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
+    quantize.add_argument(
+        "--qat-epochs", type=int, default=0, help="quantization-aware fine-tuning epochs (0: PTQ only)"
+    )
+    quantize.add_argument("--qat-lr", type=float, default=1e-3, help="QAT learning rate (cosine to 0)")
+    quantize.add_argument("--qat-subset", type=int, default=None, help="QAT on this many training images")
+    quantize.add_argument("--batch-size", type=int, default=64)
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--no-progress", action="store_true", help="no progress bar")
+    quantize.set_defaults(run=_quantize)
     return parser
 
 

@@ -7,6 +7,7 @@ All transforms come from ``torchvision.transforms.v2``.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import os
@@ -318,6 +319,23 @@ def seeded_subset(dataset: Dataset[Any], size: int | None, seed: int) -> Dataset
         raise DataError(f"A subset must hold at least one image, got {size}.")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     return Subset(dataset, order[:size].tolist())
+
+
+def with_transform(dataset: Dataset[Any], transform: Callable[[Any], torch.Tensor]) -> Dataset[Any]:
+    """A view of ``dataset`` (or of a :class:`Subset` of it) that reads its images through ``transform``."""
+    if isinstance(dataset, Subset):
+        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
+    view = copy.copy(dataset)
+    view.transform = transform  # type: ignore[attr-defined]
+    return view
+
+
+def calibration_images(bundle: DataBundle, count: int, seed: int = 0) -> Dataset[Any]:
+    """``count`` training images drawn at random (fixed by ``seed``), prepared as for evaluation."""
+    if count < 1:
+        raise DataError(f"Calibration needs at least one image, got --calib {count}.")
+    evaluation = bundle.val.dataset if isinstance(bundle.val, Subset) else bundle.val
+    return seeded_subset(with_transform(bundle.train, evaluation.transform), count, seed)  # type: ignore[attr-defined]
 
 
 def build_data(

@@ -41,3 +41,7 @@ class ExportError(RepVGGError, ValueError):
 
 class InferenceError(RepVGGError, RuntimeError):
     """A backend cannot run a model here, or prediction was asked for something impossible."""
+
+
+class QuantizationError(RepVGGError, ValueError):
+    """INT8 quantization cannot go ahead: no calibration images, an unsupported model, and so on."""

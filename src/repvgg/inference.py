@@ -27,6 +27,7 @@ from repvgg.distributed import init_distributed
 from repvgg.evaluation import EvalResult, eval_loader, evaluate
 from repvgg.exceptions import DataError, InferenceError, RepVGGError, TrainingError
 from repvgg.models import RepVGG
+from repvgg.quantization import QuantizedRepVGG
 from repvgg.training import AMP_DTYPES
 
 BACKENDS = ("eager", "inductor", "onnxruntime")
@@ -166,6 +167,8 @@ def optimize(
     if target.type == "cuda":
         torch.backends.cudnn.benchmark = True
     setting = _Setting(target, dtype, channels_last)
+    if isinstance(model, QuantizedRepVGG):
+        return _int8_runner(model, backend, setting)
     deployed, _ = to_deploy_form(model)
     example = example_input.to(target)
     with torch.inference_mode():
@@ -209,6 +212,16 @@ def optimize(
         skipped=skipped,
         source=model,
     )
+
+
+def _int8_runner(model: QuantizedRepVGG, backend: str, setting: _Setting) -> OptimizedModel:
+    """INT8 networks have one way to run: the x86 quantized engine, on the CPU, in float32 in and out."""
+    if backend not in ("auto", "eager") or setting.device.type != "cpu" or setting.dtype != torch.float32:
+        raise InferenceError(
+            "An INT8 model runs only on the CPU with the x86 quantized engine: use --backend eager (or "
+            "auto), --device cpu and float32 input."
+        )
+    return OptimizedModel("int8-x86", model, setting, max_rel_error=0.0, timings={}, skipped={}, source=model)
 
 
 @dataclass(frozen=True)
@@ -317,7 +330,11 @@ def evaluate_checkpoint(
     if amp not in AMP_DTYPES:
         raise TrainingError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")
     model = load_checkpoint(checkpoint)
-    assert isinstance(model, RepVGG)
+    assert isinstance(model, RepVGG | QuantizedRepVGG)
+    if isinstance(model, QuantizedRepVGG):
+        if (device or "cpu") != "cpu" or amp != "none":
+            raise InferenceError("An INT8 model is evaluated on the CPU without --amp: drop those flags.")
+        device = "cpu"
     bundle = build_data(data, data_dir, val_subset=val_subset)
     if model.in_chans != bundle.in_chans:
         raise DataError(

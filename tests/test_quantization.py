@@ -1,0 +1,162 @@
+"""INT8: the plain layout, PTQ and QAT, the saved format, and INT8 models in eval, predict and bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import repvgg
+from repvgg.bench import Protocol as BenchProtocol
+from repvgg.bench import candidates, run_bench
+from repvgg.checkpoints import read_checkpoint
+from repvgg.cli import main
+from repvgg.data import build_data, calibration_images, write_sample_images
+from repvgg.exceptions import CheckpointError, InferenceError, QuantizationError
+from repvgg.inference import evaluate_checkpoint, optimize, predict
+from repvgg.quantization import (
+    QuantizedRepVGG,
+    plain_network,
+    quantize_ptq,
+    quantize_qat,
+    save_quantized,
+)
+from tests.helpers import relative_error, small_model
+from tests.test_data import fake_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fashion"), train=96, test=48)
+
+
+def calibration(batches: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 1, 28, 28, generator=generator) for _ in range(batches)]
+
+
+def test_plain_network_is_the_deployed_model_as_a_stack() -> None:
+    deployed = repvgg.reparameterize(small_model())
+    plain = plain_network(deployed)
+    kinds = [type(layer).__name__ for layer in plain]
+    assert kinds[:4] == ["Conv2d", "ReLU", "Conv2d", "ReLU"] and kinds[-3:] == [
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Linear",
+    ]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), deployed(x))
+
+
+def test_plain_network_refuses_what_it_cannot_lay_out() -> None:
+    with pytest.raises(QuantizationError, match="training form: convert it first"):
+        plain_network(small_model())
+    with pytest.raises(QuantizationError, match="without squeeze-and-excitation"):
+        plain_network(repvgg.RepVGG([1, 1, 1, 1], 10, [0.25, 0.25, 0.25, 0.5], deploy=True, use_se=True))
+    with pytest.raises(QuantizationError, match="not a Linear"):
+        plain_network(torch.nn.Linear(2, 2))
+
+
+def test_ptq_is_close_to_float_and_leaves_the_model_alone() -> None:
+    model = small_model()
+    quantized = quantize_ptq(model, calibration())
+    assert isinstance(quantized, QuantizedRepVGG) and quantized.method == "ptq"
+    assert not repvgg.is_deployed(model), "the float model given is not converted in place"
+    x = calibration(1, seed=1)[0]
+    with torch.no_grad():
+        expected = model(x)
+    # int8 activations and per-channel int8 weights: about 1% of the logits' range here
+    assert relative_error(quantized(x), expected) < 0.08
+    assert quantized.class_names == model.class_names and quantized.in_chans == 1
+    fused = [m for m in quantized.network.modules() if type(m).__name__ == "ConvReLU2d"]
+    assert len(fused) == 6, "every conv + ReLU pair runs as one fused int8 kernel"
+
+
+def test_no_calibration_images_is_one_sentence() -> None:
+    with pytest.raises(QuantizationError, match="No calibration images"):
+        quantize_ptq(small_model(), [])
+
+
+def test_int8_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
+    quantized = quantize_ptq(small_model(), calibration())
+    path = save_quantized(quantized, tmp_path / "int8.safetensors")
+    loaded = repvgg.load_checkpoint(path)
+    assert isinstance(loaded, QuantizedRepVGG)
+    x = calibration(1, seed=2)[0]
+    assert torch.equal(loaded(x), quantized(x))
+    assert loaded.class_names == quantized.class_names and loaded.preprocessing == quantized.preprocessing
+    with pytest.raises(CheckpointError, match=r"INT8 .* needs the float checkpoint"):
+        read_checkpoint(path)
+
+
+def test_qat_fine_tunes_with_fake_quantization_then_converts() -> None:
+    model = small_model()
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 28, 28, generator=generator), torch.randint(0, 10, (8,))) for _ in range(3)]
+    losses: list[float] = []
+    quantized = quantize_qat(model, batches, epochs=2, lr=1e-3, on_step=losses.append)
+    assert (
+        quantized.method == "qat" and len(losses) == 6 and all(map(torch.isfinite, map(torch.tensor, losses)))
+    )
+    assert torch.isfinite(quantized(batches[0][0])).all()
+    with pytest.raises(QuantizationError, match="at least 1"):
+        quantize_qat(model, batches, epochs=0)
+
+
+def test_calibration_images_are_training_images_prepared_for_evaluation(fashion: Path) -> None:
+    bundle = build_data("fashion-mnist", fashion)
+    images = calibration_images(bundle, 10)
+    first, _ = images[0]
+    assert len(images) == 10 and first.shape == (1, 28, 28)
+    again, _ = images[0]
+    assert torch.equal(first, again), "no random augmentation in calibration"
+
+
+@pytest.mark.slow
+def test_quantize_command_then_eval_predict_and_bench(
+    fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_form = repvgg.save_checkpoint(small_model(), tmp_path / "train.safetensors")
+    int8 = tmp_path / "int8.safetensors"
+    arguments = ["quantize", str(train_form), str(int8), "--data-dir", str(fashion), "--calib", "32"]
+    assert main(arguments) == 0
+    out = capsys.readouterr().out
+    assert "is in training form; it was converted" in out and "wrote the INT8 model" in out
+    result = evaluate_checkpoint(int8, data_dir=str(fashion))
+    float_result = evaluate_checkpoint(train_form, data_dir=str(fashion))
+    assert result.images == float_result.images == 48
+    assert abs(result.top1 - float_result.top1) <= 100 * 8 / 48, "at most a few images change class"
+    images = write_sample_images(build_data("fashion-mnist", fashion), tmp_path / "images", 3)
+    predictions, bad = predict(int8, images, topk=2)
+    assert len(predictions) == 3 and not bad and predictions[0].top[0][0].startswith("class")
+    bench = run_bench(
+        candidates([], baselines=[], timm_peers=False, checkpoints=[str(int8)]),
+        BenchProtocol("cpu", batch_size=2, image_size=28, warmup=0, batches=1, rounds=1),
+        measure_memory=True,
+        progress=False,
+    )
+    row = bench.rows[0]
+    assert row.label == "int8.safetensors" and row.gflops > 0 and row.examples_per_s > 0
+    assert row.peak_memory_mib is not None
+
+
+def test_quantize_command_errors_are_one_sentence(
+    fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deploy = repvgg.save_checkpoint(repvgg.reparameterize(small_model()), tmp_path / "deploy.safetensors")
+    assert main(["quantize", str(deploy), str(tmp_path / "q.safetensors"), "--calib", "0"]) == 2
+    assert "--calib 0 gives no calibration images" in capsys.readouterr().err
+    rgb = repvgg.save_checkpoint(repvgg.create_model("a0", num_classes=10, deploy=True), tmp_path / "a0.st")
+    assert main(["quantize", str(rgb), str(tmp_path / "q.safetensors"), "--data-dir", str(fashion)]) == 2
+    assert "quantize with the dataset it was trained on" in capsys.readouterr().err
+
+
+def test_int8_runs_only_on_the_cpu_engine() -> None:
+    quantized = quantize_ptq(small_model(), calibration())
+    x = torch.randn(2, 1, 28, 28)
+    runner = optimize(quantized, "auto", example_input=x)
+    assert runner.backend == "int8-x86" and torch.equal(runner(x), quantized(x))
+    with pytest.raises(InferenceError, match="only on the CPU"):
+        optimize(quantized, "onnxruntime", example_input=x)
