@@ -124,5 +124,5 @@ def test_bench_command_writes_its_files(tmp_path: Path, capsys: pytest.CaptureFi
     arguments += ["--no-memory", "--no-extras", "--device", "cpu", "--output", str(tmp_path)]
     assert main(arguments) == 0
     out = capsys.readouterr().out
-    assert "Measuring 2 networks: cpu, batch 1" in out and "| repvgg_a0 (deploy) |" in out
+    assert "Measuring 2 networks: cpu, batch 1" in out and "repvgg_a0 (deploy)" in out and "│" in out
     assert (tmp_path / "bench.md").is_file() and (tmp_path / "bench.json").is_file()

@@ -369,7 +369,7 @@ def run_bench(
                 label=candidate.label,
                 spec=candidate.spec,
                 family=candidate.family,
-                params=count_parameters(models[candidate.spec]),
+                params=count_parameters(counted),
                 gflops=flops / 1e9,
                 examples_per_s=protocol.batch_size / median,
                 latency_ms=median * 1000,
@@ -520,18 +520,24 @@ def figure3(memory: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def markdown_report(result: BenchResult) -> str:
-    """The results as Markdown: the protocol, the main table, and the extras that were measured."""
-    lines = [
-        f"Machine: {result.machine}; torch {result.torch_version}.",
-        f"Protocol: {result.protocol.describe()}.",
-        "",
-        "| network | params (M) | GFLOPs | examples/s | ms/batch | spread | peak MiB | paper top-1 | "
-        "paper ex/s (1080Ti) | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in sorted(result.rows, key=lambda r: -r.examples_per_s):
-        cells = [
+TABLE_HEADER = (
+    "network",
+    "params (M)",
+    "GFLOPs",
+    "examples/s",
+    "ms/batch",
+    "spread",
+    "peak MiB",
+    "paper top-1",
+    "paper ex/s (1080Ti)",
+    "ratio",
+)
+
+
+def table_rows(result: BenchResult) -> list[list[str]]:
+    """The main table's cells (see :data:`TABLE_HEADER`), fastest network first."""
+    return [
+        [
             r.label,
             f"{r.params / 1e6:.2f}",
             f"{r.gflops:.2f}",
@@ -543,7 +549,41 @@ def markdown_report(result: BenchResult) -> str:
             f"{r.paper_speed:.0f}" if r.paper_speed is not None else "-",
             f"{r.speed_ratio:.2f}x" if r.speed_ratio is not None else "-",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        for r in sorted(result.rows, key=lambda r: -r.examples_per_s)
+    ]
+
+
+def print_table(result: BenchResult) -> None:
+    """The main table on the terminal (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.machine}: {result.protocol.describe()}")
+    for column in TABLE_HEADER:
+        table.add_column(column, justify="left" if column == "network" else "right", no_wrap=True)
+    for cells in table_rows(result):
+        table.add_row(*cells)
+    console = Console()
+    # Piped to a file or a log, rich would squeeze the table into 80 columns and cut every name.
+    Console(width=max(console.width, 150)).print(table)
+
+
+def markdown_report(result: BenchResult) -> str:
+    """The results as Markdown: the protocol, the main table, and the extras that were measured."""
+    lines = [
+        f"Machine: {result.machine}; torch {result.torch_version}.",
+        f"Protocol: {result.protocol.describe()}.",
+        "",
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|---|" + "---:|" * (len(TABLE_HEADER) - 1),
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(result)]
+    return "\n".join(lines + extras_report(result)) + "\n"
+
+
+def extras_report(result: BenchResult) -> list[str]:
+    """Markdown lines for the ratio's baseline, Table 1 (conv density) and Figure 3 (memory)."""
+    lines: list[str] = []
     if result.baseline:
         lines += ["", f"Ratio: examples/s relative to {result.baseline}, measured in the same run."]
     density = result.extras.get("conv_density")
@@ -564,7 +604,7 @@ def markdown_report(result: BenchResult) -> str:
             f"Peak inference memory, {memory['depth']} blocks of two 3x3 convs at width {memory['width']}: "
             + ", ".join(f"{k} {v:.0f} MiB" if v is not None else f"{k} -" for k, v in peaks.items()),
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_reports(result: BenchResult, output: Path, *, figures: bool = True) -> list[Path]:

@@ -219,8 +219,9 @@ def _bench(args: argparse.Namespace) -> int:
         candidates,
         conv_density,
         default_protocol,
-        markdown_report,
+        extras_report,
         memory_of_residual_vs_plain,
+        print_table,
         run_bench,
         write_reports,
     )
@@ -246,7 +247,8 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.no_extras:
         result.extras["conv_density"] = conv_density(protocol)
         result.extras["residual_vs_plain"] = memory_of_residual_vs_plain(protocol)
-    print(markdown_report(result))
+    print_table(result)
+    print("\n".join(extras_report(result)))
     for path in write_reports(result, Path(args.output), figures=not args.no_extras):
         print(f"wrote {path}")
     return 0
