@@ -77,13 +77,19 @@ def test_ptq_is_close_to_float_and_leaves_the_model_alone() -> None:
 def test_no_calibration_images_is_one_sentence() -> None:
     with pytest.raises(QuantizationError, match="No calibration images"):
         quantize_ptq(small_model(), [])
+    with pytest.raises(QuantizationError, match="--weights must be one of per-channel, per-tensor"):
+        quantize_ptq(small_model(), calibration(1), weights="per-row")
 
 
-def test_int8_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
-    quantized = quantize_ptq(small_model(), calibration())
+@pytest.mark.parametrize("weights", ["per-channel", "per-tensor"])
+def test_int8_checkpoint_round_trips_exactly(tmp_path: Path, weights: str) -> None:
+    quantized = quantize_ptq(small_model(), calibration(), weights=weights)
+    conv = next(m for m in quantized.network.modules() if type(m).__name__ == "ConvReLU2d")
+    per_channel = conv.weight().qscheme() == torch.per_channel_affine
+    assert per_channel == (weights == "per-channel")
     path = save_quantized(quantized, tmp_path / "int8.safetensors")
     loaded = repvgg.load_checkpoint(path)
-    assert isinstance(loaded, QuantizedRepVGG)
+    assert isinstance(loaded, QuantizedRepVGG) and loaded.weights == weights
     x = calibration(1, seed=2)[0]
     assert torch.equal(loaded(x), quantized(x))
     assert loaded.class_names == quantized.class_names and loaded.preprocessing == quantized.preprocessing

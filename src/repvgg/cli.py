@@ -199,13 +199,17 @@ def _quantize(args: argparse.Namespace) -> int:
         qat_lr=args.qat_lr,
         qat_subset=args.qat_subset,
         batch_size=args.batch_size,
+        weights=args.weights,
         seed=args.seed,
         progress=not args.no_progress,
     )
     for note in notes:
         print(f"note: {note}")
     how = f"{args.qat_epochs} QAT epochs" if args.qat_epochs else f"{args.calib} calibration images"
-    print(f"wrote the INT8 model {args.output} (x86 engine, {how}); evaluate it with repvgg eval")
+    print(
+        f"wrote the INT8 model {args.output} (x86 engine, {how}, {args.weights} weights); "
+        "evaluate it with repvgg eval"
+    )
     return 0
 
 
@@ -455,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--qat-lr", type=float, default=1e-3, help="QAT learning rate (cosine to 0)")
     quantize.add_argument("--qat-subset", type=int, default=None, help="QAT on this many training images")
     quantize.add_argument("--batch-size", type=int, default=64)
+    quantize.add_argument(
+        "--weights",
+        choices=("per-channel", "per-tensor"),
+        default="per-channel",
+        help="weight scales per output channel (default) or one per layer",
+    )
     quantize.add_argument("--seed", type=int, default=0)
     quantize.add_argument("--no-progress", action="store_true", help="no progress bar")
     quantize.set_defaults(run=_quantize)

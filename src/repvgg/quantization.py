@@ -95,6 +95,7 @@ class QuantizedRepVGG(nn.Module):
         config: dict[str, Any],
         *,
         method: str,
+        weights: str = "per-channel",
         model_name: str | None = None,
         class_names: list[str] | None = None,
         preprocessing: dict[str, Any] | None = None,
@@ -103,6 +104,7 @@ class QuantizedRepVGG(nn.Module):
         self.network = network
         self.config = dict(config)
         self.method = method
+        self.weights = weights
         self.model_name = model_name
         self.class_names = class_names
         self.preprocessing = preprocessing
@@ -120,16 +122,36 @@ class QuantizedRepVGG(nn.Module):
         return RepVGG(**self.config, deploy=True).eval()
 
     def extra_repr(self) -> str:
-        return f"engine={ENGINE}, method={self.method}"
+        return f"engine={ENGINE}, method={self.method}, weights={self.weights}"
 
 
-def _qconfig_mapping(qat: bool) -> Any:
-    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
-
-    return get_default_qat_qconfig_mapping(ENGINE) if qat else get_default_qconfig_mapping(ENGINE)
+WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
 
 
-def _prepare(model: RepVGG, example: Tensor, *, qat: bool) -> nn.Module:
+def _qconfig_mapping(qat: bool, weights: str) -> Any:
+    """x86's default mapping: uint8 activations (histogram observers), int8 weights per channel; with
+    ``weights="per-tensor"`` one scale per weight tensor instead (the harsher setting that published
+    RepVGG quantization results often use)."""
+    from torch.ao.quantization import (
+        QConfig,
+        default_weight_fake_quant,
+        default_weight_observer,
+        get_default_qat_qconfig_mapping,
+        get_default_qconfig_mapping,
+    )
+
+    if weights not in WEIGHT_GRANULARITIES:
+        raise QuantizationError(
+            f"--weights must be one of {', '.join(WEIGHT_GRANULARITIES)}, got {weights!r}."
+        )
+    mapping = get_default_qat_qconfig_mapping(ENGINE) if qat else get_default_qconfig_mapping(ENGINE)
+    if weights == "per-channel":
+        return mapping
+    weight = default_weight_fake_quant if qat else default_weight_observer
+    return mapping.set_global(QConfig(activation=mapping.global_qconfig.activation, weight=weight))
+
+
+def _prepare(model: RepVGG, example: Tensor, *, qat: bool, weights: str) -> nn.Module:
     """The plain network of a float deploy copy of ``model`` with observers (and fake quantization)."""
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
@@ -139,11 +161,11 @@ def _prepare(model: RepVGG, example: Tensor, *, qat: bool) -> nn.Module:
         if qat:
             for parameter in plain.parameters():
                 parameter.requires_grad_(True)
-            return prepare_qat_fx(plain.train(), _qconfig_mapping(True), (example,))
-        return prepare_fx(plain.eval(), _qconfig_mapping(False), (example,))
+            return prepare_qat_fx(plain.train(), _qconfig_mapping(True, weights), (example,))
+        return prepare_fx(plain.eval(), _qconfig_mapping(False, weights), (example,))
 
 
-def _convert(prepared: nn.Module, source: RepVGG, method: str) -> QuantizedRepVGG:
+def _convert(prepared: nn.Module, source: RepVGG, method: str, weights: str) -> QuantizedRepVGG:
     from torch.ao.quantization.quantize_fx import convert_fx
 
     with _x86_engine():
@@ -152,6 +174,7 @@ def _convert(prepared: nn.Module, source: RepVGG, method: str) -> QuantizedRepVG
         network,
         source.config,
         method=method,
+        weights=weights,
         model_name=source.model_name,
         class_names=source.class_names,
         preprocessing=source.preprocessing,
@@ -163,7 +186,9 @@ def _example(model: RepVGG, size: int = 32) -> Tensor:
 
 
 @torch.no_grad()
-def quantize_ptq(model: RepVGG, calibration: Iterable[Tensor]) -> QuantizedRepVGG:
+def quantize_ptq(
+    model: RepVGG, calibration: Iterable[Tensor], *, weights: str = "per-channel"
+) -> QuantizedRepVGG:
     """Post-training static quantization: observe activation ranges on ``calibration`` batches.
 
     ``model`` may be in training form (it is converted on a copy) but not be D2se; it is not changed.
@@ -172,7 +197,7 @@ def quantize_ptq(model: RepVGG, calibration: Iterable[Tensor]) -> QuantizedRepVG
     images = 0
     for batch in calibration:
         if prepared is None:
-            prepared = _prepare(model, batch[:1].float().cpu(), qat=False)
+            prepared = _prepare(model, batch[:1].float().cpu(), qat=False, weights=weights)
         with _x86_engine():
             prepared(batch.float().cpu())
         images += len(batch)
@@ -180,7 +205,7 @@ def quantize_ptq(model: RepVGG, calibration: Iterable[Tensor]) -> QuantizedRepVG
         raise QuantizationError(
             "No calibration images were given; pass --calib N with N >= 1 (a few hundred is typical)."
         )
-    return _convert(prepared, model, "ptq")
+    return _convert(prepared, model, "ptq", weights)
 
 
 def quantize_qat(
@@ -190,6 +215,7 @@ def quantize_qat(
     epochs: int,
     lr: float = 1e-3,
     freeze_observers_after: float = 0.5,
+    weights: str = "per-channel",
     on_step: Callable[[float], None] | None = None,
 ) -> QuantizedRepVGG:
     """Quantization-aware fine-tuning of the deployed network, then conversion to INT8.
@@ -206,7 +232,7 @@ def quantize_qat(
 
     if len(train_batches) == 0:
         raise QuantizationError("Quantization-aware training was given no training images.")
-    prepared = _prepare(model, _example(model), qat=True)
+    prepared = _prepare(model, _example(model), qat=True, weights=weights)
     optimizer = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9)
     total = epochs * len(train_batches)
     step = 0
@@ -225,7 +251,7 @@ def quantize_qat(
                 step += 1
                 if on_step is not None:
                     on_step(loss.item())
-    return _convert(prepared, model, "qat")
+    return _convert(prepared, model, "qat", weights)
 
 
 # Safetensors holds plain tensors only: each quantized tensor is stored as its integer values plus its
@@ -297,6 +323,7 @@ def save_quantized(model: QuantizedRepVGG, path: PathLike) -> Path:
         "format_version": FORMAT_VERSION,
         "engine": ENGINE,
         "method": model.method,
+        "weights": model.weights,
         "config": json.dumps(model.config),
         "model_name": model.model_name or "",
         "class_names": json.dumps(model.class_names) if model.class_names is not None else "",
@@ -312,8 +339,9 @@ def load_quantized(tensors: dict[str, Tensor], metadata: dict[str, str]) -> Quan
     """Rebuild an INT8 RepVGG from what :func:`save_quantized` wrote (see ``repvgg.load_checkpoint``)."""
     config = json.loads(metadata["config"])
     template = RepVGG(**config, deploy=True)
-    prepared = _prepare(template, _example(template), qat=False)
-    model = _convert(prepared, template, metadata.get("method", "ptq"))
+    weights = metadata.get("weights", "per-channel")
+    prepared = _prepare(template, _example(template), qat=False, weights=weights)
+    model = _convert(prepared, template, metadata.get("method", "ptq"), weights)
     state = _unflatten_state(tensors, json.loads(metadata["layout"]))
     expected = model.network.state_dict()
     missing = [k for k in expected if k not in state and isinstance(expected[k], Tensor | tuple)]
@@ -342,6 +370,7 @@ def quantize_checkpoint(
     qat_lr: float = 1e-3,
     qat_subset: int | None = None,
     batch_size: int = 64,
+    weights: str = "per-channel",
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[QuantizedRepVGG, list[str]]:
@@ -390,11 +419,13 @@ def quantize_checkpoint(
             bar.set_postfix(loss=f"{loss:.3f}")
 
         torch.manual_seed(seed)
-        quantized = quantize_qat(model, loader, epochs=qat_epochs, lr=qat_lr, on_step=step)
+        quantized = quantize_qat(model, loader, epochs=qat_epochs, lr=qat_lr, weights=weights, on_step=step)
         bar.close()
     else:
         calibration = calibration_images(bundle, calib, seed)
-        quantized = quantize_ptq(model, (images for images, _ in batches(calibration, shuffle=False)))
+        quantized = quantize_ptq(
+            model, (images for images, _ in batches(calibration, shuffle=False)), weights=weights
+        )
     save_quantized(quantized, output)
     return quantized, notes
 
