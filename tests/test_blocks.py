@@ -11,9 +11,11 @@ from torch import nn
 from repvgg import ModelConfigError, RepVGGBlock, SEBlock
 from repvgg.blocks import BLOCK_DESIGNS
 from repvgg.exceptions import ConversionError
-from repvgg.fusion import ConvBN
+from repvgg.fusion import ConvBN, IdentityPlusConv
 from repvgg.reparam import randomize_batchnorm_
 from tests.helpers import relative_error
+
+CONVERTIBLE = [name for name, design in BLOCK_DESIGNS.items() if design.convertible]
 
 
 @st.composite
@@ -30,7 +32,7 @@ def block_settings(draw: st.DrawFn) -> dict[str, int | bool]:
         "groups": groups,
         "dilation": draw(st.sampled_from([1, 2])),
         "use_se": draw(st.booleans()),
-        "block": draw(st.sampled_from(list(BLOCK_DESIGNS))),
+        "block": draw(st.sampled_from(CONVERTIBLE)),
     }
 
 
@@ -116,10 +118,50 @@ def test_qarepvgg_block_has_bare_1x1_and_identity_and_one_bn_after_the_sum() -> 
 
 @pytest.mark.parametrize(
     ("block", "branches"),
-    [("no_identity", 2), ("no_1x1", 2), ("plain", 1), ("post_add_bn", 3), ("identity_no_bn", 3)],
+    [
+        ("no_identity", 2),
+        ("no_1x1", 2),
+        ("plain", 1),
+        ("post_add_bn", 3),
+        ("identity_no_bn", 3),
+        ("acb", 3),
+        ("diracnet", 1),
+        ("trivial", 1),
+        ("relu_in_branch", 3),
+    ],
 )
 def test_ablation_blocks_have_their_branches(block: str, branches: int) -> None:
     assert len(list(RepVGGBlock(8, 8, block=block).branches())) == branches
+
+
+def test_acb_branches_are_3x1_and_1x3_through_the_centre() -> None:
+    block = RepVGGBlock(4, 8, stride=2, dilation=2, block="acb")
+    assert block.rbr_asymmetric is not None
+    assert [b.conv.kernel_size for b in block.rbr_asymmetric] == [(3, 1), (1, 3)]
+    assert [b.conv.padding for b in block.rbr_asymmetric] == [(2, 0), (0, 2)]
+
+
+def test_trivial_and_dirac_kernels_hold_the_identity() -> None:
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    trivial = IdentityPlusConv(6, 6, 3, padding=1, normalized=False).double()
+    expected = x + torch.nn.functional.conv2d(x, trivial.weight, padding=1)
+    torch.testing.assert_close(trivial(x), expected)
+    dirac = IdentityPlusConv(6, 6, 3, padding=1, normalized=True).double()
+    learned = dirac.kernel() - torch.nn.functional.pad(
+        torch.eye(6, dtype=torch.float64)[:, :, None, None], [1] * 4
+    )
+    norms = learned.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, dirac.beta.detach().abs())
+    assert not IdentityPlusConv(6, 8, 3, padding=1, normalized=True).has_identity
+
+
+def test_relu_in_branch_block_trains_but_refuses_to_convert() -> None:
+    block = RepVGGBlock(8, 8, block="relu_in_branch").eval()
+    x = torch.randn(1, 8, 5, 5)
+    expected = sum(torch.relu(b(x)) for b in (block.rbr_dense, block.rbr_1x1, block.rbr_identity))
+    torch.testing.assert_close(block(x), torch.relu(expected))
+    with pytest.raises(ConversionError, match="cannot be summed into one convolution"):
+        block.reparameterize()
 
 
 def test_unknown_block_and_custom_l2_on_bare_branches_are_refused() -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from repvgg.exceptions import ConversionError, ModelConfigError, RepVGGWarning
-from repvgg.fusion import ConvBN, bn_scale_shift, branch_kernel_bias, fuse_conv_bn
+from repvgg.fusion import ConvBN, IdentityPlusConv, bn_scale_shift, branch_kernel_bias, fuse_conv_bn
 
 TRAIN_MODE_WARNING = (
     "Converting a module in training mode: the fused kernels use the BatchNorm running statistics, "
@@ -49,17 +50,27 @@ class SEBlock(nn.Module):
 class BlockDesign:
     """Which branches a block trains with and where its BatchNorms sit.
 
-    Every design converts to the same single 3x3 convolution through the one fusion function.
-    ``one_by_one`` and ``identity``: ``None`` (no such branch), ``"bn"`` (the branch ends in BatchNorm) or
-    ``"plain"`` (a bare 1x1 convolution / the input itself). ``dense_bn=False`` leaves the 3x3
-    convolution without BatchNorm; ``post_bn`` puts one BatchNorm after the sum of the branches.
+    ``dense``, the 3x3 branch: ``"bn"`` (conv + BN), ``"plain"`` (a bare conv), ``"trivial"`` (kernel
+    ``I + W``) or ``"dirac"`` (DiracNet's ``diag(a) I + diag(b) W / ||W||``), see
+    :class:`~repvgg.fusion.IdentityPlusConv`. ``one_by_one`` and ``identity``: ``None`` (no such branch),
+    ``"bn"`` (the branch ends in BatchNorm) or ``"plain"`` (a bare 1x1 convolution / the input itself).
+    ``asymmetric`` adds ACNet's 3x1 + BN and 1x3 + BN branches; ``post_bn`` puts one BatchNorm after the sum;
+    ``relu_in_branches`` applies a ReLU to each branch before the sum, which makes the block impossible
+    to convert (the paper's reference point). Every other design converts to one 3x3 convolution through
+    the one fusion function.
     """
 
-    dense_bn: bool = True
+    dense: Literal["bn", "plain", "trivial", "dirac"] = "bn"
     one_by_one: Literal["bn", "plain"] | None = "bn"
     identity: Literal["bn", "plain"] | None = "bn"
+    asymmetric: bool = False
     post_bn: bool = False
+    relu_in_branches: bool = False
     description: str = ""
+
+    @property
+    def convertible(self) -> bool:
+        return not self.relu_in_branches
 
 
 #: The block designs of the paper's Tables 6 and 7, and QARepVGG (Chu et al., 2022).
@@ -70,11 +81,34 @@ BLOCK_DESIGNS: dict[str, BlockDesign] = {
     "plain": BlockDesign(one_by_one=None, identity=None, description="3x3+BN alone (Table 6)"),
     "identity_no_bn": BlockDesign(identity="plain", description="identity branch without BN (Table 7)"),
     "post_add_bn": BlockDesign(
-        dense_bn=False,
+        dense="plain",
         one_by_one="plain",
         identity="plain",
         post_bn=True,
         description="no BN in the branches, one BN after the sum (Table 7)",
+    ),
+    "relu_in_branch": BlockDesign(
+        relu_in_branches=True, description="a ReLU in every branch before the sum; not convertible (Table 7)"
+    ),
+    "diracnet": BlockDesign(
+        dense="dirac",
+        one_by_one=None,
+        identity=None,
+        post_bn=True,
+        description="one conv with kernel diag(a)I + diag(b)W/||W||, then BN (DiracNet, Table 7)",
+    ),
+    "trivial": BlockDesign(
+        dense="trivial",
+        one_by_one=None,
+        identity=None,
+        post_bn=True,
+        description="one conv with kernel I + W, then BN (trivial re-param, Table 7)",
+    ),
+    "acb": BlockDesign(
+        one_by_one=None,
+        identity=None,
+        asymmetric=True,
+        description="3x3+BN, 3x1+BN and 1x3+BN branches (ACNet's block, Table 7)",
     ),
     "qarepvgg": BlockDesign(
         one_by_one="plain",
@@ -158,7 +192,12 @@ class RepVGGBlock(nn.Module):
         if deploy:
             self.rbr_reparam = self._deploy_conv()
             return
-        make_dense = ConvBN if design.dense_bn else _bare_conv
+        make_dense = {
+            "bn": ConvBN,
+            "plain": _bare_conv,
+            "trivial": partial(IdentityPlusConv, normalized=False),
+            "dirac": partial(IdentityPlusConv, normalized=True),
+        }[design.dense]
         self.rbr_dense = make_dense(
             in_channels,
             out_channels,
@@ -169,6 +208,22 @@ class RepVGGBlock(nn.Module):
             groups=groups,
             padding_mode=padding_mode,
         )
+        self.rbr_asymmetric: nn.ModuleList | None = None
+        if design.asymmetric:  # ACNet: a 3x1 and a 1x3 kernel through the centre of the 3x3 one
+            half = padding
+            self.rbr_asymmetric = nn.ModuleList(
+                ConvBN(
+                    in_channels,
+                    out_channels,
+                    shape,
+                    stride=stride,
+                    padding=pad,
+                    dilation=dilation,
+                    groups=groups,
+                    padding_mode=padding_mode,
+                )
+                for shape, pad in (((kernel_size, 1), (half, 0)), ((1, kernel_size), (0, half)))
+            )
         self.rbr_1x1: nn.Module | None = None
         if design.one_by_one is not None:
             # A 1x1 kernel always reads the centre tap, so it needs no padding whatever the dilation.
@@ -178,6 +233,7 @@ class RepVGGBlock(nn.Module):
         if in_channels == out_channels and stride == 1 and design.identity is not None:
             self.rbr_identity = nn.BatchNorm2d(in_channels) if design.identity == "bn" else nn.Identity()
         self.bn = nn.BatchNorm2d(out_channels) if design.post_bn else None
+        self.relu_in_branches = design.relu_in_branches
 
     def _deploy_conv(self, reference: Tensor | None = None) -> nn.Conv2d:
         factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
@@ -199,6 +255,8 @@ class RepVGGBlock(nn.Module):
         if self.deploy:
             return
         yield self.rbr_dense
+        if self.rbr_asymmetric is not None:
+            yield from self.rbr_asymmetric
         if self.rbr_1x1 is not None:
             yield self.rbr_1x1
         if self.rbr_identity is not None:
@@ -207,11 +265,13 @@ class RepVGGBlock(nn.Module):
     def forward(self, inputs: Tensor) -> Tensor:
         if self.deploy:
             return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
-        out = self.rbr_dense(inputs)  # a fresh tensor that no backward pass needs: safe to add into
-        if self.rbr_1x1 is not None:
-            out += self.rbr_1x1(inputs)
-        if self.rbr_identity is not None:
-            out += self.rbr_identity(inputs)
+        if self.relu_in_branches:
+            out = torch.stack([torch.relu(branch(inputs)) for branch in self.branches()]).sum(0)
+        else:
+            branches = self.branches()
+            out = next(branches)(inputs)  # a fresh tensor that no backward pass needs: safe to add into
+            for branch in branches:
+                out += branch(inputs)
         if self.bn is not None:
             out = self.bn(out)
         return self.nonlinearity(self.se(out))
@@ -220,6 +280,12 @@ class RepVGGBlock(nn.Module):
         """The 3x3 kernel and bias equal to the sum of the branches in eval mode; differentiable."""
         if self.deploy:
             return self.rbr_reparam.weight, self.rbr_reparam.bias
+        if self.relu_in_branches:
+            raise ConversionError(
+                f"The {self.block!r} block applies a ReLU inside each branch, so its branches cannot be "
+                "summed into one convolution: it is the paper's non-convertible reference; train a "
+                "convertible block (e.g. repvgg) to deploy."
+            )
         size = (self.kernel_size, self.kernel_size)
         reference = next(self.rbr_dense.parameters())
         kernel_bias = [
@@ -248,7 +314,10 @@ class RepVGGBlock(nn.Module):
         """
         if self.deploy:
             raise ConversionError("custom_l2 regularises the training form; this block is already deployed.")
-        if not (isinstance(self.rbr_dense, ConvBN) and isinstance(self.rbr_1x1, ConvBN)):
+        if (
+            not (isinstance(self.rbr_dense, ConvBN) and isinstance(self.rbr_1x1, ConvBN))
+            or self.relu_in_branches
+        ):
             raise ModelConfigError(
                 f"The custom L2 needs a 3x3 and a 1x1 branch that both end in BatchNorm; the {self.block!r} "
                 "block has not, so train it with plain weight decay (drop --custom-l2)."
@@ -273,7 +342,7 @@ class RepVGGBlock(nn.Module):
             fused = self._deploy_conv(reference=kernel)
             fused.weight.copy_(kernel)
             fused.bias.copy_(bias)
-        for name in ("rbr_dense", "rbr_1x1", "rbr_identity", "bn"):
+        for name in ("rbr_dense", "rbr_asymmetric", "rbr_1x1", "rbr_identity", "bn"):
             delattr(self, name)
         self.rbr_reparam = fused
         self.deploy = True

@@ -49,6 +49,60 @@ class ConvBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_channels)
 
 
+class IdentityPlusConv(nn.Module):
+    """A convolution whose kernel is the identity plus a learned kernel, re-parameterized while training.
+
+    ``normalized=False``: ``K = I + W`` (the paper's "trivial re-param"). ``normalized=True``: DiracNet's
+    ``K = diag(a) I + diag(b) W / ||W||`` with ``||W||`` the L2 norm of each output channel's kernel and
+    ``a``, ``b`` learned per channel. The identity term exists only when the convolution keeps the shape
+    (same channels, stride 1); otherwise the kernel is ``W`` (or ``diag(b) W / ||W||``). Bias-free.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        *,
+        normalized: bool,
+    ) -> None:
+        super().__init__()
+        if padding_mode != "zeros":
+            raise ConversionError("Identity-plus-kernel convolutions support only zero padding.")
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=False)
+        self.weight = conv.weight  # PyTorch's default initialisation
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_channels = in_channels
+        self.has_identity = in_channels == out_channels and stride == 1
+        self.normalized = normalized
+        if normalized:
+            self.alpha = nn.Parameter(torch.ones(out_channels))
+            self.beta = nn.Parameter(torch.full((out_channels,), 0.1))
+
+    def kernel(self) -> Tensor:
+        """The kernel the convolution applies, a differentiable function of the parameters."""
+        kernel = self.weight
+        if self.normalized:
+            norm = kernel.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+            kernel = self.beta.reshape(-1, 1, 1, 1) * kernel / norm
+        if self.has_identity:
+            size = (kernel.shape[-2], kernel.shape[-1])
+            identity = identity_kernel(
+                self.in_channels, self.groups, size, dtype=kernel.dtype, device=kernel.device
+            )
+            scale = self.alpha.reshape(-1, 1, 1, 1) if self.normalized else 1
+            kernel = kernel + scale * identity
+        return kernel
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return F.conv2d(inputs, self.kernel(), None, self.stride, self.padding, self.dilation, self.groups)
+
+
 def bn_scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
     """Per-channel ``(t, s)`` such that ``bn(x) == t * x + s`` in eval mode.
 
@@ -127,9 +181,13 @@ def branch_kernel_bias(
     """The equivalent ``kernel_size`` kernel and bias of one branch of a block.
 
     A branch is a :class:`ConvBN`, a lone ``BatchNorm2d`` (the identity branch with BN), an
-    ``nn.Identity`` (the identity branch without BN) or a ``Conv2d`` with or without bias. Every block
+    ``nn.Identity`` (the identity branch without BN), a ``Conv2d`` with or without bias, or an
+    :class:`IdentityPlusConv`. Every block
     type converts through this one function.
     """
+    if isinstance(branch, IdentityPlusConv):
+        kernel = pad_kernel(branch.kernel(), kernel_size)
+        return kernel, kernel.new_zeros(kernel.shape[0])
     if isinstance(branch, nn.Identity):
         kernel = identity_kernel(in_channels, groups, kernel_size, dtype=dtype, device=device)
         return kernel, kernel.new_zeros(in_channels)
@@ -145,5 +203,5 @@ def branch_kernel_bias(
         return kernel * scale.reshape(-1, 1, 1, 1), shift
     raise ConversionError(
         f"Cannot re-parameterize a branch of type {type(branch).__name__}; "
-        "supported branches are ConvBN, Conv2d, BatchNorm2d and Identity."
+        "supported branches are ConvBN, Conv2d, BatchNorm2d, Identity and IdentityPlusConv."
     )

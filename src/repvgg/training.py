@@ -103,7 +103,7 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise TrainingError("--epochs and --batch-size must be at least 1.")
         design = block_design(self.block)
-        if self.custom_l2 and not (design.dense_bn and design.one_by_one == "bn"):
+        if self.custom_l2 and not (design.dense == "bn" and design.one_by_one == "bn" and design.convertible):
             raise TrainingError(
                 f"--custom-l2 needs 3x3 and 1x1 branches that end in BatchNorm; the {self.block!r} block "
                 "has not, so drop --custom-l2 (it trains with plain weight decay)."
