@@ -90,6 +90,18 @@ def test_qarepvgg_trains_and_converts_through_the_cli(fashion: Path, tmp_path: P
         small_config(fashion, tmp_path / "x", block="qarepvgg", custom_l2=True).validate()
 
 
+@pytest.mark.parametrize(("block", "layout"), [("relu_in_branch", "repvgg"), ("repvgg", "residual_reorg")])
+def test_designs_without_a_plain_form_train_and_say_so(
+    fashion: Path, tmp_path: Path, block: str, layout: str
+) -> None:
+    summary = train(small_config(fashion, tmp_path / "run", block=block, layout=layout))
+    assert summary["deploy_form"] is None and summary["forms_agree"] is None
+    assert (tmp_path / "run" / "model_train.safetensors").is_file()
+    assert not (tmp_path / "run" / "model_deploy.safetensors").exists()
+    loaded = repvgg.load_checkpoint(tmp_path / "run" / "model_train.safetensors")
+    assert (loaded.block, loaded.layout) == (block, layout)
+
+
 def test_learning_rate_scales_with_the_batch_and_follows_warmup_then_cosine(
     fashion: Path, tmp_path: Path
 ) -> None:

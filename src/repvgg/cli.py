@@ -102,6 +102,10 @@ def _print_summary(summary: dict[str, Any], output: str) -> None:
         f"training form: top-1 {train_form['top1']:.2f}%, top-5 {train_form['top5']:.2f}%, "
         f"{train_form['images_per_s']:.0f} img/s"
     )
+    if deploy_form is None:
+        print("this design has no plain (deploy) form, so it was not converted")
+        print(f"saved {output}/model_train.safetensors")
+        return
     print(
         f"deploy form:   top-1 {deploy_form['top1']:.2f}%, top-5 {deploy_form['top5']:.2f}%, "
         f"{deploy_form['images_per_s']:.0f} img/s"
@@ -303,6 +307,11 @@ def _add_train_parser(commands: Any) -> None:
         "--block",
         choices=list(BLOCK_DESIGNS),
         help="training-time block design (default repvgg; qarepvgg quantizes well)",
+    )
+    train.add_argument(
+        "--layout",
+        choices=("repvgg", "residual_reorg"),
+        help="residual_reorg: the paper's ResNet-like baseline (no deploy form)",
     )
     train.add_argument("--custom-l2", action="store_true", help="the authors' custom L2 on branch kernels")
     train.add_argument("--warmup-epochs", type=float)

@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from repvgg.blocks import RepVGGBlock, block_design
 from repvgg.exceptions import ModelConfigError
+from repvgg.fusion import ConvBN
 
 DEFAULT_STRIDES = (2, 2, 2, 2, 2)
+LAYOUTS = ("repvgg", "residual_reorg")
 #: 3x3 layers, numbered globally from the stem (layer 0), that the g2/g4 variants make grouped.
 GROUPED_LAYERS = tuple(range(2, 27, 2))
 
@@ -41,6 +43,9 @@ class RepVGG(nn.Module):
             stride 32. Small images (28-32 px) keep more resolution with e.g. ``(1, 1, 2, 2, 2)``.
         block: the training-time block design, a key of :data:`repvgg.blocks.BLOCK_DESIGNS` (e.g.
             ``"qarepvgg"`` or a Table 6/7 ablation); every design deploys to the same plain network.
+        layout: ``"repvgg"``, or ``"residual_reorg"``: the paper's ResNet-like baseline (Table 7), with
+            each stage's 3x3 layers paired into torchvision ``BasicBlock`` residual blocks (a stage of 2n
+            layers has n blocks; a stage of one layer stays one conv-BN-ReLU). It has no plain form.
     """
 
     def __init__(
@@ -56,9 +61,18 @@ class RepVGG(nn.Module):
         in_chans: int = 3,
         strides: Sequence[int] = DEFAULT_STRIDES,
         block: str = "repvgg",
+        layout: str = "repvgg",
     ) -> None:
         super().__init__()
         block_design(block)  # an unknown design fails here, before any layer is built
+        if layout not in LAYOUTS:
+            raise ModelConfigError(f"Unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}.")
+        if layout == "residual_reorg" and (deploy or use_se or override_groups_map or block != "repvgg"):
+            raise ModelConfigError(
+                "The residual_reorg layout is a ResNet-like baseline of plain conv-BN layers: it has no "
+                "deploy form, no SE, no grouped layers and no block designs; build it from an A or "
+                "ungrouped B model with the defaults."
+            )
         if width_multiplier is None or len(width_multiplier) != 4 or len(num_blocks) != 4:
             raise ModelConfigError(
                 "RepVGG needs four block counts (stages 1-4) and four width multipliers [a, a, a, b]."
@@ -76,6 +90,7 @@ class RepVGG(nn.Module):
         self.in_chans = in_chans
         self.strides = tuple(int(s) for s in strides)
         self.block = block
+        self.layout = layout
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
         # How images were prepared in training (``repvgg.data.Preprocessing.as_dict()``), saved with it.
@@ -94,8 +109,10 @@ class RepVGG(nn.Module):
         self.num_classes = num_classes
         self.linear: nn.Module = self._make_head(num_classes)
 
-    def _make_block(self, in_planes: int, planes: int, stride: int) -> RepVGGBlock:
+    def _make_block(self, in_planes: int, planes: int, stride: int) -> nn.Module:
         """The next 3x3 layer; its groups come from ``override_groups_map`` by global layer index."""
+        if self.layout == "residual_reorg":
+            return _conv_bn_relu(in_planes, planes, stride)
         block = RepVGGBlock(
             in_planes,
             planes,
@@ -111,6 +128,8 @@ class RepVGG(nn.Module):
         return block
 
     def _make_stage(self, in_planes: int, planes: int, depth: int, stride: int) -> nn.Sequential:
+        if self.layout == "residual_reorg":
+            return _residual_stage(in_planes, planes, depth, stride)
         strides = [stride] + [1] * (depth - 1)
         return nn.Sequential(
             *(self._make_block(in_planes if i == 0 else planes, planes, s) for i, s in enumerate(strides))
@@ -131,6 +150,7 @@ class RepVGG(nn.Module):
             "in_chans": self.in_chans,
             "strides": list(self.strides),
             "block": self.block,
+            "layout": self.layout,
         }
 
     def stages(self) -> list[nn.Module]:
@@ -162,6 +182,30 @@ class RepVGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _conv_bn_relu(in_planes: int, planes: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(ConvBN(in_planes, planes, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
+
+
+def _residual_stage(in_planes: int, planes: int, depth: int, stride: int) -> nn.Sequential:
+    """``depth`` 3x3 layers as residual pairs (torchvision's BasicBlock, 1x1 projection shortcut where the
+    shape changes); an odd layer out comes first as a plain conv-BN-ReLU carrying the stride."""
+    from torchvision.models.resnet import BasicBlock
+
+    layers: list[nn.Module] = []
+    if depth % 2:
+        layers.append(_conv_bn_relu(in_planes, planes, stride))
+        in_planes, stride = planes, 1
+    for _ in range(depth // 2):
+        shortcut = None
+        if stride != 1 or in_planes != planes:
+            shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        layers.append(BasicBlock(in_planes, planes, stride=stride, downsample=shortcut))
+        in_planes, stride = planes, 1
+    return nn.Sequential(*layers)
 
 
 def stage_widths(width_multiplier: Sequence[float]) -> tuple[int, int, int, int, int]:
@@ -281,7 +325,7 @@ def create_model(
     """Build a named model, in training form or (``deploy=True``) directly in its plain form.
 
     ``options`` are the other keyword arguments of :class:`RepVGG`: ``strides``, ``use_checkpoint``,
-    ``block`` (e.g. ``create_model("a0", block="qarepvgg")``).
+    ``block`` (e.g. ``create_model("a0", block="qarepvgg")``), ``layout`` (``"residual_reorg"``).
     """
     key = canonical_name(name)
     model = RepVGG(

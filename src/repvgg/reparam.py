@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from repvgg.blocks import TRAIN_MODE_WARNING, RepVGGBlock
+from repvgg.blocks import TRAIN_MODE_WARNING, RepVGGBlock, block_design
 from repvgg.exceptions import ConversionError, RepVGGWarning
 from repvgg.models import RepVGG
 
@@ -23,6 +23,13 @@ def is_deployed(module: nn.Module) -> bool:
     """True when ``module`` holds RepVGG blocks and all of them are in their plain form."""
     blocks = reparameterizable_blocks(module)
     return bool(blocks) and all(block.deploy for block in blocks)
+
+
+def is_convertible(module: nn.Module) -> bool:
+    """True when ``module`` holds RepVGG blocks and every one of them can become one convolution
+    (the ``relu_in_branch`` design and the ``residual_reorg`` layout cannot)."""
+    blocks = reparameterizable_blocks(module)
+    return bool(blocks) and all(block.deploy or block_design(block.block).convertible for block in blocks)
 
 
 def reparameterize(module: nn.Module, inplace: bool = False) -> nn.Module:

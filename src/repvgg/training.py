@@ -45,7 +45,7 @@ from repvgg.distributed import (
 from repvgg.evaluation import EvalResult, eval_loader, evaluate
 from repvgg.exceptions import CheckpointError, DataError, TrainingError
 from repvgg.models import RepVGG, create_model
-from repvgg.reparam import reparameterize
+from repvgg.reparam import is_convertible, reparameterize
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_FILE = "last.pt"
@@ -57,6 +57,7 @@ class TrainConfig:
 
     model: str = "repvgg_a0"
     block: str = "repvgg"  # a key of repvgg.blocks.BLOCK_DESIGNS, e.g. "qarepvgg"
+    layout: str = "repvgg"  # or "residual_reorg", the paper's ResNet-like baseline
     data: str = "fashion-mnist"
     data_dir: str | None = None
     epochs: int = 10
@@ -295,6 +296,7 @@ class Trainer:
             strides=strides,
             use_checkpoint=config.grad_checkpointing,
             block=config.block,
+            layout=config.layout,
         )
         model.class_names = data.class_names
         model.preprocessing = data.preprocessing.as_dict()
@@ -537,25 +539,33 @@ class Trainer:
         identical = ranks_agree(final, self.context)
         final.eval()
         trained = self._evaluate(final)
-        deployed_model = reparameterize(final)
-        deployed = self._evaluate(deployed_model)
-        summary = {
+        summary: dict[str, Any] = {
             "model": self.config.model,
+            "block": self.config.block,
+            "layout": self.config.layout,
             "data": self.config.data,
             "epochs": self.config.epochs,
             "weights": "ema" if self.ema is not None else "last",
             "train_form": trained.as_dict(),
-            "deploy_form": deployed.as_dict(),
-            "top1_difference": abs(trained.top1 - deployed.top1),
-            "forms_agree": abs(trained.top1 - deployed.top1) <= 0.01
-            and abs(trained.top5 - deployed.top5) <= 0.01,
+            "deploy_form": None,
+            "top1_difference": None,
+            "forms_agree": None,
             "bad_images_skipped": self.bad_images,
             "processes": self.context.world_size,
             "ranks_hold_identical_weights": identical,
         }
+        deployed_model = reparameterize(final) if is_convertible(final) else None
+        if deployed_model is not None:  # the relu_in_branch block and the residual layout have no plain form
+            deployed = self._evaluate(deployed_model)
+            summary["deploy_form"] = deployed.as_dict()
+            summary["top1_difference"] = abs(trained.top1 - deployed.top1)
+            summary["forms_agree"] = (
+                abs(trained.top1 - deployed.top1) <= 0.01 and abs(trained.top5 - deployed.top5) <= 0.01
+            )
         if self.context.is_main:
             save_checkpoint(final, self.output / "model_train.safetensors")
-            save_checkpoint(deployed_model, self.output / "model_deploy.safetensors")
+            if deployed_model is not None:
+                save_checkpoint(deployed_model, self.output / "model_deploy.safetensors")
             (self.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
