@@ -217,6 +217,18 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from repvgg.ablation import AblationConfig, run_ablation
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress")}
+    report = run_ablation(AblationConfig(**options, progress=not args.no_progress))
+    from repvgg.ablation import markdown_table
+
+    print(markdown_table(report), end="")
+    print(f"wrote {args.output}/ablation.md and {args.output}/ablation.json")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
@@ -454,6 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     predict.set_defaults(run=_predict)
+
+    ablate = commands.add_parser(
+        "ablate", help="train block variants with identical settings and seeds: Tables 6 and 7"
+    )
+    ablate.add_argument("--model", default="repvgg_a0")
+    ablate.add_argument(
+        "--variants",
+        nargs="+",
+        default=["repvgg", "no_identity", "no_1x1", "plain"],
+        help="block designs and/or residual_reorg (default: Table 6's four)",
+    )
+    ablate.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 for every variant")
+    _add_data_arguments(ablate, suppress=False)
+    ablate.add_argument("--epochs", type=int, default=1)
+    ablate.add_argument("--batch-size", type=int, default=128)
+    ablate.add_argument("--lr", type=float, default=None)
+    ablate.add_argument("--train-subset", type=int, default=None)
+    ablate.add_argument("--val-subset", type=int, default=None)
+    ablate.add_argument("--speed-batch", type=int, default=64, help="batch for the speed columns")
+    ablate.add_argument("--output", default="runs/ablate", help="study folder (resumed if it exists)")
+    ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ablate.set_defaults(run=_ablate)
 
     quantize = commands.add_parser(
         "quantize", help="INT8 for the CPU: post-training calibration, or quantization-aware training"

@@ -1,0 +1,182 @@
+"""``repvgg ablate``: the paper's Tables 6 and 7 as a study anyone can rerun.
+
+Every variant (a block design of :data:`repvgg.blocks.BLOCK_DESIGNS`, or the ``residual_reorg`` layout)
+is trained with the same settings and the same seeds, one run folder each (``OUTPUT/<variant>/seed<k>``).
+A finished run is recognised by its ``summary.json`` and skipped, a half-done one is resumed from its
+``last.pt``, so an interrupted study continues where it stopped. Each variant's inference speed is timed
+on the trained model before and after conversion, interleaved, at the data's image size. The table
+(mean and standard deviation over seeds) is written as ``ablation.md`` and ``ablation.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from repvgg.benchmark import compare_throughput
+from repvgg.blocks import BLOCK_DESIGNS
+from repvgg.checkpoints import load_checkpoint
+from repvgg.exceptions import ModelConfigError
+from repvgg.reparam import is_convertible, reparameterize
+from repvgg.training import STATE_FILE, TrainConfig, train
+
+LAYOUT_VARIANTS = ("residual_reorg",)
+TABLE6 = ("repvgg", "no_identity", "no_1x1", "plain")
+VARIANTS = (*BLOCK_DESIGNS, *LAYOUT_VARIANTS)
+
+
+@dataclass
+class AblationConfig:
+    """One study: the variants, the shared training settings, the seeds."""
+
+    model: str = "repvgg_a0"
+    variants: list[str] = field(default_factory=lambda: list(TABLE6))
+    seeds: int = 3
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float | None = None
+    train_subset: int | None = None
+    val_subset: int | None = None
+    output: str = "runs/ablate"
+    speed_batch: int = 64
+    progress: bool = True
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ModelConfigError(f"Unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}.")
+        if self.seeds < 1:
+            raise ModelConfigError("--seeds must be at least 1.")
+
+    def train_config(self, variant: str, seed: int) -> TrainConfig:
+        layout = variant if variant in LAYOUT_VARIANTS else "repvgg"
+        return TrainConfig(
+            model=self.model,
+            block="repvgg" if layout != "repvgg" else variant,
+            layout=layout,
+            data=self.data,
+            data_dir=self.data_dir,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=seed,
+            train_subset=self.train_subset,
+            val_subset=self.val_subset,
+            output=str(Path(self.output) / variant / f"seed{seed}"),
+            progress=self.progress,
+        )
+
+
+def run_folder_state(folder: Path) -> str:
+    """``done`` (summary written), ``partial`` (a checkpoint to resume) or ``new``."""
+    if (folder / "summary.json").is_file():
+        return "done"
+    if (folder / STATE_FILE).is_file():
+        return "partial"
+    return "new"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@torch.inference_mode()
+def time_forms(checkpoint: Path, batch: int) -> dict[str, float | None]:
+    """Examples/s of a trained model as trained and, where it converts, as converted (interleaved), at
+    the image size it was trained on."""
+    model = load_checkpoint(checkpoint).eval()
+    image_size = int((model.preprocessing or {}).get("image_size", 224))
+    inputs = torch.randn(batch, model.in_chans, image_size, image_size)
+    forms = {"train": model}
+    if is_convertible(model):
+        forms["deploy"] = reparameterize(model)
+    measured = compare_throughput(forms, inputs, warmup=2, repeats=10)
+    return {
+        "train_examples_per_s": measured["train"].images_per_s,
+        "deploy_examples_per_s": measured["deploy"].images_per_s if "deploy" in measured else None,
+    }
+
+
+def run_ablation(config: AblationConfig) -> dict[str, Any]:
+    """Train (or resume, or skip) every variant x seed, time each variant, write the tables."""
+    config.validate()
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "ablation_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    rows = []
+    for variant in config.variants:
+        summaries = []
+        for seed in range(config.seeds):
+            run_config = config.train_config(variant, seed)
+            folder = Path(run_config.output)
+            state = run_folder_state(folder)
+            if state != "done":
+                print(
+                    f"{variant}, seed {seed}: {'resuming' if state == 'partial' else 'training'}", flush=True
+                )
+                train(run_config, resume=state == "partial")
+            summaries.append(json.loads((folder / "summary.json").read_text()))
+        speed_file = output / variant / "speed.json"
+        if not speed_file.is_file():
+            speed = time_forms(output / variant / "seed0" / "model_train.safetensors", config.speed_batch)
+            speed_file.write_text(json.dumps(speed, indent=2) + "\n")
+        rows.append(_row(variant, summaries, json.loads(speed_file.read_text())))
+    report = {"config": dataclasses.asdict(config), "rows": rows}
+    (output / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / "ablation.md").write_text(markdown_table(report))
+    return report
+
+
+def _row(variant: str, summaries: list[dict[str, Any]], speed: dict[str, Any]) -> dict[str, Any]:
+    train_top1 = [s["train_form"]["top1"] for s in summaries]
+    deploy = [s["deploy_form"]["top1"] for s in summaries if s["deploy_form"] is not None]
+    mean, std = _mean_std(train_top1)
+    row: dict[str, Any] = {
+        "variant": variant,
+        "description": BLOCK_DESIGNS[variant].description
+        if variant in BLOCK_DESIGNS
+        else "ResNet-like two-layer residual blocks (Table 7's Residual Reorg)",
+        "seeds": len(summaries),
+        "train_top1": train_top1,
+        "train_top1_mean": mean,
+        "train_top1_std": std,
+        "deploy_top1_mean": None,
+        "deploy_top1_std": None,
+        **speed,
+    }
+    if deploy:
+        row["deploy_top1_mean"], row["deploy_top1_std"] = _mean_std(deploy)
+    return row
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    config = report["config"]
+    lines = [
+        f"{config['model']} on {config['data']}, {config['epochs']} epochs, batch {config['batch_size']}, "
+        f"{config['seeds']} seeds (0..{config['seeds'] - 1}); top-1 as mean +- std over seeds; speed in "
+        f"examples/s at batch {config['speed_batch']} (seed 0's model, interleaved).",
+        "",
+        "| variant | top-1 as trained | top-1 converted | examples/s as trained | examples/s converted |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in sorted(report["rows"], key=lambda r: -r["train_top1_mean"]):
+        converted = (
+            f"{row['deploy_top1_mean']:.2f} +- {row['deploy_top1_std']:.2f}"
+            if row["deploy_top1_mean"] is not None
+            else "not convertible"
+        )
+        deploy_speed = row["deploy_examples_per_s"]
+        trained = f"{row['train_top1_mean']:.2f} +- {row['train_top1_std']:.2f}"
+        lines.append(
+            f"| {row['variant']} | {trained} | {converted} | {row['train_examples_per_s']:.0f} | "
+            f"{f'{deploy_speed:.0f}' if deploy_speed else '-'} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,49 @@
+"""``repvgg ablate``: every variant with the same seeds, a table like Tables 6/7, and resumption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from repvgg.ablation import AblationConfig, run_ablation
+from repvgg.cli import main
+from repvgg.exceptions import ModelConfigError
+from tests.test_data import fake_fashion_mnist
+
+
+@pytest.mark.slow
+def test_a_study_trains_every_variant_and_seed_then_resumes_instead_of_starting_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = fake_fashion_mnist(tmp_path / "fashion", train=64, test=32)
+    study = tmp_path / "study"
+    arguments = ["ablate", "--variants", "repvgg", "plain", "relu_in_branch", "--seeds", "2", "--epochs", "1"]
+    arguments += ["--data-dir", str(data), "--batch-size", "32", "--speed-batch", "4"]
+    arguments += ["--output", str(study), "--no-progress"]
+    assert main(arguments) == 0
+    out = capsys.readouterr().out
+    assert out.count(": training") == 6 and "| relu_in_branch |" in out and "not convertible" in out
+    report = json.loads((study / "ablation.json").read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert set(rows) == {"repvgg", "plain", "relu_in_branch"}
+    assert rows["repvgg"]["seeds"] == 2 and len(rows["repvgg"]["train_top1"]) == 2
+    assert abs(rows["repvgg"]["train_top1_mean"] - rows["repvgg"]["deploy_top1_mean"]) <= 0.01
+    assert rows["relu_in_branch"]["deploy_top1_mean"] is None
+    assert rows["relu_in_branch"]["deploy_examples_per_s"] is None
+    assert rows["plain"]["train_examples_per_s"] > 0 and rows["plain"]["deploy_examples_per_s"] > 0
+    first = json.loads((study / "plain" / "seed1" / "summary.json").read_text())
+    assert first["block"] == "plain" and first["epochs"] == 1
+    (study / "plain" / "seed1" / "summary.json").unlink()  # as if killed before the end
+    assert main(arguments) == 0
+    out = capsys.readouterr().out
+    assert "plain, seed 1: resuming" in out and ": training" not in out
+    assert "| variant | top-1 as trained |" in (study / "ablation.md").read_text()
+
+
+def test_unknown_variants_and_seeds_are_explained(tmp_path: Path) -> None:
+    with pytest.raises(ModelConfigError, match="Unknown variant 'resnet'"):
+        run_ablation(AblationConfig(variants=["resnet"], output=str(tmp_path)))
+    with pytest.raises(ModelConfigError, match="--seeds must be at least 1"):
+        run_ablation(AblationConfig(seeds=0, output=str(tmp_path)))
