@@ -12,7 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from repvgg.exceptions import ConversionError, ModelConfigError, RepVGGWarning
-from repvgg.fusion import ConvBN, IdentityPlusConv, bn_scale_shift, branch_kernel_bias, fuse_conv_bn
+from repvgg.fusion import (
+    ConvBN,
+    IdentityPlusConv,
+    bare_conv,
+    bn_scale_shift,
+    branch_kernel_bias,
+    fuse_conv_bn,
+)
 
 TRAIN_MODE_WARNING = (
     "Converting a module in training mode: the fused kernels use the BatchNorm running statistics, "
@@ -194,7 +201,7 @@ class RepVGGBlock(nn.Module):
             return
         make_dense = {
             "bn": ConvBN,
-            "plain": _bare_conv,
+            "plain": bare_conv,
             "trivial": partial(IdentityPlusConv, normalized=False),
             "dirac": partial(IdentityPlusConv, normalized=True),
         }[design.dense]
@@ -227,7 +234,7 @@ class RepVGGBlock(nn.Module):
         self.rbr_1x1: nn.Module | None = None
         if design.one_by_one is not None:
             # A 1x1 kernel always reads the centre tap, so it needs no padding whatever the dilation.
-            make_1x1 = ConvBN if design.one_by_one == "bn" else _bare_conv
+            make_1x1 = ConvBN if design.one_by_one == "bn" else bare_conv
             self.rbr_1x1 = make_1x1(in_channels, out_channels, 1, stride=stride, groups=groups)
         self.rbr_identity: nn.Module | None = None
         if in_channels == out_channels and stride == 1 and design.identity is not None:
@@ -352,27 +359,3 @@ class RepVGGBlock(nn.Module):
         if self.block != "repvgg":
             options.append(f"block={self.block!r}")
         return ", ".join(options)
-
-
-def _bare_conv(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int,
-    stride: int = 1,
-    padding: int = 0,
-    dilation: int = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
-) -> nn.Conv2d:
-    """A bias-free convolution: a branch whose BatchNorm comes after the sum (or not at all)."""
-    return nn.Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        bias=False,
-        padding_mode=padding_mode,
-    )

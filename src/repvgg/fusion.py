@@ -35,18 +35,34 @@ class ConvBN(nn.Sequential):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=False,
-            padding_mode=padding_mode,
+        self.conv = bare_conv(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
         )
         self.bn = nn.BatchNorm2d(out_channels)
+
+
+def bare_conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | tuple[int, int],
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> nn.Conv2d:
+    """A bias-free convolution: in :class:`ConvBN`, or a branch whose BatchNorm comes after the sum."""
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=False,
+        padding_mode=padding_mode,
+    )
 
 
 class IdentityPlusConv(nn.Module):
