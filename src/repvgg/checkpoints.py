@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from repvgg.exceptions import CheckpointError, RepVGGError
+from repvgg.exceptions import CheckpointError, RepVGGError, RepVGGWarning
 from repvgg.formats import (
     CONVENTIONS,
     convert_state_dict,
@@ -272,6 +273,16 @@ def load_state_dict_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
     """``model.load_state_dict(strict=True)``, with a one-sentence diagnosis instead of a key dump."""
     given = checkpoint.state_dict
     expected = model.state_dict()
+    head = CONVENTIONS["official"].head + "."
+    dropped = sorted(k for k in given if k.startswith(head) and k not in expected)
+    if dropped and isinstance(model, RepVGG) and model.num_classes == 0:
+        given = {k: v for k, v in given.items() if k not in dropped}
+        warnings.warn(
+            f"The checkpoint's classifier head ({', '.join(dropped)}) was dropped: the model has no head "
+            "(a backbone, or num_classes=0).",
+            RepVGGWarning,
+            stacklevel=3,
+        )
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     mismatched = [k for k in expected if k in given and expected[k].shape != given[k].shape]

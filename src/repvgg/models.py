@@ -8,7 +8,8 @@ checkpoints and code port unchanged. Every named model is one configuration of :
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,8 @@ class RepVGG(nn.Module):
         strides: Sequence[int] = DEFAULT_STRIDES,
         block: str = "repvgg",
         layout: str = "repvgg",
+        output_stride: int | None = None,
+        dilation_mode: str = "full",
     ) -> None:
         super().__init__()
         block_design(block)  # an unknown design fails here, before any layer is built
@@ -89,6 +92,9 @@ class RepVGG(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.in_chans = in_chans
         self.strides = tuple(int(s) for s in strides)
+        self.output_stride = output_stride
+        self.dilation_mode = dilation_mode
+        stage_strides, stage_dilations = dilated_strides(self.strides, output_stride, dilation_mode)
         self.block = block
         self.layout = layout
         self.model_name: str | None = None
@@ -98,18 +104,20 @@ class RepVGG(nn.Module):
 
         widths = stage_widths(self.width_multiplier)
         self._layer_index = 0
-        self.stage0 = self._make_block(in_chans, widths[0], self.strides[0])
-        self.stage1 = self._make_stage(widths[0], widths[1], self.num_blocks[0], self.strides[1])
-        self.stage2 = self._make_stage(widths[1], widths[2], self.num_blocks[1], self.strides[2])
-        self.stage3 = self._make_stage(widths[2], widths[3], self.num_blocks[2], self.strides[3])
-        self.stage4 = self._make_stage(widths[3], widths[4], self.num_blocks[3], self.strides[4])
+        depths = (1, *self.num_blocks)
+        dilations = [stage_dilations[i](depths[i]) for i in range(5)]
+        self.stage0 = self._make_block(in_chans, widths[0], stage_strides[0])
+        self.stage1 = self._make_stage(widths[0], widths[1], stage_strides[1], dilations[1])
+        self.stage2 = self._make_stage(widths[1], widths[2], stage_strides[2], dilations[2])
+        self.stage3 = self._make_stage(widths[2], widths[3], stage_strides[3], dilations[3])
+        self.stage4 = self._make_stage(widths[3], widths[4], stage_strides[4], dilations[4])
         del self._layer_index
         self.num_features = widths[4]
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.num_classes = num_classes
         self.linear: nn.Module = self._make_head(num_classes)
 
-    def _make_block(self, in_planes: int, planes: int, stride: int) -> nn.Module:
+    def _make_block(self, in_planes: int, planes: int, stride: int, dilation: int = 1) -> nn.Module:
         """The next 3x3 layer; its groups come from ``override_groups_map`` by global layer index."""
         if self.layout == "residual_reorg":
             return _conv_bn_relu(in_planes, planes, stride)
@@ -118,7 +126,7 @@ class RepVGG(nn.Module):
             planes,
             kernel_size=3,
             stride=stride,
-            padding=1,
+            dilation=dilation,
             groups=self.override_groups_map.get(self._layer_index, 1),
             deploy=self.deploy,
             use_se=self.use_se,
@@ -127,12 +135,16 @@ class RepVGG(nn.Module):
         self._layer_index += 1
         return block
 
-    def _make_stage(self, in_planes: int, planes: int, depth: int, stride: int) -> nn.Sequential:
+    def _make_stage(self, in_planes: int, planes: int, stride: int, dilations: list[int]) -> nn.Sequential:
+        depth = len(dilations)
         if self.layout == "residual_reorg":
             return _residual_stage(in_planes, planes, depth, stride)
         strides = [stride] + [1] * (depth - 1)
         return nn.Sequential(
-            *(self._make_block(in_planes if i == 0 else planes, planes, s) for i, s in enumerate(strides))
+            *(
+                self._make_block(in_planes if i == 0 else planes, planes, s, d)
+                for i, (s, d) in enumerate(zip(strides, dilations, strict=True))
+            )
         )
 
     def _make_head(self, num_classes: int) -> nn.Module:
@@ -151,6 +163,8 @@ class RepVGG(nn.Module):
             "strides": list(self.strides),
             "block": self.block,
             "layout": self.layout,
+            "output_stride": self.output_stride,
+            "dilation_mode": self.dilation_mode,
         }
 
     def stages(self) -> list[nn.Module]:
@@ -182,6 +196,50 @@ class RepVGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+FAST_DILATED_LAYERS = 5  # the paper's "-fast" PSPNet backbones dilate only the network's last 5 layers
+
+
+def dilated_strides(
+    strides: Sequence[int], output_stride: int | None, mode: str = "full"
+) -> tuple[list[int], list[Callable[[int], list[int]]]]:
+    """Per-stage strides and, per stage, a function from its depth to its layers' dilations.
+
+    Strides of 2 are turned into 1, last stage first, until the total stride is ``output_stride``; every
+    later layer is dilated by the stride given up so far (2, then 4). With ``mode="fast"`` only the last
+    :data:`FAST_DILATED_LAYERS` layers of the network are dilated, the others keep dilation 1.
+    """
+    if mode not in ("full", "fast"):
+        raise ModelConfigError(f"dilation_mode must be 'full' or 'fast', got {mode!r}.")
+    new_strides = list(strides)
+    total = math.prod(new_strides)
+    if output_stride is not None:
+        if output_stride not in (8, 16, 32) or output_stride > total:
+            raise ModelConfigError(
+                f"output_stride must be 8, 16 or 32 and at most the model's total stride {total}; "
+                f"got {output_stride}."
+            )
+        for stage in range(4, 0, -1):
+            if total > output_stride and new_strides[stage] == 2:
+                new_strides[stage], total = 1, total // 2
+    rates, running = [], 1
+    for before, after in zip(strides, new_strides, strict=True):
+        running *= before // after
+        rates.append(running)
+
+    def layers(stage: int) -> Callable[[int], list[int]]:
+        def dilations(depth: int) -> list[int]:
+            rate = rates[stage]
+            if mode == "full" or rate == 1:
+                return [rate] * depth
+            later = sum(1 for s in range(stage + 1, 5) if rates[s] > 1)  # dilated layers after this stage
+            keep = max(0, FAST_DILATED_LAYERS - later)  # stage 4 is one layer in every registered model
+            return [1] * max(0, depth - keep) + [rate] * min(depth, keep)
+
+        return dilations
+
+    return new_strides, [layers(stage) for stage in range(5)]
 
 
 def _conv_bn_relu(in_planes: int, planes: int, stride: int) -> nn.Sequential:
@@ -320,15 +378,27 @@ def create_model(
     num_classes: int = 1000,
     deploy: bool = False,
     in_chans: int = 3,
+    features_only: bool = False,
     **options: Any,
 ) -> RepVGG:
     """Build a named model, in training form or (``deploy=True``) directly in its plain form.
 
     ``options`` are the other keyword arguments of :class:`RepVGG`: ``strides``, ``use_checkpoint``,
-    ``block`` (e.g. ``create_model("a0", block="qarepvgg")``), ``layout`` (``"residual_reorg"``).
+    ``block`` (e.g. ``create_model("a0", block="qarepvgg")``), ``layout`` (``"residual_reorg"``),
+    ``output_stride`` and ``dilation_mode``. ``features_only=True`` builds the headless
+    :class:`repvgg.backbone.RepVGGFeatures` (options ``out_indices``, ``frozen_stages``, ``norm_eval``).
     """
     key = canonical_name(name)
-    model = RepVGG(
+    architecture: type[RepVGG] = RepVGG
+    if features_only:
+        from repvgg.backbone import RepVGGFeatures
+
+        architecture = RepVGGFeatures
+    elif {"out_indices", "frozen_stages", "norm_eval"} & set(options):
+        raise ModelConfigError(
+            "out_indices, frozen_stages and norm_eval are backbone options: add features_only=True."
+        )
+    model = architecture(
         **MODEL_SPECS[key].constructor_kwargs(),
         num_classes=num_classes,
         deploy=deploy,

@@ -1,0 +1,80 @@
+"""RepVGG as a backbone: multi-scale features, dilation, frozen stages and frozen BatchNorm statistics.
+
+``create_model(name, features_only=True, out_indices=(1, 2, 3, 4), output_stride=8)`` returns a
+:class:`RepVGGFeatures`: the same network without its head, whose forward pass returns the outputs of the
+chosen stages. Its module names are the classifier's, so a classification checkpoint loads into it (the
+head is dropped with a warning), and :func:`repvgg.reparameterize` converts it like any RepVGG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from repvgg.exceptions import ModelConfigError
+from repvgg.models import RepVGG, dilated_strides, stage_widths
+
+
+class RepVGGFeatures(RepVGG):
+    """A headless RepVGG returning a list of stage outputs (stage 0 is the stem, 4 the last stage).
+
+    Args (besides :class:`RepVGG`'s):
+        out_indices: the stages whose outputs ``forward`` returns, in order.
+        frozen_stages: stages 0..k are frozen (no gradients, BatchNorm in eval mode); -1 freezes none.
+        norm_eval: keep every BatchNorm in eval mode while training (for small per-GPU batches).
+
+    ``feature_info`` lists ``{"num_chs", "reduction", "module"}`` per returned stage (timm's convention).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        out_indices: Sequence[int] = (1, 2, 3, 4),
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs["num_classes"] = 0
+        super().__init__(*args, **kwargs)
+        if not out_indices or any(i not in range(5) for i in out_indices):
+            raise ModelConfigError(f"out_indices must name stages 0-4, got {tuple(out_indices)}.")
+        if frozen_stages not in range(-1, 5):
+            raise ModelConfigError(f"frozen_stages must be -1 (none) or 0-4, got {frozen_stages}.")
+        self.out_indices = tuple(out_indices)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        widths = stage_widths(self.width_multiplier)
+        strides, _ = dilated_strides(self.strides, self.output_stride, self.dilation_mode)
+        reductions = [math.prod(strides[: stage + 1]) for stage in range(5)]
+        self.feature_info = [
+            {"num_chs": widths[i], "reduction": reductions[i], "module": f"stage{i}"}
+            for i in self.out_indices
+        ]
+        self._freeze()
+
+    def _freeze(self) -> None:
+        for stage in self.stages()[: self.frozen_stages + 1]:
+            for parameter in stage.parameters():
+                parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> RepVGGFeatures:
+        super().train(mode)
+        if mode:
+            for stage in self.stages()[: self.frozen_stages + 1]:
+                stage.eval()
+            if self.norm_eval:
+                for module in self.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        outputs = []
+        for index, stage in enumerate(self.stages()):
+            x = stage(x)
+            if index in self.out_indices:
+                outputs.append(x)
+        return outputs
