@@ -1,0 +1,64 @@
+"""Segmentation data (Fashion-MNIST mosaics, folder format) and `repvgg train-seg`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repvgg.cli import main
+from repvgg.exceptions import DataError
+from repvgg.segmentation_data import build_segmentation_data
+from tests.test_data import fake_fashion_mnist
+
+
+def test_fashion_mosaics_label_garment_pixels_with_their_class(tmp_path: Path) -> None:
+    root = fake_fashion_mnist(tmp_path / "fashion", train=16, test=8)
+    bundle = build_segmentation_data("fashion-mnist-seg", root)
+    assert bundle.num_classes == 11 and bundle.class_names[0] == "background" and bundle.in_chans == 1
+    assert len(bundle.train) == 4 and len(bundle.val) == 2
+    image, mask = bundle.val[1]
+    assert image.shape == (1, 56, 56) and mask.shape == (56, 56) and mask.dtype == torch.long
+    from repvgg.data import _fashion_mnist_split
+
+    images, labels = _fashion_mnist_split(root, train=False)
+    top_left = images[4][0]  # sample 1 holds images 4-7, the first at the top left
+    expected = (top_left > 0).long() * (int(labels[4]) + 1)
+    assert torch.equal(mask[:28, :28], expected)
+    assert torch.equal(bundle.val[1][0], image), "validation samples are deterministic"
+
+
+def test_folder_format_reads_image_and_mask_pairs(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((40, 50, 3), 100 * i, np.uint8)).save(
+                tmp_path / split / "images" / f"{i}.jpg"
+            )
+            Image.fromarray(np.full((40, 50), i, np.uint8)).save(tmp_path / split / "masks" / f"{i}.png")
+    bundle = build_segmentation_data("folder", tmp_path, num_classes=3, image_size=32)
+    image, mask = bundle.val[1]
+    assert image.shape == (3, 32, 32) and mask.shape == (32, 32) and set(mask.unique().tolist()) == {1}
+    (tmp_path / "val" / "masks" / "1.png").unlink()
+    with pytest.raises(DataError, match=r"has no mask for 1\.jpg"):
+        build_segmentation_data("folder", tmp_path, num_classes=3)
+    with pytest.raises(DataError, match=r"needs --data-dir .* and --num-classes"):
+        build_segmentation_data("folder", tmp_path)
+
+
+@pytest.mark.slow
+def test_train_seg_trains_converts_and_keeps_miou(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = fake_fashion_mnist(tmp_path / "fashion", train=64, test=32)
+    arguments = ["train-seg", "--data-dir", str(root), "--epochs", "1", "--batch-size", "4"]
+    arguments += ["--head-channels", "16", "--output", str(tmp_path / "run"), "--no-progress"]
+    assert main(arguments) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1: train loss" in out and "mIoU identical after conversion: True" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_form"]["miou"] == summary["deploy_form"]["miou"]
+    assert (tmp_path / "run" / "pspnet_deploy.safetensors").is_file()
