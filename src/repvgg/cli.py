@@ -268,7 +268,7 @@ def _bench(args: argparse.Namespace) -> int:
     protocol = dataclasses.replace(protocol, **{k: v for k, v in overrides.items() if v is not None})
     quick_models, quick_baselines = ["repvgg_a0", "repvgg_b0"], ["resnet18", "resnet34"]
     chosen = candidates(
-        args.models or (quick_models if args.quick else None),
+        args.models if args.models is not None else (quick_models if args.quick else None),
         forms=args.forms,
         baselines=args.baselines if args.baselines is not None else (quick_baselines if args.quick else None),
         timm_peers=not args.no_timm,
@@ -400,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick", action="store_true", help="A0/B0, ResNet-18/34, small batches: minutes on a CPU"
     )
-    bench.add_argument("--models", nargs="+", default=None, help="RepVGG models (default: all)")
+    bench.add_argument(
+        "--models", nargs="*", default=None, help="RepVGG models (default: all; none with a bare --models)"
+    )
     bench.add_argument(
         "--forms",
         nargs="+",
