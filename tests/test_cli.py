@@ -57,6 +57,14 @@ def test_errors_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert err.startswith("repvgg train: error: Unknown model 'repvgg_z9'") and "\n" not in err
 
 
+def test_cli_choices_name_the_library_s_blocks_and_backends() -> None:
+    from repvgg.blocks import BLOCK_DESIGNS
+    from repvgg.cli import BACKEND_CHOICES, BLOCK_CHOICES
+    from repvgg.inference import BACKEND_CHOICES as LIBRARY_BACKENDS
+
+    assert tuple(BLOCK_DESIGNS) == BLOCK_CHOICES and tuple(LIBRARY_BACKENDS) == BACKEND_CHOICES
+
+
 def test_python_dash_m_and_console_script_start_without_importing_torch() -> None:
     code = "import sys, repvgg.cli; repvgg.cli.build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

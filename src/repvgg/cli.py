@@ -298,6 +298,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 Command = Callable[[argparse.Namespace], int]
 BACKEND_CHOICES = ("auto", "eager", "inductor", "onnxruntime")  # repvgg.inference's, without importing torch
+# repvgg.blocks.BLOCK_DESIGNS's names, without importing torch (a test keeps the two equal)
+BLOCK_CHOICES = (
+    "repvgg",
+    "no_identity",
+    "no_1x1",
+    "plain",
+    "identity_no_bn",
+    "post_add_bn",
+    "relu_in_branch",
+    "diracnet",
+    "trivial",
+    "acb",
+    "qarepvgg",
+)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -313,8 +327,6 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, suppress: bool) -> N
 
 def _add_train_parser(commands: Any) -> None:
     """Flags default to 'not given', so that --config and --resume values are overridden only when given."""
-    from repvgg.blocks import BLOCK_DESIGNS
-
     train = commands.add_parser(
         "train",
         help="train a model with the paper's recipe, then convert and evaluate both forms",
@@ -332,7 +344,7 @@ def _add_train_parser(commands: Any) -> None:
     train.add_argument("--weight-decay", type=float, help="default 1e-4, with the authors' exclusions")
     train.add_argument(
         "--block",
-        choices=list(BLOCK_DESIGNS),
+        choices=BLOCK_CHOICES,
         help="training-time block design (default repvgg; qarepvgg quantizes well)",
     )
     train.add_argument(
