@@ -287,7 +287,8 @@ def predict(
     prepare = resolve_preprocessing(model, preprocessing)
     in_chans = getattr(model, "in_chans", 3)
     transform = prepare.transform()
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = "cuda" if torch.cuda.is_available() and not isinstance(model, QuantizedRepVGG) else "cpu"
+    target = torch.device(device or default)
     runner: nn.Module | None = None
     predictions: list[Prediction] = []
     bad: list[BadImage] = []
