@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # INT8 evidence (RESULTS.md): RepVGG-A0 and QARepVGG-A0 trained with the same schedule on Fashion-MNIST, then
 # evaluated in float32 and in INT8 (PTQ with per-channel and per-tensor weights, and QAT).
-# Usage: benchmarks/quantization_study.sh [RUN_PREFIX]   (default runs/quant; run folders RUN_PREFIX-<block>-a0-3ep)
+# Usage: [QAT=0] benchmarks/quantization_study.sh [RUN_PREFIX]   (default runs/quant: RUN_PREFIX-<block>-a0-3ep)
+# QAT=0 skips the quantization-aware fine-tuning.
 set -euo pipefail
 prefix=${1:-runs/quant}
 repvgg=${REPVGG:-.venv/bin/repvgg}
@@ -20,8 +21,10 @@ for block in repvgg qarepvgg; do
         echo "== $block: INT8 PTQ, $weights weights"
         "$repvgg" eval "$run/int8-$weights.safetensors" --data fashion-mnist
     done
-    "$repvgg" quantize "$run/model_train.safetensors" "$run/int8-qat.safetensors" --qat-epochs 1 \
-        --qat-subset 10000 --no-progress
-    echo "== $block: INT8 QAT (1 epoch on 10,000 images), per-channel weights"
-    "$repvgg" eval "$run/int8-qat.safetensors" --data fashion-mnist
+    if [ "${QAT:-1}" = 1 ]; then
+        "$repvgg" quantize "$run/model_train.safetensors" "$run/int8-qat.safetensors" --qat-epochs 1 \
+            --qat-subset 10000 --no-progress
+        echo "== $block: INT8 QAT (1 epoch on 10,000 images), per-channel weights"
+        "$repvgg" eval "$run/int8-qat.safetensors" --data fashion-mnist
+    fi
 done
