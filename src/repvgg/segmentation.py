@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from repvgg.backbone import RepVGGFeatures
 from repvgg.exceptions import ModelConfigError, TrainingError
 from repvgg.models import create_model
+from repvgg.segmentation_data import IGNORE_INDEX
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -129,7 +130,7 @@ def pspnet(
 
 
 def confusion_matrix(
-    predictions: Tensor, targets: Tensor, num_classes: int, ignore_index: int = 255
+    predictions: Tensor, targets: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> Tensor:
     """Pixel counts per (true class, predicted class), ignoring pixels labelled ``ignore_index``."""
     keep = targets != ignore_index
@@ -196,7 +197,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
 
     from repvgg.checkpoints import save_checkpoint
     from repvgg.reparam import reparameterize
-    from repvgg.segmentation_data import IGNORE_INDEX, build_segmentation_data
+    from repvgg.segmentation_data import build_segmentation_data
 
     torch.manual_seed(config.seed)
     bundle = build_segmentation_data(
