@@ -61,4 +61,5 @@ def test_train_seg_trains_converts_and_keeps_miou(tmp_path: Path, capsys: pytest
     assert "epoch 1/1: train loss" in out and "mIoU identical after conversion: True" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["train_form"]["miou"] == summary["deploy_form"]["miou"]
+    assert summary["changed_pixels"] == 0
     assert (tmp_path / "run" / "pspnet_deploy.safetensors").is_file()

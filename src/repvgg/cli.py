@@ -228,7 +228,10 @@ def _train_seg(args: argparse.Namespace) -> int:
             f"{form.replace('_', ' ')}: mIoU {result['miou']:.2f}%, pixel accuracy "
             f"{result['pixel_accuracy']:.2f}%, {result['images_per_s']:.0f} img/s"
         )
-    print(f"mIoU identical after conversion: {summary['miou_identical']}; saved in {args.output}")
+    print(
+        f"mIoU identical after conversion: {summary['miou_identical']} "
+        f"({summary['changed_pixels']} pixels labelled differently); saved in {args.output}"
+    )
     return 0
 
 

@@ -191,6 +191,12 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader[Any], num_classes
     }
 
 
+@torch.inference_mode()
+def changed_pixels(model: nn.Module, deployed: nn.Module, loader: DataLoader[Any]) -> int:
+    """How many pixels of ``loader`` the two forms of a segmenter label differently (0 when exact)."""
+    return sum(int((model(images).argmax(1) != deployed(images).argmax(1)).sum()) for images, _ in loader)
+
+
 def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     """Train PSPNet-RepVGG with SGD and the poly schedule, then convert it and evaluate both forms."""
     from tqdm import tqdm
@@ -273,6 +279,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
         "train_form": trained,
         "deploy_form": deployed,
         "miou_identical": trained["miou"] == deployed["miou"],
+        "changed_pixels": changed_pixels(model, deployed_model, val_loader),
     }
     save_checkpoint(model, output / "pspnet_train.safetensors", class_names=bundle.class_names)
     save_checkpoint(deployed_model, output / "pspnet_deploy.safetensors", class_names=bundle.class_names)
