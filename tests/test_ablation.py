@@ -30,6 +30,9 @@ def test_a_study_trains_every_variant_and_seed_then_resumes_instead_of_starting_
     assert set(rows) == {"repvgg", "plain", "relu_in_branch"}
     assert rows["repvgg"]["seeds"] == 2 and len(rows["repvgg"]["train_top1"]) == 2
     assert abs(rows["repvgg"]["train_top1_mean"] - rows["repvgg"]["deploy_top1_mean"]) <= 0.01
+    assert rows["repvgg"]["vs_reference_mean"] == 0 and rows["repvgg"]["vs_reference_std"] == 0
+    plain, ours = rows["plain"]["train_top1"], rows["repvgg"]["train_top1"]
+    assert rows["plain"]["vs_reference_mean"] == pytest.approx((plain[0] - ours[0] + plain[1] - ours[1]) / 2)
     assert rows["relu_in_branch"]["deploy_top1_mean"] is None
     assert rows["relu_in_branch"]["deploy_examples_per_s"] is None
     assert rows["plain"]["train_examples_per_s"] > 0 and rows["plain"]["deploy_examples_per_s"] > 0
@@ -39,7 +42,7 @@ def test_a_study_trains_every_variant_and_seed_then_resumes_instead_of_starting_
     assert main(arguments) == 0
     out = capsys.readouterr().out
     assert "plain, seed 1: resuming" in out and ": training" not in out
-    assert "| variant | top-1 as trained |" in (study / "ablation.md").read_text()
+    assert "| variant | top-1 as trained | per seed | vs repvgg |" in (study / "ablation.md").read_text()
 
 
 def test_unknown_variants_and_seeds_are_explained(tmp_path: Path) -> None:

@@ -129,6 +129,10 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
             speed = time_forms(output / variant / "seed0" / "model_train.safetensors", config.speed_batch)
             speed_file.write_text(json.dumps(speed, indent=2) + "\n")
         rows.append(_row(variant, summaries, json.loads(speed_file.read_text())))
+    for row in rows:
+        row["vs_reference_mean"], row["vs_reference_std"] = _mean_std(
+            [ours - theirs for ours, theirs in zip(row["train_top1"], rows[0]["train_top1"], strict=True)]
+        )
     report = {"config": dataclasses.asdict(config), "rows": rows}
     (output / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
     (output / "ablation.md").write_text(markdown_table(report))
@@ -159,13 +163,16 @@ def _row(variant: str, summaries: list[dict[str, Any]], speed: dict[str, Any]) -
 
 def markdown_table(report: dict[str, Any]) -> str:
     config = report["config"]
+    reference = report["rows"][0]["variant"]
     lines = [
         f"{config['model']} on {config['data']}, {config['epochs']} epochs, batch {config['batch_size']}, "
-        f"{config['seeds']} seeds (0..{config['seeds'] - 1}); top-1 as mean +- std over seeds; speed in "
-        f"examples/s at batch {config['speed_batch']} (seed 0's model, interleaved).",
+        f"{config['seeds']} seeds (0..{config['seeds'] - 1}); top-1 as mean +- std over seeds; "
+        f"'vs {reference}': the per-seed difference from {reference} (same seed, same data order), mean +- "
+        f"std; speed in examples/s at batch {config['speed_batch']} (seed 0's model, interleaved).",
         "",
-        "| variant | top-1 as trained | top-1 converted | examples/s as trained | examples/s converted |",
-        "|---|---:|---:|---:|---:|",
+        f"| variant | top-1 as trained | per seed | vs {reference} | top-1 converted | examples/s as trained "
+        "| examples/s converted |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sorted(report["rows"], key=lambda r: -r["train_top1_mean"]):
         converted = (
@@ -175,8 +182,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         )
         deploy_speed = row["deploy_examples_per_s"]
         trained = f"{row['train_top1_mean']:.2f} +- {row['train_top1_std']:.2f}"
+        per_seed = ", ".join(f"{top1:.2f}" for top1 in row["train_top1"])
+        versus = f"{row['vs_reference_mean']:+.2f} +- {row['vs_reference_std']:.2f}"
         lines.append(
-            f"| {row['variant']} | {trained} | {converted} | {row['train_examples_per_s']:.0f} | "
-            f"{f'{deploy_speed:.0f}' if deploy_speed else '-'} |"
+            f"| {row['variant']} | {trained} | {per_seed} | {versus} | {converted} | "
+            f"{row['train_examples_per_s']:.0f} | {f'{deploy_speed:.0f}' if deploy_speed else '-'} |"
         )
     return "\n".join(lines) + "\n"
