@@ -222,11 +222,13 @@ def _train_seg(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress")}
     summary = train_segmentation(SegTrainConfig(**options, progress=not args.no_progress))
+    speed = summary["speed"]
     for form in ("train_form", "deploy_form"):
         result = summary[form]
         print(
             f"{form.replace('_', ' ')}: mIoU {result['miou']:.2f}%, pixel accuracy "
-            f"{result['pixel_accuracy']:.2f}%, {result['images_per_s']:.0f} img/s"
+            f"{result['pixel_accuracy']:.2f}%, {speed[f'{form}_images_per_s']:.0f} img/s "
+            f"(batch {speed['batch']})"
         )
     print(
         f"mIoU identical after conversion: {summary['miou_identical']} "

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from repvgg.backbone import RepVGGFeatures
+from repvgg.benchmark import compare_throughput
 from repvgg.exceptions import ModelConfigError, TrainingError
 from repvgg.models import create_model
 from repvgg.segmentation_data import IGNORE_INDEX
@@ -173,28 +174,30 @@ class SegTrainConfig:
 
 @torch.inference_mode()
 def evaluate_segmentation(model: nn.Module, loader: DataLoader[Any], num_classes: int) -> dict[str, float]:
-    """mIoU and pixel accuracy (percent) and images/s of ``model`` on ``loader``."""
+    """mIoU and pixel accuracy (percent) of ``model`` on ``loader``."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    images_seen, seconds = 0, 0.0
     for images, masks in loader:
-        start = time.perf_counter()
-        predictions = model(images).argmax(1)
-        seconds += time.perf_counter() - start
-        confusion += confusion_matrix(predictions, masks, num_classes)
-        images_seen += len(images)
+        confusion += confusion_matrix(model(images).argmax(1), masks, num_classes)
     pixel_accuracy = float(confusion.diagonal().sum() / confusion.sum().clamp_min(1) * 100)
-    return {
-        "miou": mean_iou(confusion),
-        "pixel_accuracy": pixel_accuracy,
-        "images_per_s": images_seen / seconds if seconds else 0.0,
-    }
+    return {"miou": mean_iou(confusion), "pixel_accuracy": pixel_accuracy}
 
 
 @torch.inference_mode()
 def changed_pixels(model: nn.Module, deployed: nn.Module, loader: DataLoader[Any]) -> int:
     """How many pixels of ``loader`` the two forms of a segmenter label differently (0 when exact)."""
     return sum(int((model(images).argmax(1) != deployed(images).argmax(1)).sum()) for images, _ in loader)
+
+
+@torch.inference_mode()
+def time_both_forms(model: nn.Module, deployed: nn.Module, images: Tensor) -> dict[str, float]:
+    """Images/s of the training-time and the deployed segmenter on one batch, timed interleaved."""
+    measured = compare_throughput({"train_form": model, "deploy_form": deployed}, images, repeats=20)
+    return {
+        "batch": len(images),
+        "train_form_images_per_s": measured["train_form"].images_per_s,
+        "deploy_form_images_per_s": measured["deploy_form"].images_per_s,
+    }
 
 
 def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
@@ -243,6 +246,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     for epoch in range(1, config.epochs + 1):
         model.train()
         losses = []
+        started = time.perf_counter()
         bar = tqdm(
             train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
         )
@@ -258,14 +262,21 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
             poly.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        record = {"epoch": epoch, "train_loss": sum(losses) / len(losses)}
+        seconds = time.perf_counter() - started
+        record = {
+            "epoch": epoch,
+            "train_loss": sum(losses) / len(losses),
+            "train_images_per_s": len(losses) * config.batch_size / seconds,
+            "epoch_seconds": seconds,
+        }
         record.update(
             {f"val_{k}": v for k, v in evaluate_segmentation(model, val_loader, bundle.num_classes).items()}
         )
         records.append(record)
         print(
             f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-            f"val mIoU {record['val_miou']:.2f}%, pixel accuracy {record['val_pixel_accuracy']:.2f}%",
+            f"val mIoU {record['val_miou']:.2f}%, pixel accuracy {record['val_pixel_accuracy']:.2f}%, "
+            f"{record['train_images_per_s']:.0f} img/s",
             flush=True,
         )
     (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -280,6 +291,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
         "deploy_form": deployed,
         "miou_identical": trained["miou"] == deployed["miou"],
         "changed_pixels": changed_pixels(model, deployed_model, val_loader),
+        "speed": time_both_forms(model, deployed_model, next(iter(val_loader))[0]),
     }
     save_checkpoint(model, output / "pspnet_train.safetensors", class_names=bundle.class_names)
     save_checkpoint(deployed_model, output / "pspnet_deploy.safetensors", class_names=bundle.class_names)
