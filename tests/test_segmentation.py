@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+import repvgg
 from repvgg.cli import main
-from repvgg.exceptions import DataError
+from repvgg.exceptions import DataError, RepVGGWarning
 from repvgg.segmentation_data import build_segmentation_data
 from tests.test_data import fake_fashion_mnist
 
@@ -67,3 +69,25 @@ def test_train_seg_trains_converts_and_keeps_miou(tmp_path: Path, capsys: pytest
         speed["batch"] == 4 and speed["train_form_images_per_s"] > 0 and speed["deploy_form_images_per_s"] > 0
     )
     assert (tmp_path / "run" / "pspnet_deploy.safetensors").is_file()
+
+
+def test_train_seg_starts_the_backbone_from_a_classification_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = fake_fashion_mnist(tmp_path / "fashion", train=32, test=16)
+    classifier = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=1)
+    weights = repvgg.save_checkpoint(classifier, tmp_path / "a0.safetensors")
+    arguments = ["train-seg", "--data-dir", str(root), "--epochs", "1", "--batch-size", "4", "--lr", "0"]
+    arguments += ["--head-channels", "16", "--output", str(tmp_path / "run"), "--no-progress"]
+    with pytest.warns(RepVGGWarning, match="classifier head .* was dropped"):
+        assert main([*arguments, "--backbone-weights", str(weights)]) == 0
+    trained = load_file(tmp_path / "run" / "pspnet_train.safetensors")
+    kernels = {name: value for name, value in classifier.state_dict().items() if name.endswith("conv.weight")}
+    assert len(kernels) > 20  # with --lr 0 every backbone kernel is still the classifier's
+    for name, value in kernels.items():
+        assert torch.equal(trained[f"backbone.{name}"], value), name
+    rgb = repvgg.save_checkpoint(repvgg.create_model("repvgg_a0"), tmp_path / "rgb.safetensors")
+    capsys.readouterr()
+    with pytest.warns(RepVGGWarning, match="classifier head"):
+        assert main([*arguments, "--backbone-weights", str(rgb), "--output", str(tmp_path / "run2")]) == 2
+    assert "error:" in capsys.readouterr().err

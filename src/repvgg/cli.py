@@ -516,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dilation-mode", choices=("full", "fast"), default="full")
     seg.add_argument("--head-channels", type=int, default=128)
     seg.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary head loss weight (0: none)")
+    seg.add_argument(
+        "--backbone-weights", default=None, help="start the backbone from a classification checkpoint"
+    )
     seg.add_argument("--train-subset", type=int, default=None)
     seg.add_argument("--val-subset", type=int, default=None)
     seg.add_argument("--seed", type=int, default=0)

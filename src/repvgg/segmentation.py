@@ -165,6 +165,7 @@ class SegTrainConfig:
     dilation_mode: str = "full"
     head_channels: int = 128
     aux_weight: float = 0.4
+    backbone_weights: str | None = None  # a classification checkpoint; its head is dropped with a note
     train_subset: int | None = None
     val_subset: int | None = None
     seed: int = 0
@@ -204,7 +205,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     """Train PSPNet-RepVGG with SGD and the poly schedule, then convert it and evaluate both forms."""
     from tqdm import tqdm
 
-    from repvgg.checkpoints import save_checkpoint
+    from repvgg.checkpoints import load_checkpoint, save_checkpoint
     from repvgg.reparam import reparameterize
     from repvgg.segmentation_data import build_segmentation_data
 
@@ -227,6 +228,8 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
         head_channels=config.head_channels,
         aux_weight=config.aux_weight,
     )
+    if config.backbone_weights is not None:
+        load_checkpoint(config.backbone_weights, model.backbone)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
