@@ -164,8 +164,9 @@ def _row(variant: str, summaries: list[dict[str, Any]], speed: dict[str, Any]) -
 def markdown_table(report: dict[str, Any]) -> str:
     config = report["config"]
     reference = report["rows"][0]["variant"]
+    epochs = f"{config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}"
     lines = [
-        f"{config['model']} on {config['data']}, {config['epochs']} epochs, batch {config['batch_size']}, "
+        f"{config['model']} on {config['data']}, {epochs}, batch {config['batch_size']}, "
         f"{config['seeds']} seeds (0..{config['seeds'] - 1}); top-1 as mean +- std over seeds; "
         f"'vs {reference}': the per-seed difference from {reference} (same seed, same data order), mean +- "
         f"std; speed in examples/s at batch {config['speed_batch']} (seed 0's model, interleaved).",
