@@ -11,7 +11,7 @@ from torch import nn
 import repvgg
 from repvgg.backbone import RepVGGFeatures
 from repvgg.exceptions import ModelConfigError, RepVGGWarning
-from repvgg.segmentation import confusion_matrix, mean_iou, pspnet
+from repvgg.segmentation import class_iou, confusion_matrix, mean_iou, pspnet
 from tests.helpers import relative_error
 
 SMALL = {"num_blocks": [1, 1, 6, 1], "width_multiplier": [0.25, 0.25, 0.25, 0.5]}
@@ -98,6 +98,7 @@ def test_mean_iou_of_known_masks() -> None:
     prediction = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 1]])
     # class 0: 1 / 2, class 1: 2 / 3, class 2: 2 / 2; the 255 pixels are ignored
     assert mean_iou(confusion_matrix(prediction, target, 3)) == pytest.approx(100 * (1 / 2 + 2 / 3 + 1) / 3)
+    assert class_iou(confusion_matrix(prediction, target, 4)) == pytest.approx([50, 100 * 2 / 3, 100, None])
 
 
 @pytest.mark.slow

@@ -64,6 +64,8 @@ def test_train_seg_trains_converts_and_keeps_miou(tmp_path: Path, capsys: pytest
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["train_form"]["miou"] == summary["deploy_form"]["miou"]
     assert summary["changed_pixels"] == 0
+    assert summary["class_names"][:2] == ["background", "T-shirt/top"]
+    assert len(summary["deploy_form"]["class_iou"]) == 11 and "IoU per class: background " in out
     speed = summary["speed"]
     assert (
         speed["batch"] == 4 and speed["train_form_images_per_s"] > 0 and speed["deploy_form_images_per_s"] > 0

@@ -230,6 +230,10 @@ def _train_seg(args: argparse.Namespace) -> int:
             f"{result['pixel_accuracy']:.2f}%, {speed[f'{form}_images_per_s']:.0f} img/s "
             f"(batch {speed['batch']})"
         )
+    per_class = zip(summary["class_names"], summary["deploy_form"]["class_iou"], strict=True)
+    print(
+        "IoU per class: " + ", ".join(f"{n} {'-' if iou is None else f'{iou:.1f}'}" for n, iou in per_class)
+    )
     print(
         f"mIoU identical after conversion: {summary['miou_identical']} "
         f"({summary['changed_pixels']} pixels labelled differently); saved in {args.output}"

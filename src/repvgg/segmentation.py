@@ -139,13 +139,18 @@ def confusion_matrix(
     return torch.bincount(pairs, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def mean_iou(confusion: Tensor) -> float:
-    """Mean over the classes present (in truth or prediction) of intersection / union, in percent."""
+def class_iou(confusion: Tensor) -> list[float | None]:
+    """Intersection / union of each class in percent; None for a class absent from truth and prediction."""
     confusion = confusion.double()
     intersection = confusion.diagonal()
     union = confusion.sum(0) + confusion.sum(1) - intersection
-    present = union > 0
-    return float((intersection[present] / union[present]).mean() * 100) if present.any() else 0.0
+    return [float(i / u * 100) if u > 0 else None for i, u in zip(intersection, union, strict=True)]
+
+
+def mean_iou(confusion: Tensor) -> float:
+    """Mean over the classes present (in truth or prediction) of intersection / union, in percent."""
+    present = [iou for iou in class_iou(confusion) if iou is not None]
+    return sum(present) / len(present) if present else 0.0
 
 
 @dataclass
@@ -174,14 +179,14 @@ class SegTrainConfig:
 
 
 @torch.inference_mode()
-def evaluate_segmentation(model: nn.Module, loader: DataLoader[Any], num_classes: int) -> dict[str, float]:
-    """mIoU and pixel accuracy (percent) of ``model`` on ``loader``."""
+def evaluate_segmentation(model: nn.Module, loader: DataLoader[Any], num_classes: int) -> dict[str, Any]:
+    """mIoU, pixel accuracy and the IoU of each class (percent) of ``model`` on ``loader``."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for images, masks in loader:
         confusion += confusion_matrix(model(images).argmax(1), masks, num_classes)
     pixel_accuracy = float(confusion.diagonal().sum() / confusion.sum().clamp_min(1) * 100)
-    return {"miou": mean_iou(confusion), "pixel_accuracy": pixel_accuracy}
+    return {"miou": mean_iou(confusion), "pixel_accuracy": pixel_accuracy, "class_iou": class_iou(confusion)}
 
 
 @torch.inference_mode()
@@ -290,6 +295,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
         "model": config.model,
         "data": config.data,
         "epochs": config.epochs,
+        "class_names": bundle.class_names,
         "train_form": trained,
         "deploy_form": deployed,
         "miou_identical": trained["miou"] == deployed["miou"],
