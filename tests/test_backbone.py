@@ -11,7 +11,7 @@ from torch import nn
 import repvgg
 from repvgg.backbone import RepVGGFeatures
 from repvgg.exceptions import ModelConfigError, RepVGGWarning
-from repvgg.segmentation import class_iou, confusion_matrix, mean_iou, pspnet
+from repvgg.segmentation import class_iou, confusion_matrix, evaluate_forms, mean_iou, pspnet
 from tests.helpers import relative_error
 
 SMALL = {"num_blocks": [1, 1, 6, 1], "width_multiplier": [0.25, 0.25, 0.25, 0.5]}
@@ -99,6 +99,24 @@ def test_mean_iou_of_known_masks() -> None:
     # class 0: 1 / 2, class 1: 2 / 3, class 2: 2 / 2; the 255 pixels are ignored
     assert mean_iou(confusion_matrix(prediction, target, 3)) == pytest.approx(100 * (1 / 2 + 2 / 3 + 1) / 3)
     assert class_iou(confusion_matrix(prediction, target, 4)) == pytest.approx([50, 100 * 2 / 3, 100, None])
+
+
+def test_evaluate_forms_scores_each_model_and_counts_the_pixels_they_disagree_on() -> None:
+    class Fixed(nn.Module):
+        def __init__(self, labels: torch.Tensor) -> None:
+            super().__init__()
+            self.logits = nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.logits
+
+    masks = torch.tensor([[[0, 1], [1, 1]]])
+    loader = [(torch.zeros(1, 1, 2, 2), masks)]
+    right, one_off = Fixed(masks), Fixed(torch.tensor([[[0, 1], [1, 0]]]))
+    metrics, disagreeing = evaluate_forms({"a": right, "b": one_off, "c": right}, loader, 2)  # type: ignore[arg-type]
+    assert disagreeing == 1
+    assert metrics["a"]["miou"] == 100 and metrics["c"] == metrics["a"]
+    assert metrics["b"]["pixel_accuracy"] == 75 and metrics["b"]["class_iou"] == pytest.approx([50, 200 / 3])
 
 
 @pytest.mark.slow
