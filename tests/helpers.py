@@ -5,14 +5,10 @@ from __future__ import annotations
 import torch
 
 import repvgg
-from repvgg.data import PREPROCESSING_PRESETS
+from repvgg.core.info import PREPROCESSING_PRESETS
+from repvgg.core.reparam import relative_error
 
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| relative to max |expected|: the project's measure of agreement."""
-    actual, expected = actual.detach(), expected.detach()
-    error, scale = float((actual - expected).abs().max()), float(expected.abs().max())
-    return error / scale if scale > 0 else error
+__all__ = ["SMALL", "STRIDES", "relative_error", "small_model", "trained_looking"]
 
 
 def trained_looking(name: str, **kwargs: object) -> repvgg.RepVGG:
@@ -34,5 +30,5 @@ def small_model(seed: int = 1, **kwargs: object) -> repvgg.RepVGG:
         model = repvgg.RepVGG(**options)  # type: ignore[arg-type]
     repvgg.randomize_batchnorm_(model, seed=seed)
     model.class_names = [f"class {i}" for i in range(model.num_classes)]
-    model.preprocessing = PREPROCESSING_PRESETS["fashion-mnist"].as_dict()
+    model.preprocessing = PREPROCESSING_PRESETS["fashion-mnist"]
     return model.eval()

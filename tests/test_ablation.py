@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from repvgg.ablation import AblationConfig, run_ablation
+import repvgg
 from repvgg.cli import main
 from repvgg.exceptions import ModelConfigError
+from repvgg.studies.ablation import AblationConfig, ResidualReorg, run_ablation
 from tests.test_data import fake_fashion_mnist
 
 
@@ -48,5 +50,23 @@ def test_a_study_trains_every_variant_and_seed_then_resumes_instead_of_starting_
 def test_unknown_variants_and_seeds_are_explained(tmp_path: Path) -> None:
     with pytest.raises(ModelConfigError, match="Unknown variant 'resnet'"):
         run_ablation(AblationConfig(variants=["resnet"], output=str(tmp_path)))
-    with pytest.raises(ModelConfigError, match="--seeds must be at least 1"):
+    with pytest.raises(ModelConfigError, match="`seeds` must be at least 1"):
         run_ablation(AblationConfig(seeds=0, output=str(tmp_path)))
+
+
+def test_residual_reorg_pairs_the_layers_into_basic_blocks_outside_the_core() -> None:
+    from torchvision.models.resnet import BasicBlock
+
+    model = ResidualReorg("repvgg_b0", num_classes=10)
+    stages = [model.stage1, model.stage2, model.stage3, model.stage4]
+    blocks = [sum(isinstance(m, BasicBlock) for m in stage.modules()) for stage in stages[1:4]]
+    assert blocks == [2, 3, 8], "the paper's Table 7 baseline: stages 2-4 of B0 with 2, 3, 8 blocks"
+    assert not any(isinstance(m, repvgg.RepVGGBlock) for m in model.modules())
+    assert model.info.form == "none" and model.info.module_type == "ResidualReorg"
+    assert model.eval()(torch.randn(2, 3, 64, 48)).shape == (2, 10)
+    with pytest.raises(repvgg.ConversionError, match="contains no RepVGG blocks"):
+        repvgg.reparameterize(model)
+    with pytest.raises(ModelConfigError, match="no SE and no grouped layers"):
+        ResidualReorg("repvgg_b1g2", num_classes=10)
+    with pytest.raises(TypeError):
+        repvgg.create_model("repvgg_a0", layout="residual_reorg")  # not a RepVGG option any more

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import repvgg
-from repvgg.backbone import RepVGGFeatures
+from repvgg.core.backbone import RepVGGFeatures
 from repvgg.exceptions import ModelConfigError, RepVGGWarning
-from repvgg.segmentation import class_iou, confusion_matrix, evaluate_forms, mean_iou, pspnet
+from repvgg.studies.segmentation import class_iou, confusion_matrix, evaluate_forms, mean_iou, pspnet
 from tests.helpers import relative_error
 
 SMALL = {"num_blocks": [1, 1, 6, 1], "width_multiplier": [0.25, 0.25, 0.25, 0.5]}

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from repvgg.bench import (
+from repvgg.cli import main
+from repvgg.exceptions import ModelConfigError
+from repvgg.studies.bench import (
     TORCHVISION_BASELINES,
     Protocol,
     build,
@@ -20,8 +22,6 @@ from repvgg.bench import (
     run_bench,
     write_reports,
 )
-from repvgg.cli import main
-from repvgg.exceptions import ModelConfigError
 
 TINY = Protocol("cpu", batch_size=1, image_size=32, warmup=0, batches=1, rounds=2)
 

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from repvgg import ModelConfigError, RepVGGBlock, SEBlock
-from repvgg.blocks import BLOCK_DESIGNS
+from repvgg.core.blocks import BLOCK_DESIGNS
+from repvgg.core.fusion import ConvBN, IdentityPlusConv
+from repvgg.core.reparam import randomize_batchnorm_
 from repvgg.exceptions import ConversionError
-from repvgg.fusion import ConvBN, IdentityPlusConv
-from repvgg.reparam import randomize_batchnorm_
 from tests.helpers import relative_error
 
 CONVERTIBLE = [name for name, design in BLOCK_DESIGNS.items() if design.convertible]

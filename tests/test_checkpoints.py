@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import repvgg
 from repvgg import CheckpointError
-from repvgg.formats import convert_state_dict, detect_format
+from repvgg.io.formats import convert_state_dict, detect_format
 from tests.helpers import relative_error, trained_looking
 
 X = torch.randn(2, 3, 64, 56)
@@ -80,7 +80,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("repvgg.checkpoints.save_file", fail)
+    monkeypatch.setattr("repvgg.io.checkpoints.save_file", fail)
     with pytest.raises(CheckpointError, match="No space left"):
         repvgg.save_checkpoint(model, path)
     assert path.read_bytes() == before

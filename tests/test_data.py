@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from repvgg.data import (
+from repvgg.engine.data import (
     FASHION_MNIST_DIR,
     BadImage,
     build_data,
@@ -97,7 +97,7 @@ def test_cifar10_batches_never_unpickle_code(tmp_path: Path) -> None:
 
 
 def test_cifar10_needs_a_folder(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="needs --data-dir"):
+    with pytest.raises(DataError, match="needs `data_dir`"):
         build_data("cifar10")
     with pytest.raises(DataError, match="No CIFAR-10 python batches"):
         build_data("cifar10", tmp_path)
@@ -137,7 +137,7 @@ def test_unreadable_image_is_reported_not_raised_in_the_worker(tmp_path: Path) -
 
 
 def test_image_folder_layout_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="needs --data-dir"):
+    with pytest.raises(DataError, match="needs `data_dir`"):
         build_data("imagefolder")
     with pytest.raises(DataError, match="has no train/ folder"):
         build_data("imagefolder", tmp_path)

@@ -50,10 +50,11 @@ def test_two_processes_train_and_end_with_identical_weights(tmp_path: Path) -> N
 
 
 def test_sync_bn_on_cpu_is_explained(tmp_path: Path) -> None:
-    from repvgg.distributed import DistContext
+    from repvgg.engine.config import TrainConfig
+    from repvgg.engine.distributed import DistContext
+    from repvgg.engine.training import ClassificationRun
     from repvgg.exceptions import TrainingError
-    from repvgg.training import TrainConfig, Trainer
 
     config = TrainConfig(data_dir=str(fake_fashion_mnist(tmp_path)), sync_bn=True, output=str(tmp_path / "r"))
-    with pytest.raises(TrainingError, match="--sync-bn needs CUDA"):
-        Trainer(config, DistContext())
+    with pytest.raises(TrainingError, match="`sync_bn` needs CUDA"):
+        ClassificationRun(config, DistContext())

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repvgg.core.fusion import ConvBN, branch_kernel_bias, fuse_conv_bn, identity_kernel, pad_kernel
+from repvgg.core.reparam import randomize_batchnorm_
 from repvgg.exceptions import ConversionError
-from repvgg.fusion import ConvBN, branch_kernel_bias, fuse_conv_bn, identity_kernel, pad_kernel
-from repvgg.reparam import randomize_batchnorm_
 
 DOUBLE = {"dtype": torch.float64, "device": torch.device("cpu")}
 

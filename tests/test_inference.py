@@ -10,9 +10,11 @@ import torch
 
 import repvgg
 from repvgg.cli import main
-from repvgg.data import build_data, write_sample_images
+from repvgg.engine.data import build_data, write_sample_images
+from repvgg.engine.evaluation import evaluate_checkpoint
 from repvgg.exceptions import DataError, InferenceError
-from repvgg.inference import BACKENDS, evaluate_checkpoint, optimize, predict
+from repvgg.runtime.optimize import BACKENDS, optimize
+from repvgg.runtime.predict import predict
 from tests.helpers import relative_error, small_model
 from tests.test_data import fake_fashion_mnist
 
@@ -29,7 +31,7 @@ def test_every_backend_matches_the_training_form(backend: str) -> None:
     other = torch.randn(3, 1, 28, 28)  # another batch size than the example's
     with torch.no_grad():
         assert relative_error(optimized(other), model(other)) < 1e-4
-    assert optimized.class_names == model.class_names and optimized.in_chans == 1
+    assert optimized.info == model.info and optimized.info.in_chans == 1
 
 
 @pytest.mark.slow
@@ -46,9 +48,9 @@ def test_a_failing_backend_is_skipped_by_auto_and_named_when_asked_for(
     def broken(*args: object) -> None:
         raise RuntimeError("no C++ compiler found\nmore details")
 
-    monkeypatch.setitem(repvgg.inference._BUILDERS, "inductor", broken)
+    monkeypatch.setitem(repvgg.runtime.optimize._BUILDERS, "inductor", broken)
     monkeypatch.setitem(
-        repvgg.inference._BUILDERS, "onnxruntime", lambda m, s, e: lambda x: torch.zeros(len(x), 10)
+        repvgg.runtime.optimize._BUILDERS, "onnxruntime", lambda m, s, e: lambda x: torch.zeros(len(x), 10)
     )
     inputs = torch.randn(2, 1, 28, 28)
     optimized = optimize(small_model(), "auto", example_input=inputs)

@@ -8,10 +8,10 @@ from torch import nn
 
 import repvgg
 from repvgg import ModelConfigError, RepVGG, RepVGGBlock
-from repvgg.benchmark import count_macs, count_parameters
+from repvgg.runtime.measure import count_macs, count_parameters
 from tests.helpers import relative_error, trained_looking
 
-# SPEC.md section 2: counted on the authors' code (train params, deploy params, GMACs at 224).
+# Counted on the authors' repvgg.py (their RepVGG constructor): train params, deploy params, GMACs at 224.
 SPEC_COUNTS = {
     "repvgg_a0": (9_108_968, 8_309_384, 1.361),
     "repvgg_a1": (14_092_264, 12_789_864, 2.364),
@@ -163,21 +163,3 @@ def test_deploy_model_body_is_only_conv_and_relu() -> None:
         nn.AdaptiveAvgPool2d,
         nn.Linear,
     }
-
-
-def test_residual_reorg_layout_pairs_the_layers_into_basic_blocks() -> None:
-    from torchvision.models.resnet import BasicBlock
-
-    model = repvgg.create_model("repvgg_b0", num_classes=10, layout="residual_reorg")
-    blocks = [sum(isinstance(m, BasicBlock) for m in stage.modules()) for stage in model.stages()[1:4]]
-    assert blocks == [2, 3, 8], "the paper's Table 7 baseline: stages 2-4 of B0 with 2, 3, 8 blocks"
-    assert not any(isinstance(m, repvgg.RepVGGBlock) for m in model.modules())
-    assert model.config["layout"] == "residual_reorg"
-    out = model.eval()(torch.randn(2, 3, 64, 48))
-    assert out.shape == (2, 10)
-    with pytest.raises(repvgg.ConversionError, match="contains no RepVGG blocks"):
-        repvgg.reparameterize(model)
-    with pytest.raises(ModelConfigError, match="no deploy form"):
-        repvgg.create_model("repvgg_a0", layout="residual_reorg", deploy=True)
-    with pytest.raises(ModelConfigError, match="Unknown layout 'resnet'"):
-        repvgg.create_model("repvgg_a0", layout="resnet")

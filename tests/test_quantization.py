@@ -8,20 +8,17 @@ import pytest
 import torch
 
 import repvgg
-from repvgg.bench import Protocol as BenchProtocol
-from repvgg.bench import candidates, run_bench
-from repvgg.checkpoints import read_checkpoint
 from repvgg.cli import main
-from repvgg.data import build_data, calibration_images, write_sample_images
+from repvgg.core.int8 import QuantizedRepVGG, plain_network, quantize_ptq
+from repvgg.engine.data import build_data, calibration_images, write_sample_images
+from repvgg.engine.evaluation import evaluate_checkpoint
 from repvgg.exceptions import CheckpointError, InferenceError, QuantizationError
-from repvgg.inference import evaluate_checkpoint, optimize, predict
-from repvgg.quantization import (
-    QuantizedRepVGG,
-    plain_network,
-    quantize_ptq,
-    quantize_qat,
-    save_quantized,
-)
+from repvgg.io.checkpoints import read_checkpoint, save_quantized
+from repvgg.runtime.optimize import optimize
+from repvgg.runtime.predict import predict
+from repvgg.studies.bench import Protocol as BenchProtocol
+from repvgg.studies.bench import candidates, run_bench
+from repvgg.studies.quantization import quantize_qat
 from tests.helpers import relative_error, small_model
 from tests.test_data import fake_fashion_mnist
 
@@ -69,7 +66,7 @@ def test_ptq_is_close_to_float_and_leaves_the_model_alone() -> None:
         expected = model(x)
     # int8 activations and per-channel int8 weights: about 1% of the logits' range here
     assert relative_error(quantized(x), expected) < 0.08
-    assert quantized.class_names == model.class_names and quantized.in_chans == 1
+    assert list(quantized.info.class_names) == model.class_names and quantized.in_chans == 1
     fused = [m for m in quantized.network.modules() if type(m).__name__ == "ConvReLU2d"]
     assert len(fused) == 6, "every conv + ReLU pair runs as one fused int8 kernel"
 
@@ -77,7 +74,7 @@ def test_ptq_is_close_to_float_and_leaves_the_model_alone() -> None:
 def test_no_calibration_images_is_one_sentence() -> None:
     with pytest.raises(QuantizationError, match="No calibration images"):
         quantize_ptq(small_model(), [])
-    with pytest.raises(QuantizationError, match="--weights must be one of per-channel, per-tensor"):
+    with pytest.raises(QuantizationError, match="`weights` must be one of per-channel, per-tensor"):
         quantize_ptq(small_model(), calibration(1), weights="per-row")
 
 
@@ -92,7 +89,7 @@ def test_int8_checkpoint_round_trips_exactly(tmp_path: Path, weights: str) -> No
     assert isinstance(loaded, QuantizedRepVGG) and loaded.weights == weights
     x = calibration(1, seed=2)[0]
     assert torch.equal(loaded(x), quantized(x))
-    assert loaded.class_names == quantized.class_names and loaded.preprocessing == quantized.preprocessing
+    assert loaded.info == quantized.info and loaded.info.precision == "int8"
     with pytest.raises(CheckpointError, match=r"INT8 .* needs the float checkpoint"):
         read_checkpoint(path)
 

@@ -10,7 +10,8 @@ from torch import nn
 
 import repvgg
 from repvgg import ConversionError, RepVGGBlock, RepVGGWarning, SEBlock
-from repvgg.blocks import BLOCK_DESIGNS
+from repvgg.core.blocks import BLOCK_DESIGNS
+from repvgg.core.reparam import TOLERANCE
 from tests.helpers import relative_error, trained_looking
 
 BIG = {"repvgg_b2", "repvgg_b3", "repvgg_b3g2", "repvgg_d2se"}
@@ -63,7 +64,11 @@ def test_verify_equivalence_reports_float64_exactness() -> None:
     assert report.input_shape == (2, 3, 64, 48)
     assert "ok at tolerance 1e-10" in str(report)
     float32 = repvgg.verify_equivalence(model, repvgg.reparameterize(model))
-    assert float32.passed and float32.tolerance == 1e-5 and 1e-12 < float32.max_rel_error < 1e-5
+    assert (
+        float32.passed
+        and float32.tolerance == TOLERANCE[torch.float32]
+        and 1e-12 < float32.max_rel_error < 1e-5
+    )
 
 
 def test_verify_equivalence_catches_a_wrong_conversion() -> None:

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import repvgg
 from repvgg.cli import main
+from repvgg.engine.segmentation_data import build_segmentation_data
 from repvgg.exceptions import DataError, RepVGGWarning
-from repvgg.segmentation_data import build_segmentation_data
 from tests.test_data import fake_fashion_mnist
 
 
@@ -25,9 +25,9 @@ def test_fashion_mosaics_label_garment_pixels_with_their_class(tmp_path: Path) -
     assert len(bundle.train) == 4 and len(bundle.val) == 2
     image, mask = bundle.val[1]
     assert image.shape == (1, 56, 56) and mask.shape == (56, 56) and mask.dtype == torch.long
-    from repvgg.data import _fashion_mnist_split
+    from repvgg.engine.data import fashion_mnist_split
 
-    images, labels = _fashion_mnist_split(root, train=False)
+    images, labels = fashion_mnist_split(root, train=False)
     top_left = images[4][0]  # sample 1 holds images 4-7, the first at the top left
     expected = (top_left > 0).long() * (int(labels[4]) + 1)
     assert torch.equal(mask[:28, :28], expected)
@@ -49,7 +49,7 @@ def test_folder_format_reads_image_and_mask_pairs(tmp_path: Path) -> None:
     (tmp_path / "val" / "masks" / "1.png").unlink()
     with pytest.raises(DataError, match=r"has no mask for 1\.jpg"):
         build_segmentation_data("folder", tmp_path, num_classes=3)
-    with pytest.raises(DataError, match=r"needs --data-dir .* and --num-classes"):
+    with pytest.raises(DataError, match=r"needs `data_dir` .* and `num_classes`"):
         build_segmentation_data("folder", tmp_path)
 
 

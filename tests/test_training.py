@@ -18,10 +18,12 @@ from safetensors.torch import load_file
 import repvgg
 from repvgg.cli import _train_config as train_config_from_args
 from repvgg.cli import build_parser, main
-from repvgg.data import PREPROCESSING_PRESETS
-from repvgg.distributed import DistContext
+from repvgg.core.info import PREPROCESSING_PRESETS
+from repvgg.engine.config import TrainConfig
+from repvgg.engine.distributed import DistContext
+from repvgg.engine.training import ClassificationRun, LRSchedule, Trainer, parameter_groups, train
 from repvgg.exceptions import CheckpointError, DataError, TrainingError
-from repvgg.training import TrainConfig, Trainer, WarmupCosine, parameter_groups, train
+from repvgg.studies.ablation import ResidualReorg, build_network, load_trained
 from tests.test_data import fake_fashion_mnist, make_image_folder
 
 SMALL = {"train_subset": None, "val_subset": None, "batch_size": 32, "progress": False, "seed": 0}
@@ -51,7 +53,7 @@ def test_a_run_writes_its_record_and_both_forms_agree(fashion: Path, tmp_path: P
     deployed = repvgg.load_checkpoint(run / "model_deploy.safetensors")
     assert deployed.deploy and deployed.class_names[0] == "T-shirt/top" and deployed.in_chans == 1
     assert deployed.strides == (1, 2, 2, 2, 2), "strides adapted to 28 px"
-    assert deployed.preprocessing == PREPROCESSING_PRESETS["fashion-mnist"].as_dict(), "predict needs it"
+    assert deployed.preprocessing == PREPROCESSING_PRESETS["fashion-mnist"], "predict needs it"
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
 
 
@@ -86,7 +88,7 @@ def test_qarepvgg_trains_and_converts_through_the_cli(fashion: Path, tmp_path: P
     assert summary["forms_agree"]
     trained = repvgg.load_checkpoint(run / "model_train.safetensors")
     assert trained.block == "qarepvgg" and not trained.deploy
-    with pytest.raises(TrainingError, match="drop --custom-l2"):
+    with pytest.raises(TrainingError, match="drop `custom_l2`"):
         small_config(fashion, tmp_path / "x", block="qarepvgg", custom_l2=True).validate()
 
 
@@ -94,20 +96,26 @@ def test_qarepvgg_trains_and_converts_through_the_cli(fashion: Path, tmp_path: P
 def test_designs_without_a_plain_form_train_and_say_so(
     fashion: Path, tmp_path: Path, block: str, layout: str
 ) -> None:
-    summary = train(small_config(fashion, tmp_path / "run", block=block, layout=layout))
+    config = small_config(fashion, tmp_path / "run", block=block, layout=layout)
+    summary = train(config, build_network=build_network)
     assert summary["deploy_form"] is None and summary["forms_agree"] is None
     assert (tmp_path / "run" / "model_train.safetensors").is_file()
     assert not (tmp_path / "run" / "model_deploy.safetensors").exists()
-    loaded = repvgg.load_checkpoint(tmp_path / "run" / "model_train.safetensors")
-    assert (loaded.block, loaded.layout) == (block, layout)
+    loaded = load_trained(tmp_path / "run" / "model_train.safetensors", config)
+    if layout == "repvgg":
+        assert loaded.block == block
+    else:
+        assert isinstance(loaded, ResidualReorg) and loaded.info.class_names is not None
+        with pytest.raises(CheckpointError, match="not a RepVGG"):
+            repvgg.load_checkpoint(tmp_path / "run" / "model_train.safetensors")
 
 
 def test_learning_rate_scales_with_the_batch_and_follows_warmup_then_cosine(
     fashion: Path, tmp_path: Path
 ) -> None:
-    trainer = Trainer(small_config(fashion, tmp_path, batch_size=64), DistContext())
+    trainer = ClassificationRun(small_config(fashion, tmp_path, batch_size=64), DistContext())
     assert trainer.lr == pytest.approx(0.1 * 64 / 256)
-    schedule = WarmupCosine(warmup_steps=10, total_steps=110)
+    schedule = LRSchedule(total_steps=110, warmup_steps=10)
     assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
     assert schedule(60) == pytest.approx(0.5) and schedule(110) == pytest.approx(0.0)
     assert all(schedule(s) >= schedule(s + 1) for s in range(10, 110))
@@ -149,7 +157,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fashion: Path,
                     self.model.linear.weight.fill_(float("nan"))
             return super()._train_epoch(epoch)
 
-    trainer = Poisoned(small_config(fashion, tmp_path, epochs=3), DistContext())
+    trainer = ClassificationRun(small_config(fashion, tmp_path, epochs=3), DistContext())
+    trainer.trainer.__class__ = Poisoned
     with pytest.raises(
         TrainingError, match=r"loss became nan at epoch 2, step 1, .* kept \(.*last\.pt \(epoch 1\)\)"
     ):
@@ -161,21 +170,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fashion: Path,
 def test_checkpoint_for_other_classes_is_refused_or_finetuned(fashion: Path, tmp_path: Path) -> None:
     imagenet = repvgg.create_model("repvgg_a0", num_classes=1000, in_chans=1)
     path = repvgg.save_checkpoint(imagenet, tmp_path / "in1k.safetensors")
-    with pytest.raises(CheckpointError, match=r"1000 classes .* has 10: add --finetune"):
-        Trainer(small_config(fashion, tmp_path / "a", init=str(path)), DistContext())
-    trainer = Trainer(small_config(fashion, tmp_path / "b", init=str(path), finetune=True), DistContext())
+    with pytest.raises(CheckpointError, match=r"1000 classes .* has 10: add `finetune`"):
+        ClassificationRun(small_config(fashion, tmp_path / "a", init=str(path)), DistContext())
+    trainer = ClassificationRun(
+        small_config(fashion, tmp_path / "b", init=str(path), finetune=True), DistContext()
+    )
     assert trainer.model.num_classes == 10
     torch.testing.assert_close(
         trainer.model.stage1[0].rbr_dense.conv.weight, imagenet.stage1[0].rbr_dense.conv.weight
     )
     deployed = repvgg.save_checkpoint(repvgg.reparameterize(imagenet.eval()), tmp_path / "d.safetensors")
     with pytest.raises(CheckpointError, match="training-form checkpoint"):
-        Trainer(small_config(fashion, tmp_path / "c", init=str(deployed), finetune=True), DistContext())
+        ClassificationRun(
+            small_config(fashion, tmp_path / "c", init=str(deployed), finetune=True), DistContext()
+        )
 
 
 def test_too_small_a_training_set_is_explained(fashion: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="fewer than one global batch"):
-        Trainer(small_config(fashion, tmp_path, train_subset=10), DistContext())
+        ClassificationRun(small_config(fashion, tmp_path, train_subset=10), DistContext())
 
 
 def test_unreadable_training_image_is_named_or_skipped(tmp_path: Path) -> None:
@@ -284,9 +297,9 @@ def test_eval_command_reads_any_checkpoint(
 
 
 def test_resuming_with_another_model_is_explained(fashion: Path, tmp_path: Path) -> None:
-    Trainer(small_config(fashion, tmp_path), DistContext()).run()
-    with pytest.raises(TrainingError, match=r"already holds a run .* --resume, .* --overwrite"):
+    ClassificationRun(small_config(fashion, tmp_path), DistContext()).run()
+    with pytest.raises(TrainingError, match=r"already holds a run .* \(`resume`\), .* \(`overwrite`\)"):
         train(small_config(fashion, tmp_path))
-    other = Trainer(small_config(fashion, tmp_path, model="repvgg_b0"), DistContext())
+    other = ClassificationRun(small_config(fashion, tmp_path, model="repvgg_b0"), DistContext())
     with pytest.raises(TrainingError, match="does not fit the configured model"):
         other.resume()

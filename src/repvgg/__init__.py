@@ -22,9 +22,18 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "repvgg.blocks": ("RepVGGBlock", "SEBlock"),
-    "repvgg.checkpoints": ("Checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"),
-    "repvgg.deploy": ("convert_checkpoint", "export_model", "verify_checkpoints"),
+    "repvgg.core.blocks": ("RepVGGBlock", "SEBlock"),
+    "repvgg.core.fusion": ("ConvBN",),
+    "repvgg.core.info": ("ModelInfo", "Preprocessing", "model_info"),
+    "repvgg.core.models": ("RepVGG",),
+    "repvgg.core.registry": ("MODEL_SPECS", "create_model", "list_models"),
+    "repvgg.core.reparam": (
+        "EquivalenceReport",
+        "is_deployed",
+        "randomize_batchnorm_",
+        "reparameterize",
+        "verify_equivalence",
+    ),
     "repvgg.exceptions": (
         "CheckpointError",
         "ConversionError",
@@ -34,18 +43,13 @@ _EXPORTS = {
         "RepVGGError",
         "RepVGGWarning",
     ),
-    "repvgg.formats": ("convert_state_dict", "detect_format"),
-    "repvgg.inference": ("OptimizedModel", "optimize", "predict"),
-    "repvgg.fusion": ("ConvBN",),
-    "repvgg.models": ("MODEL_SPECS", "RepVGG", "create_model", "list_models"),
-    "repvgg.reparam": (
-        "EquivalenceReport",
-        "is_deployed",
-        "randomize_batchnorm_",
-        "reparameterize",
-        "repvgg_model_convert",
-        "verify_equivalence",
-    ),
+    "repvgg.io.checkpoints": ("Checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"),
+    "repvgg.io.formats": ("convert_state_dict", "detect_format"),
+    "repvgg.runtime.convert": ("convert_checkpoint", "repvgg_model_convert", "verify_checkpoints"),
+    "repvgg.runtime.export": ("export_model",),
+    "repvgg.runtime.optimize": ("OptimizedModel", "optimize"),
+    "repvgg.runtime.predict": ("predict",),
+    "repvgg.studies.segmentation": ("pspnet",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
@@ -58,7 +62,9 @@ __all__ = [
     "ExportError",
     "InferenceError",
     "ModelConfigError",
+    "ModelInfo",
     "OptimizedModel",
+    "Preprocessing",
     "RepVGG",
     "RepVGGBlock",
     "RepVGGError",
@@ -73,8 +79,10 @@ __all__ = [
     "is_deployed",
     "list_models",
     "load_checkpoint",
+    "model_info",
     "optimize",
     "predict",
+    "pspnet",
     "randomize_batchnorm_",
     "read_checkpoint",
     "reparameterize",
@@ -99,9 +107,18 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from repvgg.blocks import RepVGGBlock, SEBlock
-    from repvgg.checkpoints import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-    from repvgg.deploy import convert_checkpoint, export_model, verify_checkpoints
+    from repvgg.core.blocks import RepVGGBlock, SEBlock
+    from repvgg.core.fusion import ConvBN
+    from repvgg.core.info import ModelInfo, Preprocessing, model_info
+    from repvgg.core.models import RepVGG
+    from repvgg.core.registry import MODEL_SPECS, create_model, list_models
+    from repvgg.core.reparam import (
+        EquivalenceReport,
+        is_deployed,
+        randomize_batchnorm_,
+        reparameterize,
+        verify_equivalence,
+    )
     from repvgg.exceptions import (
         CheckpointError,
         ConversionError,
@@ -111,15 +128,10 @@ if TYPE_CHECKING:
         RepVGGError,
         RepVGGWarning,
     )
-    from repvgg.formats import convert_state_dict, detect_format
-    from repvgg.fusion import ConvBN
-    from repvgg.inference import OptimizedModel, optimize, predict
-    from repvgg.models import MODEL_SPECS, RepVGG, create_model, list_models
-    from repvgg.reparam import (
-        EquivalenceReport,
-        is_deployed,
-        randomize_batchnorm_,
-        reparameterize,
-        repvgg_model_convert,
-        verify_equivalence,
-    )
+    from repvgg.io.checkpoints import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+    from repvgg.io.formats import convert_state_dict, detect_format
+    from repvgg.runtime.convert import convert_checkpoint, repvgg_model_convert, verify_checkpoints
+    from repvgg.runtime.export import export_model
+    from repvgg.runtime.optimize import OptimizedModel, optimize
+    from repvgg.runtime.predict import predict
+    from repvgg.studies.segmentation import pspnet

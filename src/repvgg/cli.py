@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from repvgg.engine.config import AMP_CHOICES, DATASETS, TrainConfig
 
 
 def _models_table(args: argparse.Namespace) -> int:
     import torch
 
-    from repvgg.benchmark import count_macs, count_parameters
-    from repvgg.models import MODEL_SPECS, create_model
+    from repvgg.core.registry import MODEL_SPECS, create_model
+    from repvgg.runtime.measure import count_macs, count_parameters
 
     rows = []
     for name, spec in MODEL_SPECS.items():
@@ -72,7 +78,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Any, bool]:
     """Defaults, then the saved run (``--resume``) or ``--config`` file, then the flags given."""
     from pathlib import Path
 
-    from repvgg.training import TrainConfig, load_run_config
+    from repvgg.engine.config import load_run_config
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume")}
     values: dict[str, Any] = {}
@@ -88,7 +94,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Any, bool]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from repvgg.training import train
+    from repvgg.engine.training import train
 
     config, resume = _train_config(args)
     summary = train(config, resume=resume)
@@ -116,7 +122,7 @@ def _print_summary(summary: dict[str, Any], output: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from repvgg.inference import evaluate_checkpoint
+    from repvgg.engine.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.checkpoint,
@@ -137,7 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from repvgg.deploy import convert_checkpoint
+    from repvgg.runtime.convert import convert_checkpoint
 
     result = convert_checkpoint(args.checkpoint, args.output, to=args.format)
     print(f"conversion check in float64: {result.report}")
@@ -148,7 +154,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from repvgg.deploy import verify_checkpoints
+    from repvgg.runtime.convert import verify_checkpoints
 
     report = verify_checkpoints(args.checkpoint, args.deploy_checkpoint)
     against = args.deploy_checkpoint or "its own conversion"
@@ -157,11 +163,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from repvgg.checkpoints import load_checkpoint
-    from repvgg.deploy import export_model, writable_or_raise
-    from repvgg.reparam import is_deployed
+    from repvgg.core.reparam import is_deployed
+    from repvgg.exceptions import ExportError
+    from repvgg.io.checkpoints import load_checkpoint
+    from repvgg.io.files import writable_or_raise
+    from repvgg.runtime.export import export_model
 
-    writable_or_raise(args.output)
+    writable_or_raise(args.output, ExportError)
     model = load_checkpoint(args.checkpoint)
     if not is_deployed(model):
         print(f"note: {args.checkpoint} is in training form; converting it before the export")
@@ -171,7 +179,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from repvgg.inference import predict
+    from repvgg.runtime.predict import predict
 
     predictions, bad = predict(
         args.checkpoint,
@@ -191,7 +199,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from repvgg.quantization import quantize_checkpoint
+    from repvgg.studies.quantization import quantize_checkpoint
 
     _, notes = quantize_checkpoint(
         args.checkpoint,
@@ -218,7 +226,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _train_seg(args: argparse.Namespace) -> int:
-    from repvgg.segmentation import SegTrainConfig, train_segmentation
+    from repvgg.studies.segmentation import SegTrainConfig, train_segmentation
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress")}
     summary = train_segmentation(SegTrainConfig(**options, progress=not args.no_progress))
@@ -242,11 +250,11 @@ def _train_seg(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from repvgg.ablation import AblationConfig, run_ablation
+    from repvgg.studies.ablation import AblationConfig, run_ablation
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress")}
     report = run_ablation(AblationConfig(**options, progress=not args.no_progress))
-    from repvgg.ablation import markdown_table
+    from repvgg.studies.ablation import markdown_table
 
     print(markdown_table(report), end="")
     print(f"wrote {args.output}/ablation.md and {args.output}/ablation.json")
@@ -259,7 +267,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from repvgg.bench import (
+    from repvgg.exceptions import ModelConfigError
+    from repvgg.studies.bench import (
         candidates,
         conv_density,
         default_protocol,
@@ -269,7 +278,6 @@ def _bench(args: argparse.Namespace) -> int:
         run_bench,
         write_reports,
     )
-    from repvgg.exceptions import ModelConfigError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     protocol = default_protocol(device, quick=args.quick)
@@ -299,95 +307,112 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from repvgg.demo import DemoOptions, run_demo
+    from repvgg.studies.demo import DemoOptions, run_demo
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
     return 0 if run_demo(DemoOptions(**options)) else 1
 
 
 Command = Callable[[argparse.Namespace], int]
-BACKEND_CHOICES = ("auto", "eager", "inductor", "onnxruntime")  # repvgg.inference's, without importing torch
-# repvgg.blocks.BLOCK_DESIGNS's names, without importing torch (a test keeps the two equal)
-BLOCK_CHOICES = (
-    "repvgg",
-    "no_identity",
-    "no_1x1",
-    "plain",
-    "identity_no_bn",
-    "post_add_bn",
-    "relu_in_branch",
-    "diracnet",
-    "trivial",
-    "acb",
-    "qarepvgg",
-)
+BACKEND_CHOICES = ("auto", "eager", "inductor", "onnxruntime")  # repvgg.runtime.optimize's, without torch
+_PARAMETER = re.compile(r"`([A-Za-z_]\w*)`")
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    default = argparse.SUPPRESS if suppress else None
+def parameters_as_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message in the terms of ``parser``'s command line.
+
+    Library messages name parameters in backticks (`batch_size`). Each one that is the ``dest`` of one of
+    ``parser``'s options becomes that option's long flag (--batch-size, `ema_decay` of ``train``: --ema);
+    any other backticked name is shown without its backticks.
+    """
+    flags = {
+        action.dest: next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+        for action in parser._actions
+        if action.option_strings
+    }
+    return _PARAMETER.sub(lambda match: flags.get(match[1], match[1]), message)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, "(default: 256)", unless the help already says
+    "(default: ...)" or the option has no default worth showing (None, off, empty, not given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        if (
+            not action.option_strings
+            or "(default:" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or (isinstance(default, list | tuple) and not default)
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
-        choices=("fashion-mnist", "cifar10", "imagefolder"),
-        default=argparse.SUPPRESS if suppress else "fashion-mnist",
-        help="dataset (default fashion-mnist, from the Debian package dataset-fashion-mnist)",
+        choices=DATASETS,
+        default="fashion-mnist",
+        help="dataset; fashion-mnist comes from the Debian package dataset-fashion-mnist",
     )
-    parser.add_argument("--data-dir", default=default, help="where the dataset lies")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the dataset lies (default: the Debian package's, for fashion-mnist)",
+    )
 
 
-def _add_train_parser(commands: Any) -> None:
-    """Flags default to 'not given', so that --config and --resume values are overridden only when given."""
-    train = commands.add_parser(
+def _without_none(hint: Any) -> Any:
+    """``X`` for ``X | None``; any other type as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (kind,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return kind
+    return hint
+
+
+def _add_train_parser(commands: Any) -> argparse.ArgumentParser:
+    """One flag per :class:`~repvgg.engine.config.TrainConfig` field, with the type, choices, help and
+    shown default of the field. Flags default to 'not given', so that --config and --resume values are
+    overridden only when given."""
+    train: argparse.ArgumentParser = commands.add_parser(
         "train",
         help="train a model with the paper's recipe, then convert and evaluate both forms",
         argument_default=argparse.SUPPRESS,
+        formatter_class=_HelpFormatter,
     )
     train.add_argument("--config", default=None, help="a JSON configuration (e.g. a run's config.json)")
     train.add_argument("--resume", action="store_true", default=False, help="continue the run in --output")
-    train.add_argument("--model", help="model name (default repvgg_a0)")
-    _add_data_arguments(train, suppress=True)
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int, help="per process (default 128)")
-    train.add_argument("--lr", type=float, help="default 0.1 x global batch / 256")
-    train.add_argument("--momentum", type=float)
-    train.add_argument("--nesterov", action="store_true")
-    train.add_argument("--weight-decay", type=float, help="default 1e-4, with the authors' exclusions")
-    train.add_argument(
-        "--block",
-        choices=BLOCK_CHOICES,
-        help="training-time block design (default repvgg; qarepvgg quantizes well)",
-    )
-    train.add_argument(
-        "--layout",
-        choices=("repvgg", "residual_reorg"),
-        help="residual_reorg: the paper's ResNet-like baseline (no deploy form)",
-    )
-    train.add_argument("--custom-l2", action="store_true", help="the authors' custom L2 on branch kernels")
-    train.add_argument("--warmup-epochs", type=float)
-    train.add_argument("--label-smoothing", type=float)
-    train.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
-    train.add_argument("--autoaugment", action="store_true")
-    train.add_argument("--ema", dest="ema_decay", type=float, help="EMA decay of the weights, e.g. 0.9998")
-    train.add_argument("--amp", choices=("none", "bf16", "fp16"), help="bf16 on CPU; fp16 or bf16 on CUDA")
-    train.add_argument("--channels-last", action="store_true")
-    train.add_argument("--grad-checkpointing", action="store_true")
-    train.add_argument("--image-size", type=int)
-    train.add_argument("--strides", type=int, nargs=5, help="strides of stages 0-4 (default: adapted)")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--workers", type=int, help="data-loading processes")
-    train.add_argument("--train-subset", type=int, help="train on this many images")
-    train.add_argument("--val-subset", type=int, help="evaluate on this many images")
-    train.add_argument("--output", help="run folder (default runs/MODEL-DATA)")
-    train.add_argument("--init", help="start from this training-form checkpoint")
-    train.add_argument("--finetune", action="store_true", help="with --init: replace its classifier head")
-    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
-    train.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
-    train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        meta, kind = field.metadata, _without_none(hints[field.name])
+        shown = meta.get("default", field.default)
+        options: dict[str, Any] = {"dest": field.name, "help": f"{meta['help']} (default: {shown})"}
+        if kind is bool:
+            options["action"] = "store_false" if field.default else "store_true"
+        elif typing.get_origin(kind) is list:
+            options.update(type=typing.get_args(kind)[0], nargs=meta.get("nargs", "+"))
+        elif kind is not str:
+            options["type"] = kind
+        if "choices" in meta:
+            options["choices"] = meta["choices"]
+        train.add_argument("--" + meta.get("flag", field.name.replace("_", "-")), **options)
+    for action in train._actions:
+        if action.help:
+            action.help = parameters_as_flags(action.help, train).replace("%", "%%")
     train.set_defaults(run=_train)
+    return train
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``repvgg`` parser, and the parser of each command by name."""
     parser = argparse.ArgumentParser(
         prog="repvgg",
         description="RepVGG: train multi-branch, convert exactly to plain 3x3 conv + ReLU, deploy.",
@@ -397,27 +422,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    models = commands.add_parser("models", help="table of every model: parameters, MACs, paper top-1")
-    models.add_argument("--format", choices=("table", "markdown", "json"), default="table")
-    models.set_defaults(run=_models_table)
+    def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(name, help=help, formatter_class=_HelpFormatter)
+        sub.set_defaults(run=run)
+        return sub
 
-    demo = commands.add_parser(
-        "demo", help="train A0 briefly on Fashion-MNIST, convert, verify, export, predict, time every form"
+    models = command("models", _models_table, "table of every model: parameters, MACs, paper top-1")
+    models.add_argument(
+        "--format", choices=("table", "markdown", "json"), default="table", help="output format"
     )
-    demo.add_argument("--model", default="repvgg_a0")
-    demo.add_argument("--epochs", type=int, default=2)
-    demo.add_argument("--train-subset", type=int, default=10000)
+
+    demo = command(
+        "demo", _demo, "train A0 briefly on Fashion-MNIST, convert, verify, export, predict, time every form"
+    )
+    demo.add_argument("--model", default="repvgg_a0", help="model name")
+    demo.add_argument("--epochs", type=int, default=2, help="training epochs")
+    demo.add_argument("--train-subset", type=int, default=10000, help="train on this many images")
     demo.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
-    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--output", default="runs/demo", help="run folder")
     demo.add_argument("--batch-size", type=int, default=256, help="batch size of the speed measurement")
-    demo.add_argument("--repeats", type=int, default=10)
+    demo.add_argument("--repeats", type=int, default=10, help="rounds of the speed measurement")
     demo.add_argument("--images", type=int, default=8, help="test images to write and predict")
     demo.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="the fast backend to time")
-    demo.set_defaults(run=_demo)
 
     _add_train_parser(commands)
 
-    bench = commands.add_parser("bench", help="the paper's speed and memory comparisons, measured here")
+    bench = command("bench", _bench, "the paper's speed and memory comparisons, measured here")
     bench.add_argument(
         "--quick", action="store_true", help="A0/B0, ResNet-18/34, small batches: minutes on a CPU"
     )
@@ -445,24 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     bench.add_argument("--no-extras", action="store_true", help="skip Table 1, Figure 3 and the figures")
     bench.add_argument("--output", default="runs/bench", help="folder for bench.json, bench.md, PNGs")
-    bench.set_defaults(run=_bench)
 
-    evaluation = commands.add_parser("eval", help="top-1/top-5 and speed of any checkpoint on a dataset")
+    evaluation = command("eval", _eval, "top-1/top-5 and speed of any checkpoint on a dataset")
     evaluation.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
-    _add_data_arguments(evaluation, suppress=False)
-    evaluation.add_argument("--batch-size", type=int, default=256)
-    evaluation.add_argument("--val-subset", type=int, default=None)
-    evaluation.add_argument("--workers", type=int, default=None)
+    _add_data_arguments(evaluation)
+    evaluation.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    evaluation.add_argument(
+        "--val-subset", type=int, default=None, help="evaluate on this many images (default: all)"
+    )
+    evaluation.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data-loading processes (default: 0 for in-memory sets, else up to 8)",
+    )
     evaluation.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    evaluation.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    evaluation.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision")
     evaluation.add_argument(
         "--backend", choices=BACKEND_CHOICES, default=None, help="convert, then run with this backend"
     )
-    evaluation.set_defaults(run=_eval)
 
-    convert = commands.add_parser(
-        "convert", help="convert a training-form checkpoint to deploy form, verified"
-    )
+    convert = command("convert", _convert, "convert a training-form checkpoint to deploy form, verified")
     convert.add_argument("checkpoint", help="a training-form checkpoint in any format repvgg reads")
     convert.add_argument("output", help="where to write the deploy-form checkpoint")
     convert.add_argument(
@@ -471,31 +504,28 @@ def build_parser() -> argparse.ArgumentParser:
         default="repvgg",
         help="key names to write: ours (safetensors + metadata), the authors', or timm's",
     )
-    convert.set_defaults(run=_convert)
 
-    verify = commands.add_parser(
-        "verify", help="check a train/deploy checkpoint pair (or one train checkpoint)"
-    )
+    verify = command("verify", _verify, "check a train/deploy checkpoint pair (or one train checkpoint)")
     verify.add_argument("checkpoint", help="a training-form checkpoint")
     verify.add_argument("deploy_checkpoint", nargs="?", default=None, help="its deploy-form checkpoint")
-    verify.set_defaults(run=_verify)
 
-    export = commands.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch")
+    export = command("export", _export, "export to ONNX or TorchScript, checked against PyTorch")
     export.add_argument("checkpoint", help="a checkpoint in any format repvgg reads (converted if needed)")
-    export.add_argument("--to", choices=("onnx", "torchscript"), required=True)
+    export.add_argument("--to", choices=("onnx", "torchscript"), required=True, help="the format")
     export.add_argument("output", help="the file to write (.onnx or .pt)")
     export.add_argument(
         "--image-size", type=int, default=None, help="example size (default: the training size)"
     )
     export.add_argument("--batch-size", type=int, default=2, help="with --image-size: example batch")
-    export.set_defaults(run=_export)
 
-    predict = commands.add_parser("predict", help="top-k classes of image files")
+    predict = command("predict", _predict, "top-k classes of image files")
     predict.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--topk", type=int, default=5)
-    predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--backend", choices=BACKEND_CHOICES, default="eager")
+    predict.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    predict.add_argument(
+        "--backend", choices=BACKEND_CHOICES, default="eager", help="run the model with this"
+    )
     predict.add_argument(
         "--preprocessing",
         choices=("fashion-mnist", "cifar10", "imagenet"),
@@ -503,37 +533,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="use a dataset's preprocessing instead of the one saved in the checkpoint",
     )
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    predict.set_defaults(run=_predict)
 
-    seg = commands.add_parser(
-        "train-seg", help="train PSPNet over a RepVGG backbone, convert it, evaluate both forms (mIoU)"
+    seg = command(
+        "train-seg", _train_seg, "train PSPNet over a RepVGG backbone, convert it, evaluate both forms (mIoU)"
     )
-    seg.add_argument("--model", default="repvgg_a0")
-    seg.add_argument("--data", choices=("fashion-mnist-seg", "folder"), default="fashion-mnist-seg")
+    seg.add_argument("--model", default="repvgg_a0", help="backbone model name")
+    seg.add_argument(
+        "--data", choices=("fashion-mnist-seg", "folder"), default="fashion-mnist-seg", help="dataset"
+    )
     seg.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files, or the folder dataset")
     seg.add_argument("--num-classes", type=int, default=None, help="classes of a folder dataset")
     seg.add_argument("--image-size", type=int, default=None, help="crop size of a folder dataset")
-    seg.add_argument("--epochs", type=int, default=2)
-    seg.add_argument("--batch-size", type=int, default=16)
+    seg.add_argument("--epochs", type=int, default=2, help="training epochs")
+    seg.add_argument("--batch-size", type=int, default=16, help="images per step")
     seg.add_argument("--lr", type=float, default=0.01, help="SGD, poly schedule (power 0.9)")
-    seg.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=8)
-    seg.add_argument("--dilation-mode", choices=("full", "fast"), default="full")
-    seg.add_argument("--head-channels", type=int, default=128)
-    seg.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary head loss weight (0: none)")
+    seg.add_argument(
+        "--output-stride", type=int, choices=(8, 16, 32), default=8, help="input size / feature-map size"
+    )
+    seg.add_argument(
+        "--dilation-mode", choices=("full", "fast"), default="full", help="how the last stages are dilated"
+    )
+    seg.add_argument("--head-channels", type=int, default=128, help="channels of the pyramid pooling head")
+    seg.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary head loss weight, 0 for none")
     seg.add_argument(
         "--backbone-weights", default=None, help="start the backbone from a classification checkpoint"
     )
-    seg.add_argument("--train-subset", type=int, default=None)
-    seg.add_argument("--val-subset", type=int, default=None)
-    seg.add_argument("--seed", type=int, default=0)
-    seg.add_argument("--output", default="runs/pspnet")
-    seg.add_argument("--no-progress", action="store_true")
-    seg.set_defaults(run=_train_seg)
+    seg.add_argument("--train-subset", type=int, default=None, help="train on this many images")
+    seg.add_argument("--val-subset", type=int, default=None, help="evaluate on this many images")
+    seg.add_argument("--seed", type=int, default=0, help="random seed")
+    seg.add_argument("--output", default="runs/pspnet", help="run folder")
+    seg.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    ablate = commands.add_parser(
-        "ablate", help="train block variants with identical settings and seeds: Tables 6 and 7"
+    ablate = command(
+        "ablate", _ablate, "train block variants with identical settings and seeds: Tables 6 and 7"
     )
-    ablate.add_argument("--model", default="repvgg_a0")
+    ablate.add_argument("--model", default="repvgg_a0", help="model name")
     ablate.add_argument(
         "--variants",
         nargs="+",
@@ -541,44 +575,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="block designs and/or residual_reorg (default: Table 6's four)",
     )
     ablate.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 for every variant")
-    _add_data_arguments(ablate, suppress=False)
-    ablate.add_argument("--epochs", type=int, default=1)
-    ablate.add_argument("--batch-size", type=int, default=128)
-    ablate.add_argument("--lr", type=float, default=None)
-    ablate.add_argument("--train-subset", type=int, default=None)
-    ablate.add_argument("--val-subset", type=int, default=None)
+    _add_data_arguments(ablate)
+    ablate.add_argument("--epochs", type=int, default=1, help="training epochs of every run")
+    ablate.add_argument("--batch-size", type=int, default=128, help="images per step")
+    ablate.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1 x batch / 256)")
+    ablate.add_argument("--train-subset", type=int, default=None, help="train on this many images")
+    ablate.add_argument("--val-subset", type=int, default=None, help="evaluate on this many images")
     ablate.add_argument("--speed-batch", type=int, default=64, help="batch for the speed columns")
     ablate.add_argument("--output", default="runs/ablate", help="study folder (resumed if it exists)")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ablate.set_defaults(run=_ablate)
 
-    quantize = commands.add_parser(
-        "quantize", help="INT8 for the CPU: post-training calibration, or quantization-aware training"
+    quantize = command(
+        "quantize", _quantize, "INT8 for the CPU: post-training calibration, or quantization-aware training"
     )
     quantize.add_argument("checkpoint", help="a float checkpoint (training form is converted first)")
     quantize.add_argument("output", help="where to write the INT8 checkpoint (.safetensors)")
-    _add_data_arguments(quantize, suppress=False)
-    quantize.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
+    _add_data_arguments(quantize)
+    quantize.add_argument("--calib", type=int, default=512, help="calibration images")
     quantize.add_argument(
-        "--qat-epochs", type=int, default=0, help="quantization-aware fine-tuning epochs (0: PTQ only)"
+        "--qat-epochs", type=int, default=0, help="quantization-aware fine-tuning epochs, 0 for PTQ only"
     )
     quantize.add_argument("--qat-lr", type=float, default=1e-3, help="QAT learning rate (cosine to 0)")
     quantize.add_argument("--qat-subset", type=int, default=None, help="QAT on this many training images")
-    quantize.add_argument("--batch-size", type=int, default=64)
+    quantize.add_argument("--batch-size", type=int, default=64, help="images per batch")
     quantize.add_argument(
         "--weights",
         choices=("per-channel", "per-tensor"),
         default="per-channel",
-        help="weight scales per output channel (default) or one per layer",
+        help="weight scales: one per output channel, or one per layer",
     )
-    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--seed", type=int, default=0, help="random seed")
     quantize.add_argument("--no-progress", action="store_true", help="no progress bar")
-    quantize.set_defaults(run=_quantize)
-    return parser
+    return parser, dict(commands.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser, commands = _build_parsers()
     args = parser.parse_args(argv)
     from repvgg.exceptions import RepVGGError
 
@@ -586,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except RepVGGError as error:
-        print(f"repvgg {args.command}: error: {error}", file=sys.stderr)
+        message = parameters_as_flags(str(error), commands[args.command])
+        print(f"repvgg {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"repvgg {args.command}: interrupted", file=sys.stderr)

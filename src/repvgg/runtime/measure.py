@@ -57,25 +57,38 @@ def _synchronize(inputs: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def compare_throughput(
+def time_interleaved(
     models: Mapping[str, Callable[[torch.Tensor], Any]],
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
     *,
     warmup: int = 2,
-    repeats: int = 10,
+    rounds: int = 10,
+    batches_per_round: int = 1,
+    on_progress: Callable[[], None] | None = None,
 ) -> dict[str, Throughput]:
-    """Time each model (any callable) on ``inputs``, interleaving them batch by batch so that machine
-    noise hits all of them alike; report the median per model. Models should already be in eval mode.
-    On CUDA each call is timed up to its completion (the device is synchronized)."""
-    for _ in range(warmup):
-        for model in models.values():
-            model(inputs)
-    _synchronize(inputs)
+    """The one timer: each model (any callable) on its input, interleaved round by round so that machine
+    noise hits all of them alike.
+
+    ``inputs`` is one batch for all models or one per model (networks with other input channels). Every
+    model first runs ``warmup`` batches; then each of ``rounds`` rounds times ``batches_per_round`` batches
+    of every model in turn. Models should already be in eval mode. On CUDA each call is timed up to its
+    completion (the device is synchronized). ``on_progress`` is called after each model's warm-up and turn.
+    """
+    batch_of = {name: inputs[name] if isinstance(inputs, Mapping) else inputs for name in models}
+    for name, model in models.items():
+        for _ in range(warmup):
+            model(batch_of[name])
+        _synchronize(batch_of[name])
+        if on_progress is not None:
+            on_progress()
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, model in models.items():
-            start = time.perf_counter()
-            model(inputs)
-            _synchronize(inputs)
-            times[name].append(time.perf_counter() - start)
-    return {name: Throughput(inputs.shape[0], t) for name, t in times.items()}
+            for _ in range(batches_per_round):
+                start = time.perf_counter()
+                model(batch_of[name])
+                _synchronize(batch_of[name])
+                times[name].append(time.perf_counter() - start)
+            if on_progress is not None:
+                on_progress()
+    return {name: Throughput(batch_of[name].shape[0], t) for name, t in times.items()}

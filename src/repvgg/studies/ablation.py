@@ -18,13 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-from repvgg.benchmark import compare_throughput
-from repvgg.blocks import BLOCK_DESIGNS
-from repvgg.checkpoints import load_checkpoint
+from repvgg.core.blocks import BLOCK_DESIGNS
+from repvgg.core.fusion import conv_bn_relu
+from repvgg.core.info import ModelInfo, Preprocessing, model_info
+from repvgg.core.models import stage_widths
+from repvgg.core.registry import MODEL_SPECS, canonical_name
+from repvgg.core.reparam import is_convertible, reparameterize
+from repvgg.engine.config import TrainConfig
+from repvgg.engine.data import DataBundle, strides_for_image_size
+from repvgg.engine.training import STATE_FILE, build_repvgg, train
 from repvgg.exceptions import ModelConfigError
-from repvgg.reparam import is_convertible, reparameterize
-from repvgg.training import STATE_FILE, TrainConfig, train
+from repvgg.io.checkpoints import load_checkpoint, read_checkpoint
+from repvgg.runtime.measure import time_interleaved
 
 LAYOUT_VARIANTS = ("residual_reorg",)
 TABLE6 = ("repvgg", "no_identity", "no_1x1", "plain")
@@ -54,7 +61,7 @@ class AblationConfig:
         if unknown:
             raise ModelConfigError(f"Unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}.")
         if self.seeds < 1:
-            raise ModelConfigError("--seeds must be at least 1.")
+            raise ModelConfigError("`seeds` must be at least 1.")
 
     def train_config(self, variant: str, seed: int) -> TrainConfig:
         layout = variant if variant in LAYOUT_VARIANTS else "repvgg"
@@ -75,6 +82,90 @@ class AblationConfig:
         )
 
 
+class ResidualReorg(nn.Module):
+    """The paper's "Residual Reorg" baseline (Table 7): a RepVGG's 3x3 layers paired into torchvision
+    ``BasicBlock`` residual blocks (a stage of 2n layers has n blocks; an odd layer out comes first as a plain
+    conv-BN-ReLU carrying the stride, so a stage of one layer stays one conv-BN-ReLU). Not a RepVGG: it has
+    no plain form. Module names follow RepVGG's (``stage0`` ... ``stage4``, ``gap``, ``linear``).
+    """
+
+    def __init__(
+        self, name: str, num_classes: int, in_chans: int = 3, strides: tuple[int, ...] = (2, 2, 2, 2, 2)
+    ) -> None:
+        super().__init__()
+        self.model_name = canonical_name(name)
+        spec = MODEL_SPECS[self.model_name]
+        if spec.use_se or spec.groups > 1:
+            raise ModelConfigError(
+                "The residual_reorg baseline has no SE and no grouped layers: build it from an A or "
+                "ungrouped B model."
+            )
+        widths = stage_widths(spec.width_multiplier)
+        self.stage0 = conv_bn_relu(in_chans, widths[0], 3, strides[0])
+        for stage, depth in enumerate(spec.num_blocks, start=1):
+            stride = strides[stage]
+            setattr(self, f"stage{stage}", _residual_stage(widths[stage - 1], widths[stage], depth, stride))
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(widths[4], num_classes)
+        self.in_chans, self.num_classes = in_chans, num_classes
+        self.class_names: list[str] | None = None
+        self.preprocessing: Preprocessing | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        names = tuple(self.class_names) if self.class_names is not None else None
+        return ModelInfo(
+            self.model_name, None, names, self.preprocessing, "none", module_type="ResidualReorg"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in (self.stage0, self.stage1, self.stage2, self.stage3, self.stage4):
+            x = stage(x)
+        return self.linear(torch.flatten(self.gap(x), 1))
+
+
+def _residual_stage(in_planes: int, planes: int, depth: int, stride: int) -> nn.Sequential:
+    """``depth`` 3x3 layers as residual pairs (1x1 projection shortcut where the shape changes)."""
+    from torchvision.models.resnet import BasicBlock
+
+    layers: list[nn.Module] = []
+    if depth % 2:
+        layers.append(conv_bn_relu(in_planes, planes, 3, stride))
+        in_planes, stride = planes, 1
+    for _ in range(depth // 2):
+        shortcut = None
+        if stride != 1 or in_planes != planes:
+            shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        layers.append(BasicBlock(in_planes, planes, stride=stride, downsample=shortcut))
+        in_planes, stride = planes, 1
+    return nn.Sequential(*layers)
+
+
+def build_network(config: TrainConfig, data: DataBundle) -> nn.Module:
+    """A run's network: the residual baseline for ``layout="residual_reorg"``, else the run's RepVGG."""
+    if config.layout != "residual_reorg":
+        return build_repvgg(config, data)
+    strides = tuple(config.strides or strides_for_image_size(data.image_size))
+    model = ResidualReorg(config.model, data.num_classes, data.in_chans, strides)
+    model.class_names, model.preprocessing = data.class_names, data.preprocessing
+    return model
+
+
+def load_trained(checkpoint: Path, config: TrainConfig) -> nn.Module:
+    """The model a run of ``config`` saved in ``checkpoint`` (the residual baseline cannot rebuild itself)."""
+    if config.layout != "residual_reorg":
+        return load_checkpoint(checkpoint)
+    info = read_checkpoint(checkpoint).info
+    image_size = info.preprocessing.image_size if info.preprocessing else 224
+    strides = tuple(config.strides or strides_for_image_size(image_size))
+    model = ResidualReorg(config.model, len(info.class_names or ()), info.in_chans, strides)
+    load_checkpoint(checkpoint, model=model)
+    model.class_names, model.preprocessing = list(info.class_names or ()), info.preprocessing
+    return model
+
+
 def run_folder_state(folder: Path) -> str:
     """``done`` (summary written), ``partial`` (a checkpoint to resume) or ``new``."""
     if (folder / "summary.json").is_file():
@@ -89,16 +180,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def time_forms(checkpoint: Path, batch: int) -> dict[str, float | None]:
+def time_forms(model: nn.Module, batch: int) -> dict[str, float | None]:
     """Examples/s of a trained model as trained and, where it converts, as converted (interleaved), at
     the image size it was trained on."""
-    model = load_checkpoint(checkpoint).eval()
-    image_size = int((model.preprocessing or {}).get("image_size", 224))
-    inputs = torch.randn(batch, model.in_chans, image_size, image_size)
+    model = model.eval()
+    info = model_info(model)
+    image_size = info.preprocessing.image_size if info.preprocessing else 224
+    inputs = torch.randn(batch, info.in_chans, image_size, image_size)
     forms = {"train": model}
     if is_convertible(model):
         forms["deploy"] = reparameterize(model)
-    measured = compare_throughput(forms, inputs, warmup=2, repeats=10)
+    measured = time_interleaved(forms, inputs, warmup=2, rounds=10)
     return {
         "train_examples_per_s": measured["train"].images_per_s,
         "deploy_examples_per_s": measured["deploy"].images_per_s if "deploy" in measured else None,
@@ -122,11 +214,13 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
                 print(
                     f"{variant}, seed {seed}: {'resuming' if state == 'partial' else 'training'}", flush=True
                 )
-                train(run_config, resume=state == "partial")
+                train(run_config, resume=state == "partial", build_network=build_network)
             summaries.append(json.loads((folder / "summary.json").read_text()))
         speed_file = output / variant / "speed.json"
         if not speed_file.is_file():
-            speed = time_forms(output / variant / "seed0" / "model_train.safetensors", config.speed_batch)
+            first = config.train_config(variant, 0)
+            trained = load_trained(Path(first.output) / "model_train.safetensors", first)
+            speed = time_forms(trained, config.speed_batch)
             speed_file.write_text(json.dumps(speed, indent=2) + "\n")
         rows.append(_row(variant, summaries, json.loads(speed_file.read_text())))
     for row in rows:

@@ -24,9 +24,17 @@ from torch.utils.data import Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from repvgg.core.info import (
+    CIFAR10_STATS,
+    FASHION_MNIST_STATS,
+    IMAGENET_STATS,
+    Preprocessing,
+    imagenet_preprocessing,
+)
+from repvgg.engine.config import DATASETS
 from repvgg.exceptions import DataError
+from repvgg.io.images import BadImage, open_image
 
-DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -40,84 +48,7 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
-CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SMALL_IMAGE_LIMIT = 64  # images at most this size are "small": no resizing, crop-with-padding augmentation
-
-
-@dataclass(frozen=True)
-class BadImage:
-    """Returned in place of a sample whose file cannot be decoded, so the main process can report it."""
-
-    path: str
-    reason: str
-
-    def error(self, remedy: str) -> DataError:
-        return DataError(f"Cannot read image {self.path} ({self.reason}); {remedy}.")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image file becomes a model input: saved in checkpoints so ``predict`` needs no dataset.
-
-    The image is converted to ``in_chans`` channels (L or RGB), resized so its shorter side is
-    ``resize``, centre-cropped to ``image_size`` and normalised with ``mean`` and ``std``.
-    """
-
-    image_size: int
-    resize: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def in_chans(self) -> int:
-        return len(self.mean)
-
-    def transform(self) -> v2.Compose:
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(self.resize, antialias=True),
-                v2.CenterCrop(self.image_size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(self.mean, self.std),
-            ]
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "image_size": self.image_size,
-            "resize": self.resize,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
-        try:
-            return cls(
-                image_size=int(values["image_size"]),
-                resize=int(values["resize"]),
-                mean=tuple(float(m) for m in values["mean"]),
-                std=tuple(float(s) for s in values["std"]),
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise DataError(
-                f"The preprocessing record {values!r} is incomplete: it needs image_size, resize, mean, std."
-            ) from error
-
-
-def imagenet_preprocessing(size: int = 224) -> Preprocessing:
-    """The paper's evaluation preprocessing: resize to size*8/7 (256 for 224), centre crop."""
-    return Preprocessing(size, round(size * 8 / 7), *IMAGENET_STATS)
-
-
-PREPROCESSING_PRESETS: dict[str, Preprocessing] = {
-    "fashion-mnist": Preprocessing(28, 28, *FASHION_MNIST_STATS),
-    "cifar10": Preprocessing(32, 32, *CIFAR10_STATS),
-    "imagenet": imagenet_preprocessing(),
-}
 
 
 @dataclass
@@ -164,7 +95,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path} is not a readable IDX file ({error}); reinstall the dataset.") from error
 
 
-def _fashion_mnist_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fashion_mnist_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     prefix = "train" if train else "t10k"
     found = {}
     for kind, suffix in (("images", "idx3-ubyte"), ("labels", "idx1-ubyte")):
@@ -173,7 +104,7 @@ def _fashion_mnist_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.T
         if path is None:
             raise DataError(
                 f"Fashion-MNIST is not in {root}: install it with `apt-get install dataset-fashion-mnist` "
-                "(Debian/Ubuntu) or pass --data-dir to a folder holding the four idx files."
+                "(Debian/Ubuntu) or give `data_dir` a folder holding the four idx files."
             )
         found[kind] = read_idx(path)
     images = torch.from_numpy(found["images"].copy()).unsqueeze(1)
@@ -213,7 +144,7 @@ def _cifar10_root(data_dir: Path) -> Path:
         if (root / "data_batch_1").is_file() and (root / "test_batch").is_file():
             return root
     raise DataError(
-        f"No CIFAR-10 python batches in {data_dir}: pass --data-dir to the folder `cifar-10-batches-py` "
+        f"No CIFAR-10 python batches in {data_dir}: give `data_dir` the folder `cifar-10-batches-py` "
         "(data_batch_1..5, test_batch, batches.meta) from the CIFAR-10 python version."
     )
 
@@ -284,14 +215,8 @@ class ImageFiles(Dataset[Any]):
 
     def __getitem__(self, index: int) -> Any:
         path, label = self.folder.samples[index]
-        try:
-            from PIL import Image
-
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except Exception as error:  # PIL raises many types for damaged files
-            return BadImage(path, f"{type(error).__name__}: {error}")
-        return self.transform(image), label
+        image = open_image(path, in_chans=3)
+        return image if isinstance(image, BadImage) else (self.transform(image), label)
 
 
 def collate_reporting_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
@@ -333,7 +258,7 @@ def with_transform(dataset: Dataset[Any], transform: Callable[[Any], torch.Tenso
 def calibration_images(bundle: DataBundle, count: int, seed: int = 0) -> Dataset[Any]:
     """``count`` training images drawn at random (fixed by ``seed``), prepared as for evaluation."""
     if count < 1:
-        raise DataError(f"Calibration needs at least one image, got --calib {count}.")
+        raise DataError(f"Calibration needs at least one image, got {count}.")
     evaluation = bundle.val.dataset if isinstance(bundle.val, Subset) else bundle.val
     return seeded_subset(with_transform(bundle.train, evaluation.transform), count, seed)  # type: ignore[attr-defined]
 
@@ -353,11 +278,11 @@ def build_data(
         raise DataError(f"Unknown dataset {name!r}: choose one of {', '.join(DATASETS)}.")
     if name == "fashion-mnist":
         root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
-        splits = {train: _fashion_mnist_split(root, train) for train in (True, False)}
+        splits = {train: fashion_mnist_split(root, train) for train in (True, False)}
         classes, (mean, std), native = FASHION_MNIST_CLASSES, FASHION_MNIST_STATS, 28
     elif name == "cifar10":
         if data_dir is None:
-            raise DataError("CIFAR-10 needs --data-dir: the folder holding cifar-10-batches-py.")
+            raise DataError("CIFAR-10 needs `data_dir`: the folder holding cifar-10-batches-py.")
         root = _cifar10_root(Path(data_dir))
         splits = {train: _cifar10_split(root, train) for train in (True, False)}
         classes, (mean, std), native = _cifar10_classes(root), CIFAR10_STATS, 32
@@ -365,7 +290,9 @@ def build_data(
         return _image_folder_bundle(data_dir, image_size, autoaugment, train_subset, val_subset, seed)
     size = image_size or native
     if size != native:
-        raise DataError(f"{name} images are {native} px; --image-size {size} is not supported for it.")
+        raise DataError(
+            f"{name} images are {native} px, so `image_size` {size} is not supported: leave `image_size` out."
+        )
     in_chans = int(splits[True][0].shape[1])
     train = TensorImages(
         *splits[True], small_image_transforms(size, mean, std, train=True, autoaugment=autoaugment)
@@ -394,7 +321,7 @@ def _image_folder_bundle(
     seed: int,
 ) -> DataBundle:
     if data_dir is None:
-        raise DataError("imagefolder needs --data-dir: a folder with train/<class>/* and val/<class>/*.")
+        raise DataError("imagefolder needs `data_dir`: a folder with train/<class>/* and val/<class>/*.")
     root = Path(data_dir)
     for split in ("train", "val"):
         if not (root / split).is_dir():

@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import Tensor
 
+from repvgg.core.models import stage_widths
 from repvgg.exceptions import CheckpointError
-from repvgg.models import stage_widths
 
 ROLES = ("dense.conv", "dense.bn", "1x1.conv", "1x1.bn", "identity", "reparam", "se.down", "se.up")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import torch
 
-from repvgg.benchmark import compare_throughput, count_parameters
-from repvgg.checkpoints import load_checkpoint
-from repvgg.data import build_data, write_sample_images
-from repvgg.deploy import convert_checkpoint, export_model, verify_checkpoints
-from repvgg.inference import optimize, predict
-from repvgg.training import TrainConfig, train
+from repvgg.engine.config import TrainConfig
+from repvgg.engine.data import build_data, write_sample_images
+from repvgg.engine.training import train
+from repvgg.io.checkpoints import load_checkpoint
+from repvgg.runtime.convert import convert_checkpoint, verify_checkpoints
+from repvgg.runtime.export import export_model
+from repvgg.runtime.measure import count_parameters, time_interleaved
+from repvgg.runtime.optimize import optimize
+from repvgg.runtime.predict import predict
 
 
 @dataclass(frozen=True)
@@ -95,14 +98,14 @@ def run_demo(options: DemoOptions) -> bool:
     fastest = optimize(deployed, options.backend, example_input=inputs)
     for name, reason in fastest.skipped.items():
         print(f"   ({name} not used: {reason})")
-    speeds = compare_throughput(
+    speeds = time_interleaved(
         {
             "training form, eager": trained,
             "deploy form, eager": deployed,
             f"deploy form, {fastest.backend}": fastest,
         },
         inputs,
-        repeats=options.repeats,
+        rounds=options.repeats,
     )
     for name, speed in speeds.items():
         print(

@@ -9,9 +9,36 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from repvgg.blocks import TRAIN_MODE_WARNING, RepVGGBlock, block_design
+from repvgg.core.blocks import TRAIN_MODE_WARNING, RepVGGBlock, block_design, form_of
+from repvgg.core.models import RepVGG
 from repvgg.exceptions import ConversionError, RepVGGWarning
-from repvgg.models import RepVGG
+
+#: The one tolerance table: the largest relative difference (see :func:`relative_error`) accepted between two
+#: computations of the same network, by the least precise dtype involved. float64 checks the fusion math
+#: itself (~1e-15 observed); float32 covers stored float32 weights and other kernels (onnxruntime's Winograd,
+#: oneDNN, TorchInductor: ~1e-6 observed); half precision rounds to ~1e-3.
+TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-2,
+}
+
+
+def tolerance_for(*dtypes: torch.dtype) -> float:
+    """The tolerance of the least precise of ``dtypes`` (any other dtype counts as half precision)."""
+    return max(TOLERANCE.get(dtype, TOLERANCE[torch.float16]) for dtype in dtypes)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64: the one measure of agreement between outputs.
+
+    Relative to the output's scale, never a bare absolute difference; 0-scale outputs compare absolutely.
+    """
+    expected = expected.detach().double()
+    error = float((actual.detach().double() - expected).abs().max())
+    scale = float(expected.abs().max())
+    return error / scale if scale > 0 else error
 
 
 def reparameterizable_blocks(module: nn.Module) -> list[RepVGGBlock]:
@@ -25,9 +52,24 @@ def is_deployed(module: nn.Module) -> bool:
     return bool(blocks) and all(block.deploy for block in blocks)
 
 
+def to_deploy_form(model: nn.Module) -> tuple[nn.Module, bool]:
+    """An eval-mode, gradient-free copy of ``model`` with every RepVGG block converted.
+
+    Returns the copy and whether a conversion was needed. A network without RepVGG blocks (a
+    baseline such as a ResNet) is copied as it is.
+    """
+    deployed = copy.deepcopy(model).eval()
+    converted = form_of(deployed) == "train"
+    if converted:
+        deployed = reparameterize(deployed, inplace=True)
+    for parameter in deployed.parameters():
+        parameter.requires_grad_(False)
+    return deployed, converted
+
+
 def is_convertible(module: nn.Module) -> bool:
     """True when ``module`` holds RepVGG blocks and every one of them can become one convolution
-    (the ``relu_in_branch`` design and the ``residual_reorg`` layout cannot)."""
+    (the ``relu_in_branch`` design cannot; a network without RepVGG blocks has nothing to convert)."""
     blocks = reparameterizable_blocks(module)
     return bool(blocks) and all(block.deploy or block_design(block.block).convertible for block in blocks)
 
@@ -54,19 +96,6 @@ def reparameterize(module: nn.Module, inplace: bool = False) -> nn.Module:
     for model in converted.modules():
         if isinstance(model, RepVGG):
             model.deploy = True
-    return converted
-
-
-def repvgg_model_convert(model: nn.Module, save_path: str | None = None, do_copy: bool = True) -> nn.Module:
-    """The authors' conversion entry point, kept so their scripts run after changing one import.
-
-    ``save_path`` writes a deploy-form checkpoint in this package's format.
-    """
-    converted = reparameterize(model, inplace=not do_copy)
-    if save_path is not None:
-        from repvgg.checkpoints import save_checkpoint
-
-        save_checkpoint(converted, save_path)
     return converted
 
 
@@ -138,9 +167,6 @@ def _outputs(module: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
 @torch.no_grad()
 def verify_equivalence(
     reference: nn.Module,
@@ -156,9 +182,8 @@ def verify_equivalence(
     Both networks are copied, cast to ``dtype`` and put in eval mode; the originals are not changed.
     Without ``converted``, a ``dtype`` copy of ``reference`` is converted, which checks the fusion math
     itself: in float64 it agrees to ~1e-15. A given ``converted`` network also carries the rounding
-    of its stored weights (~1e-7 for float32). The default tolerance follows the least precise of
-    ``dtype`` and those weights: 1e-10 for float64, 1e-5 for float32, 2e-2 below. The default input is
-    non-square, ``(2, C, 64, 48)``.
+    of its stored weights (~1e-7 for float32). The default tolerance is :data:`TOLERANCE`'s for the least
+    precise of ``dtype`` and those weights. The default input is non-square, ``(2, C, 64, 48)``.
     """
     train_copy = copy.deepcopy(reference).to(dtype).eval()
     if converted is None:
@@ -168,7 +193,7 @@ def verify_equivalence(
         deploy_copy = copy.deepcopy(converted).to(dtype).eval()
         precisions = [dtype, *(p.dtype for p in converted.parameters())]
     if tolerance is None:
-        tolerance = max(_TOLERANCE.get(p, 2e-2) for p in precisions)
+        tolerance = tolerance_for(*precisions)
     if input_shape is None:
         input_shape = (2, _input_channels(reference), 64, 48)
     device = next(reference.parameters()).device
@@ -181,13 +206,11 @@ def verify_equivalence(
             "The two networks return outputs of different shapes; they are not a train/deploy pair."
         )
     # Each output (a backbone returns one per stage) is compared relative to its own scale.
-    errors = [float((a - e).abs().max()) for e, a in zip(expected, actual, strict=True)]
-    scales = [float(e.abs().max()) for e in expected]
-    relative = [err / scale if scale > 0 else err for err, scale in zip(errors, scales, strict=True)]
+    pairs = list(zip(actual, expected, strict=True))
     return EquivalenceReport(
-        max_abs_error=max(errors),
-        max_rel_error=max(relative),
-        output_scale=max(scales),
+        max_abs_error=max(float((a - e).abs().max()) for a, e in pairs),
+        max_rel_error=max(relative_error(a, e) for a, e in pairs),
+        output_scale=max(float(e.abs().max()) for e in expected),
         dtype=dtype,
         input_shape=tuple(input_shape),
         tolerance=tolerance,

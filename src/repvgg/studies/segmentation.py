@@ -21,19 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from repvgg.backbone import RepVGGFeatures
-from repvgg.benchmark import compare_throughput
+from repvgg.core.backbone import RepVGGFeatures
+from repvgg.core.fusion import conv_bn_relu
+from repvgg.core.registry import create_model
+from repvgg.core.reparam import reparameterize
+from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
 from repvgg.exceptions import ModelConfigError, TrainingError
-from repvgg.models import create_model
-from repvgg.segmentation_data import IGNORE_INDEX
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
+from repvgg.runtime.measure import time_interleaved
 
 
 class PyramidPooling(nn.Module):
@@ -44,7 +39,7 @@ class PyramidPooling(nn.Module):
         super().__init__()
         reduced = channels // len(bins)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(size), _conv_bn_relu(channels, reduced, 1)) for size in bins
+            nn.Sequential(nn.AdaptiveAvgPool2d(size), conv_bn_relu(channels, reduced, 1)) for size in bins
         )
         self.out_channels = channels + reduced * len(bins)
 
@@ -83,13 +78,13 @@ class PSPNet(nn.Module):
         stage3, stage4 = (info["num_chs"] for info in backbone.feature_info)
         self.ppm = PyramidPooling(stage4)
         self.head = nn.Sequential(
-            _conv_bn_relu(self.ppm.out_channels, head_channels, 3),
+            conv_bn_relu(self.ppm.out_channels, head_channels, 3),
             nn.Dropout2d(dropout),
             nn.Conv2d(head_channels, num_classes, 1),
         )
         self.aux_head = (
             nn.Sequential(
-                _conv_bn_relu(stage3, head_channels // 2, 3),
+                conv_bn_relu(stage3, head_channels // 2, 3),
                 nn.Dropout2d(dropout),
                 nn.Conv2d(head_channels // 2, num_classes, 1),
             )
@@ -211,7 +206,7 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader[Any], num_classes
 @torch.inference_mode()
 def time_both_forms(model: nn.Module, deployed: nn.Module, images: Tensor) -> dict[str, float]:
     """Images/s of the training-time and the deployed segmenter on one batch, timed interleaved."""
-    measured = compare_throughput({"train_form": model, "deploy_form": deployed}, images, repeats=20)
+    measured = time_interleaved({"train_form": model, "deploy_form": deployed}, images, rounds=20)
     return {
         "batch": len(images),
         "train_form_images_per_s": measured["train_form"].images_per_s,
@@ -222,10 +217,6 @@ def time_both_forms(model: nn.Module, deployed: nn.Module, images: Tensor) -> di
 def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     """Train PSPNet-RepVGG with SGD and the poly schedule, then convert it and evaluate both forms."""
     from tqdm import tqdm
-
-    from repvgg.checkpoints import load_checkpoint, save_checkpoint
-    from repvgg.reparam import reparameterize
-    from repvgg.segmentation_data import build_segmentation_data
 
     torch.manual_seed(config.seed)
     bundle = build_segmentation_data(

@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from repvgg.benchmark import count_macs, count_parameters
-from repvgg.checkpoints import load_checkpoint
+from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
+from repvgg.core.registry import MODEL_SPECS, canonical_name, create_model
+from repvgg.core.reparam import reparameterize
 from repvgg.exceptions import ModelConfigError
-from repvgg.models import MODEL_SPECS, canonical_name, create_model
-from repvgg.quantization import QuantizedRepVGG, quantize_ptq
-from repvgg.reparam import reparameterize
+from repvgg.io.checkpoints import load_checkpoint
+from repvgg.runtime.measure import count_macs, count_parameters, time_interleaved
 
 # torchvision baselines of the paper's Table 4: (top-1, examples/s on a GTX 1080Ti at batch 128).
 TORCHVISION_BASELINES: dict[str, tuple[float, float]] = {
@@ -205,31 +205,6 @@ def example_batch(model: nn.Module, protocol: Protocol) -> torch.Tensor:
     return torch.randn(protocol.batch_size, input_channels(model), size, size, device=protocol.device)
 
 
-@torch.inference_mode()
-def time_interleaved(
-    models: dict[str, nn.Module],
-    protocol: Protocol,
-    on_progress: Callable[[], None] = lambda: None,
-) -> dict[str, list[float]]:
-    """Seconds per batch of each network: warm-up, then rounds in which every network runs in turn."""
-    inputs = {name: example_batch(model, protocol) for name, model in models.items()}
-    for name, model in models.items():
-        for _ in range(protocol.warmup):
-            model(inputs[name])
-        _synchronize(protocol.device)
-        on_progress()
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(protocol.rounds):
-        for name, model in models.items():
-            for _ in range(protocol.batches):
-                start = time.perf_counter()
-                model(inputs[name])
-                _synchronize(protocol.device)
-                times[name].append(time.perf_counter() - start)
-            on_progress()
-    return times
-
-
 def peak_memory_mib(spec: str, protocol: Protocol) -> float | None:
     """Peak extra memory of one inference batch, beyond the weights and the input, in MiB.
 
@@ -259,7 +234,7 @@ def peak_memory_mib(spec: str, protocol: Protocol) -> float | None:
     command = [
         sys.executable,
         "-c",
-        "from repvgg.bench import _measure_peak_in_this_process as m; m()",
+        "from repvgg.studies.bench import _measure_peak_in_this_process as m; m()",
         spec,
         str(protocol.batch_size),
         str(protocol.image_size),
@@ -351,15 +326,23 @@ def run_bench(
     for candidate in chosen:
         models[candidate.spec] = build(candidate.spec).to(protocol.device)
         bar.update()
-    times = time_interleaved(models, protocol, on_progress=bar.update)
+    with torch.inference_mode():
+        inputs = {spec: example_batch(model, protocol) for spec, model in models.items()}
+        measured = time_interleaved(
+            models,
+            inputs,
+            warmup=protocol.warmup,
+            rounds=protocol.rounds,
+            batches_per_round=protocol.batches,
+            on_progress=bar.update,
+        )
     rows = []
     for candidate in chosen:
         # Counted on the built network at batch 1 (the meta device cannot build every torchvision model).
         counted = counted_model(models[candidate.spec])
         size = protocol.image_size
         flops = 2 * count_macs(counted, (1, input_channels(counted), size, size))
-        batch_times = times[candidate.spec]
-        median = statistics.median(batch_times)
+        timing = measured[candidate.spec]
         memory = None
         if measure_memory:
             memory = peak_memory_mib(candidate.spec, protocol)
@@ -371,9 +354,9 @@ def run_bench(
                 family=candidate.family,
                 params=count_parameters(counted),
                 gflops=flops / 1e9,
-                examples_per_s=protocol.batch_size / median,
-                latency_ms=median * 1000,
-                spread=(max(batch_times) - min(batch_times)) / median,
+                examples_per_s=timing.images_per_s,
+                latency_ms=timing.median_s * 1000,
+                spread=timing.spread,
                 peak_memory_mib=memory,
                 paper_top1=candidate.paper_top1,
                 paper_speed=candidate.paper_speed,

@@ -41,6 +41,14 @@ class ConvBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_channels)
 
 
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    """A plain convolution layer of the non-RepVGG parts (heads, the residual baseline): conv, BN, ReLU."""
+    return nn.Sequential(
+        ConvBN(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2),
+        nn.ReLU(inplace=True),
+    )
+
+
 def bare_conv(
     in_channels: int,
     out_channels: int,

@@ -1,10 +1,11 @@
-"""Top-1 / top-5 evaluation, shared by training and ``repvgg eval``."""
+"""Top-1 / top-5 evaluation, shared by training and ``repvgg eval``, and the evaluation of a checkpoint."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,8 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from repvgg.data import BadImage, collate_reporting_bad
-from repvgg.distributed import DistContext, all_reduce_sum
+from repvgg.core.int8 import QuantizedRepVGG
+from repvgg.core.models import RepVGG
+from repvgg.engine.config import AMP_CHOICES
+from repvgg.engine.data import build_data, collate_reporting_bad, default_workers
+from repvgg.engine.distributed import DistContext, all_reduce_sum, init_distributed
+from repvgg.exceptions import DataError, InferenceError, TrainingError
+from repvgg.io.checkpoints import load_checkpoint
+from repvgg.io.images import BadImage
+from repvgg.runtime.optimize import optimize
+
+#: Mixed-precision choices of training and evaluation (``autocast`` dtypes).
+AMP_DTYPES = dict(zip(AMP_CHOICES, (None, torch.bfloat16, torch.float16), strict=True))
 
 
 @dataclass(frozen=True)
@@ -107,3 +118,57 @@ def evaluate(
         images=int(totals[3]),
         seconds=seconds,
     )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: str = "fashion-mnist",
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    val_subset: int | None = None,
+    workers: int | None = None,
+    device: str | None = None,
+    amp: str = "none",
+    backend: str | None = None,
+) -> EvalResult:
+    """Top-1/top-5 of a checkpoint (any format :func:`repvgg.load_checkpoint` reads) on a validation set.
+
+    Without ``backend`` the checkpoint is evaluated as stored, in eager PyTorch; with one, it is first
+    converted and run by :func:`optimize` (timed on one batch of the validation set).
+    """
+    if amp not in AMP_DTYPES:
+        raise TrainingError(f"`amp` must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")
+    model = load_checkpoint(checkpoint)
+    assert isinstance(model, RepVGG | QuantizedRepVGG)
+    if isinstance(model, QuantizedRepVGG):
+        if (device or "cpu") != "cpu" or amp != "none":
+            raise InferenceError("An INT8 model is evaluated on the CPU without `amp`: drop those options.")
+        device = "cpu"
+    bundle = build_data(data, data_dir, val_subset=val_subset)
+    if model.in_chans != bundle.in_chans:
+        raise DataError(
+            f"The model takes {model.in_chans}-channel images but {data} has {bundle.in_chans} channels; "
+            "evaluate it on the dataset it was trained for."
+        )
+    if model.num_classes != bundle.num_classes:
+        raise DataError(
+            f"The model has {model.num_classes} classes but {data} has {bundle.num_classes}; evaluate it on "
+            "the dataset it was trained for."
+        )
+    context = init_distributed(device)
+    model = model.to(context.device)
+    if workers is None:
+        workers = default_workers(bundle)
+    loader = eval_loader(bundle.val, batch_size, workers, context)
+
+    def refuse(bad: list[BadImage]) -> None:
+        raise bad[0].error("fix or remove it")
+
+    runner: nn.Module = model
+    if backend is not None:
+        images, _, bad = next(iter(loader))
+        if bad:
+            refuse(bad)
+        runner = optimize(model, backend, example_input=images.to(context.device))
+    return evaluate(runner, loader, context, amp_dtype=AMP_DTYPES[amp], on_bad_images=refuse)

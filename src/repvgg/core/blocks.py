@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from repvgg.exceptions import ConversionError, ModelConfigError, RepVGGWarning
-from repvgg.fusion import (
+from repvgg.core.designs import block_design
+from repvgg.core.fusion import (
     ConvBN,
     IdentityPlusConv,
     bare_conv,
@@ -20,11 +18,29 @@ from repvgg.fusion import (
     branch_kernel_bias,
     fuse_conv_bn,
 )
+from repvgg.exceptions import ConversionError, ModelConfigError, RepVGGWarning
 
 TRAIN_MODE_WARNING = (
     "Converting a module in training mode: the fused kernels use the BatchNorm running statistics, "
     "so they match this module's outputs only in eval mode; call .eval() before comparing outputs."
 )
+
+
+def form_of(module: nn.Module) -> str:
+    """``deploy`` when every RepVGG block inside ``module`` is converted, ``train`` when none is, ``none``
+    when it holds no RepVGG block. Derived from the blocks, so it is right after any way of converting."""
+    blocks = [m for m in module.modules() if isinstance(m, RepVGGBlock)]
+    if not blocks:
+        return "none"
+    deployed = sum(block.deploy for block in blocks)
+    if deployed == len(blocks):
+        return "deploy"
+    if deployed:
+        raise ConversionError(
+            "Some RepVGG blocks of this model are converted and others are not; convert all of them with "
+            "repvgg.reparameterize(model)."
+        )
+    return "train"
 
 
 def warn_if_training(module: nn.Module) -> None:
@@ -51,86 +67,6 @@ class SEBlock(nn.Module):
         squeezed = inputs.mean(dim=(2, 3), keepdim=True)
         excitation = torch.sigmoid(self.up(torch.relu(self.down(squeezed))))
         return inputs * excitation
-
-
-@dataclass(frozen=True)
-class BlockDesign:
-    """Which branches a block trains with and where its BatchNorms sit.
-
-    ``dense``, the 3x3 branch: ``"bn"`` (conv + BN), ``"plain"`` (a bare conv), ``"trivial"`` (kernel
-    ``I + W``) or ``"dirac"`` (DiracNet's ``diag(a) I + diag(b) W / ||W||``), see
-    :class:`~repvgg.fusion.IdentityPlusConv`. ``one_by_one`` and ``identity``: ``None`` (no such branch),
-    ``"bn"`` (the branch ends in BatchNorm) or ``"plain"`` (a bare 1x1 convolution / the input itself).
-    ``asymmetric`` adds ACNet's 3x1 + BN and 1x3 + BN branches; ``post_bn`` puts one BatchNorm after the sum;
-    ``relu_in_branches`` applies a ReLU to each branch before the sum, which makes the block impossible
-    to convert (the paper's reference point). Every other design converts to one 3x3 convolution through
-    the one fusion function.
-    """
-
-    dense: Literal["bn", "plain", "trivial", "dirac"] = "bn"
-    one_by_one: Literal["bn", "plain"] | None = "bn"
-    identity: Literal["bn", "plain"] | None = "bn"
-    asymmetric: bool = False
-    post_bn: bool = False
-    relu_in_branches: bool = False
-    description: str = ""
-
-    @property
-    def convertible(self) -> bool:
-        return not self.relu_in_branches
-
-
-#: The block designs of the paper's Tables 6 and 7, and QARepVGG (Chu et al., 2022).
-BLOCK_DESIGNS: dict[str, BlockDesign] = {
-    "repvgg": BlockDesign(description="3x3+BN, 1x1+BN and BN identity branches (the paper's block)"),
-    "no_identity": BlockDesign(identity=None, description="3x3+BN and 1x1+BN branches (Table 6)"),
-    "no_1x1": BlockDesign(one_by_one=None, description="3x3+BN and BN identity branches (Table 6)"),
-    "plain": BlockDesign(one_by_one=None, identity=None, description="3x3+BN alone (Table 6)"),
-    "identity_no_bn": BlockDesign(identity="plain", description="identity branch without BN (Table 7)"),
-    "post_add_bn": BlockDesign(
-        dense="plain",
-        one_by_one="plain",
-        identity="plain",
-        post_bn=True,
-        description="no BN in the branches, one BN after the sum (Table 7)",
-    ),
-    "relu_in_branch": BlockDesign(
-        relu_in_branches=True, description="a ReLU in every branch before the sum; not convertible (Table 7)"
-    ),
-    "diracnet": BlockDesign(
-        dense="dirac",
-        one_by_one=None,
-        identity=None,
-        post_bn=True,
-        description="one conv with kernel diag(a)I + diag(b)W/||W||, then BN (DiracNet, Table 7)",
-    ),
-    "trivial": BlockDesign(
-        dense="trivial",
-        one_by_one=None,
-        identity=None,
-        post_bn=True,
-        description="one conv with kernel I + W, then BN (trivial re-param, Table 7)",
-    ),
-    "acb": BlockDesign(
-        one_by_one=None,
-        identity=None,
-        asymmetric=True,
-        description="3x3+BN, 3x1+BN and 1x3+BN branches (ACNet's block, Table 7)",
-    ),
-    "qarepvgg": BlockDesign(
-        one_by_one="plain",
-        identity="plain",
-        post_bn=True,
-        description="3x3+BN, bare 1x1 and identity, one BN after the sum (QARepVGG)",
-    ),
-}
-
-
-def block_design(name: str) -> BlockDesign:
-    """The registered design called ``name``; an unknown name gets one sentence listing the known ones."""
-    if name not in BLOCK_DESIGNS:
-        raise ModelConfigError(f"Unknown block {name!r}: choose one of {', '.join(BLOCK_DESIGNS)}.")
-    return BLOCK_DESIGNS[name]
 
 
 class RepVGGBlock(nn.Module):
@@ -327,7 +263,7 @@ class RepVGGBlock(nn.Module):
         ):
             raise ModelConfigError(
                 f"The custom L2 needs a 3x3 and a 1x1 branch that both end in BatchNorm; the {self.block!r} "
-                "block has not, so train it with plain weight decay (drop --custom-l2)."
+                "block has not, so train it without `custom_l2` (with plain weight decay)."
             )
         k3, k1 = self.rbr_dense.conv.weight, self.rbr_1x1.conv.weight
         t3 = bn_scale_shift(self.rbr_dense.bn)[0].detach().reshape(-1, 1, 1, 1)

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from repvgg.core.models import RepVGG, dilated_strides, stage_widths
 from repvgg.exceptions import ModelConfigError
-from repvgg.models import RepVGG, dilated_strides, stage_widths
 
 
 class RepVGGFeatures(RepVGG):

@@ -20,14 +20,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from repvgg.data import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
-    FASHION_MNIST_STATS,
-    IMAGENET_STATS,
-    _fashion_mnist_split,
-    seeded_subset,
-)
+from repvgg.core.info import FASHION_MNIST_STATS, IMAGENET_STATS
+from repvgg.engine.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_split, seeded_subset
 from repvgg.exceptions import DataError
 
 SEG_DATASETS = ("fashion-mnist-seg", "folder")
@@ -128,13 +122,13 @@ def build_segmentation_data(
     """Both splits of a segmentation set (one of :data:`SEG_DATASETS`)."""
     if name == "fashion-mnist-seg":
         root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
-        splits = {train: _fashion_mnist_split(root, train) for train in (True, False)}
+        splits = {train: fashion_mnist_split(root, train) for train in (True, False)}
         train_set = FashionMosaics(*splits[True], train=True)
         val_set = FashionMosaics(*splits[False], train=False)
         classes, in_chans, size = ["background", *FASHION_MNIST_CLASSES], 1, 56
     elif name == "folder":
         if data_dir is None or num_classes is None:
-            raise DataError("--data folder needs --data-dir (with train/ and val/) and --num-classes.")
+            raise DataError("The folder dataset needs `data_dir` (with train/ and val/) and `num_classes`.")
         size = image_size or 512
         train_set = SegmentationFolder(Path(data_dir) / "train", size, train=True)
         val_set = SegmentationFolder(Path(data_dir) / "val", size, train=False)

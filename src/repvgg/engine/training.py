@@ -1,0 +1,715 @@
+"""The one training loop, and the paper's classification recipe built on it (one CPU or many GPUs, PyTorch
+DDP launched by ``torchrun``).
+
+:class:`Trainer` is the loop: mixed precision, DDP, EMA, progress, a stop on a non-finite loss, per-epoch
+evaluation and logging, and the training state ``last.pt`` written atomically every epoch (resumable to the
+exact weights of an uninterrupted run). A :class:`Task` supplies what differs between uses: the loss, the
+training accuracy and the validation metrics. Classification (:func:`train`), PSPNet segmentation and
+quantization-aware training (``repvgg.studies``) all run through it, with the one :class:`LRSchedule`.
+
+``train(config)`` trains the multi-branch model, then converts it, checks that the plain model scores the
+same, and saves both forms in this package's checkpoint format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from repvgg.core.blocks import RepVGGBlock
+from repvgg.core.models import RepVGG
+from repvgg.core.registry import create_model
+from repvgg.core.reparam import is_convertible, reparameterize
+from repvgg.engine.config import TrainConfig
+from repvgg.engine.data import (
+    DataBundle,
+    build_data,
+    collate_reporting_bad,
+    default_workers,
+    strides_for_image_size,
+)
+from repvgg.engine.distributed import (
+    DistContext,
+    all_reduce_sum,
+    average_buffers,
+    init_distributed,
+    ranks_agree,
+    shutdown,
+)
+from repvgg.engine.evaluation import AMP_DTYPES, EvalResult, eval_loader, evaluate
+from repvgg.exceptions import CheckpointError, DataError, ModelConfigError, TrainingError
+from repvgg.io.checkpoints import (
+    load_checkpoint,
+    load_training_state,
+    read_checkpoint,
+    save_checkpoint,
+    save_training_state,
+)
+from repvgg.io.images import BadImage
+
+STATE_FILE = "last.pt"
+
+
+class LRSchedule:
+    """The one learning-rate schedule: a factor per optimizer step, linear warm-up, then cosine annealing
+    (classification, QAT) or the poly decay ``(1 - progress) ** power`` (segmentation) to zero."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, shape: str = "cosine", power: float = 0.9):
+        if shape not in ("cosine", "poly"):
+            raise ModelConfigError(f"Unknown schedule shape {shape!r}: choose cosine or poly.")
+        self.total_steps, self.warmup_steps, self.shape, self.power = total_steps, warmup_steps, shape, power
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.shape == "poly":
+            return (1 - progress) ** self.power
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, custom_l2: bool) -> list[dict[str, Any]]:
+    """The authors' weight-decay exclusions: none on biases and on the 3x3/1x1 branches' BN weights.
+
+    The identity branch's BN weight keeps its decay. With ``custom_l2`` the two branch kernels are
+    regularised through the loss instead, so they get no decay here either.
+    """
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        branch_kernel = name.endswith(("rbr_dense.conv.weight", "rbr_1x1.conv.weight"))
+        if name.endswith("bias") or ".bn." in name or (custom_l2 and branch_kernel):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def custom_l2_loss(model: nn.Module) -> torch.Tensor:
+    blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock) and not m.deploy]
+    return torch.stack([block.custom_l2() for block in blocks]).sum()
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunLog:
+    """Per-epoch metrics as JSON lines and TensorBoard events (written by rank 0 only)."""
+
+    def __init__(self, output: Path, enabled: bool, keep_through_epoch: int) -> None:
+        self.enabled = enabled
+        self.path = output / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():  # a resumed run: drop epochs that the checkpoint does not cover
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["epoch"] <= keep_through_epoch
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=keep_through_epoch + 1)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        assert self.writer is not None
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, int | float):
+                self.writer.add_scalar(key, value, record["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress(total: int, description: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, disable=not enabled, unit="batch", dynamic_ncols=True)
+
+
+class Task:
+    """What a :class:`Trainer` optimises and how it scores: the hooks that differ between uses.
+
+    The defaults are classification's loss and accuracy; :meth:`evaluate` returns no metrics (QAT trains
+    without validation). ``primary`` names the validation metric that picks the best epoch (higher is better).
+    """
+
+    primary = "top1"
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets, label_smoothing=self.label_smoothing)
+
+    def correct(self, outputs: Any, targets: torch.Tensor) -> float | None:
+        """How many samples of the batch are right (for the running training accuracy); None: not counted."""
+        hard_labels = targets.argmax(1) if targets.ndim == 2 else targets  # mixup gives soft targets
+        return float((outputs.argmax(1) == hard_labels).sum())
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Validation metrics of ``model`` (its mode is restored by the caller)."""
+        return {}
+
+    def epoch_line(self, record: dict[str, Any], epochs: int) -> str | None:
+        """The line printed after each epoch (None: nothing)."""
+        return None
+
+
+class Trainer:
+    """The one training loop. Construct with the pieces of a run, optionally :meth:`resume`, then :meth:`fit`.
+
+    ``loader`` yields ``(inputs, targets)`` or ``(inputs, targets, bad_images)`` (see
+    ``repvgg.engine.data.collate_reporting_bad``); unreadable images stop the run unless
+    ``skip_bad_images``. The loader's generator (and a ``DistributedSampler``'s epoch) is reseeded from
+    ``seed`` and the epoch, so a resumed run replays the same batches. With ``output`` the run writes
+    ``metrics.jsonl``, TensorBoard events and ``last.pt`` there every epoch (and ``best_file`` when the
+    task's primary metric improves); without it nothing is written.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: DataLoader[Any],
+        task: Task,
+        optimizer: torch.optim.Optimizer,
+        schedule: LRSchedule,
+        *,
+        epochs: int,
+        context: DistContext | None = None,
+        output: Path | None = None,
+        best_file: str | None = None,
+        amp: str = "none",
+        channels_last: bool = False,
+        ema_decay: float | None = None,
+        mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        regularizer: Callable[[], torch.Tensor] | None = None,
+        on_step: Callable[[int], None] | None = None,
+        skip_bad_images: bool = False,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.context = context or DistContext()
+        if amp == "fp16" and self.context.device.type != "cuda":
+            raise TrainingError("`amp` fp16 needs a CUDA device; use bf16 on the CPU.")
+        self.model, self.loader, self.task, self.optimizer = model, loader, task, optimizer
+        self.epochs, self.output, self.best_file = epochs, output, best_file
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.channels_last, self.mixup, self.regularizer, self.on_step = (
+            channels_last,
+            mixup,
+            regularizer,
+            on_step,
+        )
+        self.skip_bad_images, self.seed, self.progress = skip_bad_images, seed, progress
+        self.steps_per_epoch = len(loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(self.context.device.type, enabled=amp == "fp16")
+        self.ema = None
+        if ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.network: nn.Module = model
+        if self.context.distributed:
+            device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+            self.network = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.start_epoch = 1
+        self.best = -math.inf
+        self.bad_images = 0
+        self.records: list[dict[str, Any]] = []
+
+    # -- the training state ----------------------------------------------------------------------
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "best": self.best,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": _rng_state(),
+            "bad_images": self.bad_images,
+        }
+
+    def resume(self) -> None:
+        """Continue from ``output/last.pt``: weights, optimizer, schedule, RNG, counters."""
+        path = (self.output or Path(".")) / STATE_FILE
+        if self.output is None or not path.is_file():
+            raise TrainingError(f"Nothing to resume in {self.output}: it has no {STATE_FILE}; start afresh.")
+        state = load_training_state(path)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            first_line = str(error).splitlines()[0]
+            raise TrainingError(
+                f"The saved state in {path} does not fit the configured model ({first_line}); "
+                "resume with the run's own configuration (drop the options that changed it)."
+            ) from error
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best = float(state.get("best", state.get("best_top1", -math.inf)))
+        self.bad_images = int(state["bad_images"])
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The order of an epoch depends on the seed and the epoch only, so a resumed run replays it.
+        generator = getattr(self.loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed((self.seed * 100_003 + epoch) * 1_009 + self.context.rank)
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+        for inputs, targets, *rest in self.loader:
+            if rest and rest[0]:
+                self.report_bad(rest[0])
+            if len(targets) == 0:
+                continue
+            yield inputs, targets
+
+    def report_bad(self, bad: list[BadImage]) -> None:
+        """Unreadable images: counted with ``skip_bad_images``, else the run stops with the first one."""
+        if not self.skip_bad_images:
+            raise bad[0].error("fix or remove it, or skip unreadable images (`skip_bad_images`)")
+        self.bad_images += len(bad)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        device = self.context.device
+        self.network.train()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        counted = True
+        start = time.perf_counter()
+        bar = _progress(
+            self.steps_per_epoch, f"epoch {epoch}/{self.epochs}", self.context.is_main and self.progress
+        )
+        for step, (inputs, targets) in enumerate(self._batches(epoch)):
+            global_step = (epoch - 1) * self.steps_per_epoch + step
+            if self.on_step is not None:
+                self.on_step(global_step)
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if self.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            labels = targets
+            if self.mixup is not None:
+                inputs, targets = self.mixup(inputs, targets)
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                outputs = self.network(inputs)
+                loss = self.task.loss(outputs, targets)
+            if self.regularizer is not None:
+                loss = loss + self.regularizer()
+            self._stop_if_not_finite(loss, epoch, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            correct = self.task.correct(outputs, targets)
+            counted = counted and correct is not None
+            totals += torch.tensor(
+                [float(loss.detach()) * len(labels), correct or 0.0, len(labels)], dtype=torch.float64
+            )
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            postfix = {"loss": f"{totals[0] / totals[2]:.3f}"}
+            if counted:
+                postfix["acc"] = f"{100 * totals[1] / totals[2]:.1f}"
+            bar.set_postfix(
+                img_s=f"{totals[2] * self.context.world_size / elapsed:.0f}", refresh=False, **postfix
+            )
+        bar.close()
+        seconds = time.perf_counter() - start
+        totals = all_reduce_sum(totals, self.context)
+        count = max(float(totals[2]), 1.0)
+        record = {"train_loss": float(totals[0]) / count}
+        if counted:
+            record["train_top1"] = 100.0 * float(totals[1]) / count
+        return {**record, "train_images_per_s": count / seconds, "epoch_seconds": seconds}
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        if float(all_reduce_sum(bad, self.context)[0]) == 0:
+            return
+        kept = (self.output or Path(".")) / STATE_FILE
+        where = f"{kept} (epoch {self.start_epoch - 1})" if self.output and kept.is_file() else "none yet"
+        raise TrainingError(
+            f"The loss became {float(loss.detach()):.4g} at epoch {epoch}, step {step + 1}, so training "
+            f"stopped; the last good checkpoint is kept ({where}): lower `lr` or use `amp` bf16/none, "
+            "then resume."
+        )
+
+    def _evaluate(self, model: nn.Module) -> dict[str, Any]:
+        was_training = model.training
+        try:
+            return self.task.evaluate(model)
+        finally:
+            model.train(was_training)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train from :attr:`start_epoch` to ``epochs``; returns the records of the epochs trained now."""
+        context = self.context
+        writing = context.is_main and self.output is not None
+        log = RunLog(self.output, writing, keep_through_epoch=self.start_epoch - 1) if self.output else None
+        try:
+            for epoch in range(self.start_epoch, self.epochs + 1):
+                record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+                record.update(self._train_epoch(epoch))
+                average_buffers(self.model, context)
+                if self.ema is not None:
+                    average_buffers(self.ema, context)
+                metrics = self._evaluate(self.model)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
+                if self.ema is not None:
+                    record.update({f"ema_val_{k}": v for k, v in self._evaluate(self.ema.module).items()})
+                record["bad_images"] = self.bad_images
+                score = metrics.get(self.task.primary)
+                improved = score is not None and score > self.best
+                if improved:
+                    self.best = score
+                self.records.append(record)
+                if writing:
+                    assert log is not None and self.output is not None
+                    log.epoch(record)
+                    if improved and self.best_file:
+                        save_checkpoint(self.model, self.output / self.best_file)
+                    save_training_state(self.output / STATE_FILE, self._state(epoch), self.model)
+                self.start_epoch = epoch + 1
+                line = self.task.epoch_line(record, self.epochs)
+                if context.is_main and line:
+                    print(line, flush=True)
+            return self.records
+        finally:
+            if log is not None:
+                log.close()
+
+
+# -- classification: the paper's recipe -----------------------------------------------------------------
+
+
+class Classification(Task):
+    """Cross-entropy (label smoothing, mixup's soft targets), top-1/top-5 on the validation set."""
+
+    def __init__(
+        self,
+        val_loader: DataLoader[Any],
+        context: DistContext,
+        *,
+        label_smoothing: float = 0.0,
+        amp: str = "none",
+        channels_last: bool = False,
+        on_bad_images: Callable[[list[BadImage]], None] | None = None,
+    ) -> None:
+        super().__init__(label_smoothing)
+        self.val_loader, self.context, self.amp, self.channels_last = val_loader, context, amp, channels_last
+        self.on_bad_images = on_bad_images
+
+    def result(self, model: nn.Module) -> EvalResult:
+        return evaluate(
+            model,
+            self.val_loader,
+            self.context,
+            amp_dtype=AMP_DTYPES[self.amp],
+            channels_last=self.channels_last,
+            on_bad_images=self.on_bad_images,
+        )
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        return self.result(model).as_dict()
+
+    def epoch_line(self, record: dict[str, Any], epochs: int) -> str:
+        line = (
+            f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}, "
+            f"train top-1 {record['train_top1']:.2f}%, val top-1 {record['val_top1']:.2f}%, "
+            f"val top-5 {record['val_top5']:.2f}%, {record['train_images_per_s']:.0f} img/s"
+        )
+        if "ema_val_top1" in record:
+            line += f", EMA val top-1 {record['ema_val_top1']:.2f}%"
+        return line
+
+
+#: Builds the network of a run from its configuration and data (the default: a RepVGG of the registry).
+NetworkBuilder = Callable[[TrainConfig, DataBundle], nn.Module]
+
+
+def build_repvgg(config: TrainConfig, data: DataBundle) -> nn.Module:
+    """The run's RepVGG: the named model with the data's classes and channels, strides adapted to its size."""
+    if config.layout != "repvgg":
+        raise ModelConfigError(
+            f"The {config.layout!r} layout is not a RepVGG; its network comes from the study that defines it "
+            "(repvgg.studies.ablation for residual_reorg)."
+        )
+    strides = config.strides or list(strides_for_image_size(data.image_size))
+    return create_model(
+        config.model,
+        num_classes=data.num_classes,
+        in_chans=data.in_chans,
+        strides=strides,
+        use_checkpoint=config.grad_checkpointing,
+        block=config.block,
+    )
+
+
+class ClassificationRun:
+    """One classification run of :class:`TrainConfig`: data, model, optimizer and schedule for the one
+    :class:`Trainer`, then the final model in both forms. Construct, maybe :meth:`resume`, then :meth:`run`.
+    """
+
+    def __init__(
+        self, config: TrainConfig, context: DistContext, build_network: NetworkBuilder = build_repvgg
+    ) -> None:
+        config.validate()
+        self.config, self.context, self.output = config, context, Path(config.output)
+        if config.sync_bn and context.device.type != "cuda":
+            raise TrainingError(
+                "`sync_bn` needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs); drop it on CPUs."
+            )
+        _seed_everything(config.seed + context.rank)  # DDP gives every rank rank 0's initial weights
+        self.data = build_data(
+            config.data,
+            config.data_dir,
+            image_size=config.image_size,
+            autoaugment=config.autoaugment,
+            train_subset=config.train_subset,
+            val_subset=config.val_subset,
+            seed=config.seed,
+        )
+        self.model = self._build_model(build_network)
+        workers = config.workers if config.workers is not None else default_workers(self.data)
+        loader = self._train_loader(workers)
+        global_batch = config.batch_size * context.world_size
+        self.lr = config.lr if config.lr is not None else 0.1 * global_batch / 256
+        optimizer = torch.optim.SGD(
+            parameter_groups(self.model, config.weight_decay, config.custom_l2),
+            lr=self.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+        )
+        steps = len(loader)
+        schedule = LRSchedule(config.epochs * steps, round(config.warmup_epochs * steps))
+        mixup = None
+        if config.mixup > 0:
+            from torchvision.transforms import v2
+
+            mixup = v2.MixUp(alpha=config.mixup, num_classes=self.data.num_classes)
+        self.trainer = Trainer(
+            self.model,
+            loader,
+            Classification(
+                eval_loader(self.data.val, config.batch_size, workers, context),
+                context,
+                label_smoothing=config.label_smoothing,
+                amp=config.amp,
+                channels_last=config.channels_last,
+            ),
+            optimizer,
+            schedule,
+            epochs=config.epochs,
+            context=context,
+            output=self.output,
+            best_file="best_train.safetensors",
+            amp=config.amp,
+            channels_last=config.channels_last,
+            ema_decay=config.ema_decay,
+            mixup=mixup,
+            regularizer=self._custom_l2 if config.custom_l2 else None,
+            skip_bad_images=config.skip_bad_images,
+            seed=config.seed,
+            progress=config.progress,
+        )
+        self.trainer.task.on_bad_images = self.trainer.report_bad  # type: ignore[attr-defined]
+
+    def _custom_l2(self) -> torch.Tensor:
+        return 0.5 * self.config.weight_decay * custom_l2_loss(self.model)
+
+    def _build_model(self, build_network: NetworkBuilder) -> nn.Module:
+        config = self.config
+        model = build_network(config, self.data)
+        if isinstance(model, RepVGG):
+            model.class_names = self.data.class_names
+            model.preprocessing = self.data.preprocessing
+        if config.init:
+            self._load_initial_weights(model)
+        if config.sync_bn and self.context.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.context.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _load_initial_weights(self, model: nn.Module) -> None:
+        checkpoint = read_checkpoint(self.config.init)  # type: ignore[arg-type]
+        if checkpoint.form != "train":
+            raise CheckpointError(
+                "`init` needs a training-form checkpoint (a converted model cannot be trained as RepVGG); "
+                "use the *_train checkpoint of the run."
+            )
+        num_classes = getattr(model, "num_classes", None)
+        if checkpoint.num_classes != num_classes and isinstance(model, RepVGG):
+            if not self.config.finetune:
+                raise CheckpointError(
+                    f"The `init` checkpoint has {checkpoint.num_classes} classes but {self.config.data} has "
+                    f"{num_classes}: add `finetune` to replace its classifier head."
+                )
+            state = {k: v for k, v in checkpoint.state_dict.items() if not k.startswith("linear.")}
+            checkpoint.state_dict = {
+                **state,
+                **{f"linear.{k}": v for k, v in model.linear.state_dict().items()},
+            }
+        load_checkpoint(checkpoint.state_dict, model=model)
+
+    def _train_loader(self, workers: int) -> DataLoader[Any]:
+        config, context = self.config, self.context
+        if len(self.data.train) < config.batch_size * context.world_size:  # type: ignore[arg-type]
+            raise DataError(
+                f"The training set has {len(self.data.train)} images, fewer than one global batch of "  # type: ignore[arg-type]
+                f"{config.batch_size * context.world_size}; lower `batch_size` or raise `train_subset`."
+            )
+        sampler = None
+        if context.distributed:
+            sampler = DistributedSampler(
+                self.data.train,
+                context.world_size,
+                context.rank,
+                shuffle=True,
+                seed=config.seed,
+                drop_last=True,
+            )
+        return DataLoader(
+            self.data.train,
+            batch_size=config.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_reporting_bad,
+            drop_last=True,
+            generator=torch.Generator(),
+            persistent_workers=False,
+            pin_memory=context.device.type == "cuda",
+        )
+
+    def resume(self) -> None:
+        self.trainer.resume()
+
+    def run(self) -> dict[str, Any]:
+        """Train, then evaluate the final model in both forms, check they agree, and save both."""
+        if self.context.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.json").write_text(
+                json.dumps(dataclasses.asdict(self.config), indent=2) + "\n"
+            )
+        self.trainer.fit()
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        trainer = self.trainer
+        task: Classification = trainer.task  # type: ignore[assignment]
+        final: nn.Module = trainer.ema.module if trainer.ema is not None else self.model
+        identical = ranks_agree(final, self.context)
+        final.eval()
+        trained = task.result(final)
+        summary: dict[str, Any] = {
+            "model": self.config.model,
+            "block": self.config.block,
+            "layout": self.config.layout,
+            "data": self.config.data,
+            "epochs": self.config.epochs,
+            "weights": "ema" if trainer.ema is not None else "last",
+            "train_form": trained.as_dict(),
+            "deploy_form": None,
+            "top1_difference": None,
+            "forms_agree": None,
+            "bad_images_skipped": trainer.bad_images,
+            "processes": self.context.world_size,
+            "ranks_hold_identical_weights": identical,
+        }
+        deployed_model = reparameterize(final) if is_convertible(final) else None
+        if deployed_model is not None:  # the relu_in_branch block and the residual layout have no plain form
+            deployed = task.result(deployed_model)
+            summary["deploy_form"] = deployed.as_dict()
+            summary["top1_difference"] = abs(trained.top1 - deployed.top1)
+            summary["forms_agree"] = (
+                abs(trained.top1 - deployed.top1) <= 0.01 and abs(trained.top5 - deployed.top5) <= 0.01
+            )
+        if self.context.is_main:
+            save_checkpoint(final, self.output / "model_train.safetensors")
+            if deployed_model is not None:
+                save_checkpoint(deployed_model, self.output / "model_deploy.safetensors")
+            (self.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, build_network: NetworkBuilder = build_repvgg
+) -> dict[str, Any]:
+    """Run (or, with ``resume``, continue) a classification run; returns the final summary.
+
+    ``build_network`` builds a network other than a registry RepVGG (the ablation's residual baseline)."""
+    state = Path(config.output) / STATE_FILE
+    if state.exists() and not resume and not config.overwrite:
+        raise TrainingError(
+            f"{config.output} already holds a run ({state}); continue it (`resume`), or choose another "
+            "`output`, or replace it (`overwrite`)."
+        )
+    context = init_distributed(config.device)
+    try:
+        run = ClassificationRun(config, context, build_network)
+        if resume:
+            run.resume()
+        return run.run()
+    finally:
+        shutdown()

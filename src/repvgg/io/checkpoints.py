@@ -1,0 +1,466 @@
+"""Reading and writing checkpoints: this package's safetensors formats (float and INT8), the training state
+``last.pt``, and the formats users hold.
+
+Every file this package writes carries the model-info record (:class:`repvgg.core.info.ModelInfo`), which
+rebuilds the model with nothing else. Files in other formats are read with ``torch.load(...,
+weights_only=True)``: checkpoints are data, never code to unpickle.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from repvgg.core.info import ModelInfo, model_info, with_labels
+from repvgg.core.int8 import QuantizedRepVGG, convert_int8, example_input, prepare_int8, x86_engine
+from repvgg.core.models import RepVGG
+from repvgg.core.registry import name_for_config
+from repvgg.exceptions import CheckpointError, ConversionError, QuantizationError, RepVGGWarning
+from repvgg.io.files import PathLike, atomic_write
+from repvgg.io.formats import (
+    CONVENTIONS,
+    convert_state_dict,
+    detect_format,
+    infer_architecture,
+    unwrap_state_dict,
+)
+
+FORMAT_TAG = "repvgg"
+INT8_FORMAT_TAG = "repvgg-int8"
+STATE_FORMAT_TAG = "repvgg-training-state"
+FORMAT_VERSION = "1"
+KNOWN_FORMATS = (
+    "this package's .safetensors files, and PyTorch state dicts (.pth/.pt/.safetensors) in the authors', "
+    "timm's or mmpretrain's key names"
+)
+
+
+@dataclass
+class Checkpoint:
+    """A float checkpoint read into memory, its keys in this package's (the authors') names.
+
+    ``source_format`` is ``repvgg`` for our own files (and training states), else the convention detected:
+    ``official``, ``timm`` or ``mmpretrain``. ``info`` is the file's model record; for other formats it is
+    inferred from the tensor shapes (the paper's strides assumed, no class names or preprocessing).
+    """
+
+    state_dict: dict[str, Tensor]
+    source_format: str
+    info: ModelInfo
+
+    @property
+    def form(self) -> str:
+        return self.info.form
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return self.info.config
+
+    @property
+    def model_name(self) -> str | None:
+        return self.info.model_name
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return list(self.info.class_names) if self.info.class_names is not None else None
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.info.num_classes
+
+
+def _record_of(model: nn.Module, class_names: Sequence[str] | None) -> ModelInfo:
+    """The record to save with ``model``; a model with some blocks converted and some not is refused."""
+    try:
+        info = model_info(model)
+    except ConversionError as error:
+        raise CheckpointError(f"{error} Then save it.") from error
+    if info.config is not None and not info.model_name:
+        info = info.replace(model_name=name_for_config(info.config))
+    try:
+        return with_labels(info, class_names)
+    except CheckpointError as error:
+        raise CheckpointError(str(error).replace("The model record has", "You gave")) from error
+
+
+def save_checkpoint(model: nn.Module, path: PathLike, *, class_names: Sequence[str] | None = None) -> Path:
+    """Write ``model`` in this package's format: safetensors weights plus its model-info record.
+
+    The file is written next to ``path`` and renamed into place, so an interrupted save never leaves
+    a damaged file where a good one was. ``class_names`` defaults to the model's own.
+    """
+    if isinstance(model, QuantizedRepVGG):
+        return save_quantized(model, path)
+    info = _record_of(model, class_names)
+    metadata = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION, **info.to_metadata()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    atomic_write(path, lambda target: save_file(tensors, str(target), metadata=metadata))
+    return path
+
+
+def save_training_state(path: PathLike, state: dict[str, Any], model: nn.Module) -> None:
+    """Write a training state (``last.pt``: weights under ``model``, optimizer, schedule, RNG, ...) with the
+    model's record, so that the file converts, evaluates and predicts like a checkpoint. Atomic."""
+    record = {"format": STATE_FORMAT_TAG, "format_version": FORMAT_VERSION}
+    payload = {**state, "info": {**record, **_record_of(model, None).to_metadata()}}
+    atomic_write(Path(path), lambda target: torch.save(payload, target), what="the training state")
+
+
+def load_training_state(path: PathLike) -> dict[str, Any]:
+    """A training state written by :func:`save_training_state` (tensors and plain values only)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} cannot be read ({error}); it is damaged, start the run again."
+        ) from error
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a training state of this package; start the run again.")
+    return state
+
+
+def _is_safetensors(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return 0 < header_length < path.stat().st_size and head[8:9] == b"{"
+
+
+def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
+    """The raw object stored in ``path`` and its safetensors metadata (empty for other files)."""
+    if not path.exists():
+        raise CheckpointError(f"No checkpoint at {path}: check the path.")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the path of a checkpoint file in it.")
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                return {k: handle.get_tensor(k) for k in handle.keys()}, metadata  # noqa: SIM118
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(
+                f"{path} is a damaged or truncated safetensors file ({error}); save it again."
+            ) from error
+    if not _is_torch_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint in any format repvgg knows ({KNOWN_FORMATS}).")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower() or "weights_only" in str(error):
+            raise CheckpointError(
+                f"{path} stores Python objects besides tensors, which are not unpickled for safety; "
+                "re-save it as a plain state dict with torch.save(model.state_dict(), path)."
+            ) from error
+        raise CheckpointError(f"{path} is a damaged or truncated PyTorch file; save it again.") from error
+    except Exception as error:  # a damaged file fails in many ways inside torch.load
+        raise CheckpointError(f"{path} is a damaged or truncated PyTorch file; save it again.") from error
+    record = raw.get("info") if isinstance(raw, dict) else None
+    if isinstance(record, dict) and record.get("format") == STATE_FORMAT_TAG:
+        return raw["model"], {str(k): str(v) for k, v in record.items()}  # a training state (last.pt)
+    return raw, {}
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A ``torch.save`` file: a zip archive (PyTorch >= 1.6) or a bare pickle (older PyTorch)."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def read_checkpoint(source: PathLike | Mapping[str, Any]) -> Checkpoint:
+    """Read a float checkpoint from a path or an in-memory state dict, in any known format."""
+    raw, metadata = _read_source(source)
+    return _checkpoint_from(raw, metadata)
+
+
+def _read_source(source: PathLike | Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
+    return (source, {}) if isinstance(source, Mapping) else _read_file(Path(source))
+
+
+def _checkpoint_from(raw: Any, metadata: dict[str, str]) -> Checkpoint:
+    tag = metadata.get("format")
+    if tag == INT8_FORMAT_TAG:
+        raise CheckpointError(
+            "This is an INT8 (quantized) checkpoint: it can be evaluated, predicted and benchmarked, but "
+            "converting, exporting or training needs the float checkpoint it was quantized from."
+        )
+    if tag in (FORMAT_TAG, STATE_FORMAT_TAG):
+        _check_version(metadata)
+        return Checkpoint(dict(raw), FORMAT_TAG, ModelInfo.from_metadata(metadata))
+    state = unwrap_state_dict(raw)
+    source_format = detect_format(state)
+    state = convert_state_dict(state, to="native")
+    inferred = infer_architecture(state)
+    info = ModelInfo(model_name=name_for_config(inferred.config), config=inferred.config, form=inferred.form)
+    return Checkpoint(state_dict=state, source_format=source_format, info=info)
+
+
+def _check_version(metadata: Mapping[str, str]) -> None:
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"The checkpoint is in version {metadata.get('format_version')} of this package's format, "
+            f"which this version (format {FORMAT_VERSION}) cannot read; upgrade repvgg."
+        )
+
+
+def build_model(checkpoint: Checkpoint) -> RepVGG:
+    """An untrained RepVGG of the checkpoint's architecture and form, carrying its record's labels."""
+    info = checkpoint.info
+    if info.config is None:
+        raise CheckpointError(
+            "This checkpoint holds a network that is not a bare RepVGG, so it cannot rebuild itself; "
+            "build that network and pass it as model=."
+        )
+    if info.config.get("layout", "repvgg") != "repvgg":
+        raise CheckpointError(
+            f"This checkpoint holds the {info.config['layout']} baseline, not a RepVGG; build it "
+            "(repvgg.studies.ablation.ResidualReorg) and pass it as model=."
+        )
+    try:
+        model = RepVGG(**info.config, deploy=info.form == "deploy")
+    except TypeError as error:
+        raise CheckpointError(
+            f"The checkpoint's architecture record is damaged ({error}); save it again."
+        ) from error
+    label_model(model, info)
+    return model
+
+
+def label_model(model: RepVGG, info: ModelInfo) -> None:
+    """Give ``model`` the name, class names and preprocessing of ``info``, where the record has them."""
+    model.model_name = info.model_name or name_for_config(model.config)
+    if info.class_names is not None:
+        model.class_names = list(info.class_names)
+    if info.preprocessing is not None:
+        model.preprocessing = info.preprocessing
+
+
+def load_checkpoint(source: PathLike | Mapping[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """Load a checkpoint in any known format; with ``model``, strictly into it, else into a new model.
+
+    ``source`` is a path or a state dict: this package's safetensors files (an INT8 one loads as a
+    :class:`repvgg.core.int8.QuantizedRepVGG`), a run's ``last.pt``, the authors' train- or deploy-time state
+    dicts, timm's and mmpretrain's, with or without a ``module.`` prefix or a ``state_dict`` / ``model``
+    wrapper. A mismatch raises :class:`CheckpointError` naming the likely cause and the first offending keys;
+    nothing is loaded partially.
+    """
+    raw, metadata = _read_source(source)
+    if metadata.get("format") == INT8_FORMAT_TAG and model is None:
+        return load_quantized(raw, metadata)
+    checkpoint = _checkpoint_from(raw, metadata)
+    if model is None:
+        model = build_model(checkpoint)
+    load_state_dict_strict(model, checkpoint)
+    if isinstance(model, RepVGG):
+        label_model(model, checkpoint.info)
+    return model
+
+
+def load_state_dict_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """``model.load_state_dict(strict=True)``, with a one-sentence diagnosis instead of a key dump."""
+    given = checkpoint.state_dict
+    expected = model.state_dict()
+    head = CONVENTIONS["official"].head + "."
+    dropped = sorted(k for k in given if k.startswith(head) and k not in expected)
+    if dropped and isinstance(model, RepVGG) and model.num_classes == 0:
+        given = {k: v for k, v in given.items() if k not in dropped}
+        warnings.warn(
+            f"The checkpoint's classifier head ({', '.join(dropped)}) was dropped: the model has no head "
+            "(a backbone, or num_classes=0).",
+            RepVGGWarning,
+            stacklevel=3,
+        )
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [k for k in expected if k in given and expected[k].shape != given[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(_diagnose(model, checkpoint, missing, unexpected, mismatched))
+    model.load_state_dict(given, strict=True)
+
+
+def _role_in(keys: list[str], role: str) -> bool:
+    prefix = "." + CONVENTIONS["official"].roles[role] + "."
+    return any(prefix in "." + key for key in keys)
+
+
+def _describe(name: str | None, config: Mapping[str, Any] | None) -> str:
+    if name:
+        return name
+    if config:
+        return f"a RepVGG with blocks {config['num_blocks']} and widths {config['width_multiplier']}"
+    return "another network"
+
+
+def _diagnose(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+) -> str:
+    if _role_in(unexpected, "reparam") and _role_in(missing, "dense.conv"):
+        return (
+            "This is a deploy-form (already converted) checkpoint but the model is in training form: "
+            "build the model with deploy=True, e.g. repvgg.create_model(name, deploy=True)."
+        )
+    if _role_in(unexpected, "dense.conv") and _role_in(missing, "reparam"):
+        return (
+            "This is a training-form checkpoint but the model is in deploy form: build the model with "
+            "deploy=False, load it, then convert it with repvgg.reparameterize(model)."
+        )
+    checkpoint_block = (checkpoint.config or {}).get("block", "repvgg")
+    model_block = model.block if isinstance(model, RepVGG) else checkpoint_block
+    if checkpoint.form == "train" and checkpoint_block != model_block:
+        return (
+            f"The checkpoint was trained with {checkpoint_block!r} blocks but the model has "
+            f"{model_block!r} blocks: build the model with block={checkpoint_block!r}."
+        )
+    head = CONVENTIONS["official"].head + "."
+    wrong = missing + unexpected + mismatched
+    if wrong and all(key.startswith(head) for key in wrong) and isinstance(model, RepVGG):
+        return (
+            f"The checkpoint's classifier has {checkpoint.num_classes} classes but the model's has "
+            f"{model.num_classes}: build the model with num_classes={checkpoint.num_classes}."
+        )
+    model_desc = "the model"
+    if isinstance(model, RepVGG):
+        model_desc = (
+            f"the model is {_describe(model.model_name or name_for_config(model.config), model.config)}"
+        )
+    details = []
+    if missing:
+        details.append("missing " + ", ".join(missing[:3]))
+    if unexpected:
+        details.append("unexpected " + ", ".join(unexpected[:3]))
+    if mismatched:
+        expected = model.state_dict()
+        details.append(
+            "wrong shape "
+            + ", ".join(
+                f"{k} (checkpoint {list(checkpoint.state_dict[k].shape)}, model {list(expected[k].shape)})"
+                for k in mismatched[:3]
+            )
+        )
+    return (
+        f"The checkpoint does not fit this model (the checkpoint is "
+        f"{_describe(checkpoint.model_name, checkpoint.config)}, {model_desc}); "
+        f"first offending keys: {'; '.join(details)}."
+    )
+
+
+# Safetensors holds plain tensors only: each quantized tensor is stored as its integer values plus its
+# scales and zero points; the Linear's packed (weight, bias) pair as two entries.
+_PARTS = "::"
+
+
+def _flatten_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {}
+    layout: dict[str, Any] = {}
+
+    def put(key: str, value: Tensor) -> dict[str, Any]:
+        value = value.detach().cpu()
+        if not value.is_quantized:
+            tensors[key] = value.contiguous()
+            return {"kind": "float"}
+        tensors[key] = value.int_repr().contiguous()
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            tensors[key + _PARTS + "scales"] = value.q_per_channel_scales().contiguous()
+            tensors[key + _PARTS + "zero_points"] = value.q_per_channel_zero_points().contiguous()
+            return {"kind": "per_channel", "axis": value.q_per_channel_axis(), "dtype": str(value.dtype)}
+        return {
+            "kind": "per_tensor",
+            "scale": value.q_scale(),
+            "zero_point": value.q_zero_point(),
+            "dtype": str(value.dtype),
+        }
+
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            layout[key] = put(key, value)
+        elif isinstance(value, tuple):
+            layout[key] = {
+                "kind": "tuple",
+                "items": [None if v is None else put(f"{key}{_PARTS}{i}", v) for i, v in enumerate(value)],
+            }
+    return tensors, layout
+
+
+def _rebuild(key: str, entry: dict[str, Any], tensors: dict[str, Tensor]) -> Tensor:
+    values = tensors[key]
+    if entry["kind"] == "float":
+        return values
+    if entry["kind"] == "per_channel":
+        return torch._make_per_channel_quantized_tensor(
+            values, tensors[key + _PARTS + "scales"], tensors[key + _PARTS + "zero_points"], entry["axis"]
+        )
+    return torch._make_per_tensor_quantized_tensor(values, entry["scale"], entry["zero_point"])
+
+
+def _unflatten_state(tensors: dict[str, Tensor], layout: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for key, entry in layout.items():
+        if entry["kind"] == "tuple":
+            state[key] = tuple(
+                None if item is None else _rebuild(f"{key}{_PARTS}{i}", item, tensors)
+                for i, item in enumerate(entry["items"])
+            )
+        else:
+            state[key] = _rebuild(key, entry, tensors)
+    return state
+
+
+def save_quantized(model: QuantizedRepVGG, path: PathLike) -> Path:
+    """Write an INT8 RepVGG in this package's safetensors format (atomically), with its model record."""
+    tensors, layout = _flatten_state(model.network.state_dict())
+    metadata = {
+        "format": INT8_FORMAT_TAG,
+        "format_version": FORMAT_VERSION,
+        **model.info.to_metadata(),
+        "engine": "x86",
+        "method": model.method,
+        "weights": model.weights,
+        "layout": json.dumps(layout),
+    }
+    path = Path(path)
+    atomic_write(path, lambda target: save_file(tensors, str(target), metadata=metadata), what="the model")
+    return path
+
+
+def load_quantized(tensors: dict[str, Tensor], metadata: dict[str, str]) -> QuantizedRepVGG:
+    """Rebuild an INT8 RepVGG from what :func:`save_quantized` wrote (see :func:`load_checkpoint`)."""
+    _check_version(metadata)
+    info = ModelInfo.from_metadata(metadata, form="deploy", precision="int8")
+    if info.config is None:
+        raise CheckpointError(
+            "This INT8 checkpoint records no architecture; save it again with repvgg quantize."
+        )
+    template = RepVGG(**info.config, deploy=True)
+    weights = metadata.get("weights", "per-channel")
+    prepared = prepare_int8(template, example_input(template), qat=False, weights=weights)
+    model = convert_int8(prepared, info, metadata.get("method", "ptq"), weights)
+    state = _unflatten_state(tensors, json.loads(metadata["layout"]))
+    expected = model.network.state_dict()
+    missing = [k for k in expected if k not in state and isinstance(expected[k], Tensor | tuple)]
+    if missing or set(state) - set(expected):
+        raise QuantizationError(
+            "This INT8 checkpoint does not match the architecture it records; save it again with repvgg "
+            "quantize."
+        )
+    expected.update(state)  # in place: the state dict's _metadata holds the layers' format versions
+    with x86_engine():
+        model.network.load_state_dict(expected, strict=True)
+    return model.eval()

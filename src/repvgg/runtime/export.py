@@ -1,0 +1,193 @@
+"""Exporting a model to ONNX and TorchScript, each export checked by running it again.
+
+An export is run (onnxruntime, or ``torch.jit.load``) on an input of another shape than the export's and
+compared with PyTorch; nothing is written unless it agrees. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from repvgg.core.info import model_info
+from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
+from repvgg.exceptions import ExportError
+from repvgg.io.files import PathLike, atomic_write, writable_or_raise
+
+EXPORT_TARGETS = ("onnx", "torchscript")
+ONNX_OPSET = 18
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    target: str
+    converted: bool
+    max_rel_difference: float
+    check_input_shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        runner = "onnxruntime" if self.target == "onnx" else "torch.jit.load"
+        return (
+            f"wrote {self.path}; {runner} vs PyTorch on input {self.check_input_shape}: "
+            f"max relative difference {self.max_rel_difference:.2e}"
+        )
+
+
+def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, int, int, int]:
+    """A plausible input for ``model``: its recorded training image size, else 224 px."""
+    info = model_info(model)
+    size = info.preprocessing.image_size if info.preprocessing else 224
+    return (batch, info.in_chans, size, size)
+
+
+def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Another batch size and spatial size than the export's, to prove the axes are dynamic."""
+    batch, channels, height, width = shape
+    return (batch + 1, channels, height + 8, width + 16)
+
+
+def export_model(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    to: str,
+    input_shape: tuple[int, ...] | None = None,
+    tolerance: float | None = None,
+) -> ExportResult:
+    """Export ``model`` (converted first if it is in training form) to ONNX or TorchScript.
+
+    ONNX: one self-contained file (weights inside), opset 18, dynamic batch, height and width, checked
+    with onnxruntime. TorchScript: traced and frozen, checked with ``torch.jit.load``. Either runs
+    without this package. The check uses an input of another batch and spatial size than the export's, and
+    must agree within ``tolerance`` (default: the float32 entry of the one tolerance table).
+    """
+    if to not in EXPORT_TARGETS:
+        raise ExportError(f"Unknown export target {to!r}: choose one of {', '.join(EXPORT_TARGETS)}.")
+    writable_or_raise(path, ExportError)
+    if tolerance is None:
+        tolerance = tolerance_for(torch.float32)
+    deployed, converted = to_deploy_form(model)
+    deployed = deployed.float().cpu()
+    shape = tuple(input_shape) if input_shape else default_input_shape(deployed)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    check_input = torch.randn(_check_shape(shape), generator=torch.Generator().manual_seed(1))
+    if to == "onnx":
+        payload = onnx_bytes(deployed, example)
+        actual = run_onnx(payload, check_input)
+    else:
+        buffer = io.BytesIO()
+        with _quietly():
+            torch.jit.save(torchscript_module(deployed, example), buffer)
+            payload = buffer.getvalue()
+            with torch.inference_mode():
+                actual = torch.jit.load(io.BytesIO(payload))(check_input)
+    with torch.inference_mode():
+        expected = deployed(check_input)
+    difference = relative_error(actual, expected)
+    if difference > tolerance:
+        raise ExportError(
+            f"The {to} export differs from PyTorch by {difference:.2e} (relative, limit {tolerance:.0e}), "
+            "so it was not written; please report this with the model."
+        )
+    path = Path(path)
+    atomic_write(
+        path, lambda target: target.write_bytes(payload), what=f"the {to} model", error_type=ExportError
+    )
+    return ExportResult(path, to, converted, difference, tuple(check_input.shape))
+
+
+def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
+    """A serialized ONNX model with the weights inside and dynamic batch, height and width.
+
+    Uses PyTorch's ``torch.export``-based exporter (the supported one since PyTorch 2.9); the axes get
+    readable names (``batch``, ``height``, ``width``) in place of the exporter's symbols.
+    """
+    from torch.export import Dim
+
+    dynamic = {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}
+    try:
+        with _quietly():
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                external_data=False,
+                opset_version=ONNX_OPSET,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=(dynamic,),
+                verbose=False,
+            )
+    except ImportError as error:
+        raise ExportError(
+            f"ONNX export needs the onnx and onnxscript packages ({error}); pip install 'repvgg[deploy]'."
+        ) from error
+    assert program is not None
+    proto = program.model_proto
+    _name_dynamic_axes(proto)
+    return proto.SerializeToString()
+
+
+def _name_dynamic_axes(proto: Any) -> None:
+    """Rename the exporter's symbols (``s77``) for the input's axes to batch/height/width everywhere."""
+    graph = proto.graph
+    names = {}
+    for dim, name in zip(
+        graph.input[0].type.tensor_type.shape.dim, ("batch", None, "height", "width"), strict=True
+    ):
+        if name and dim.dim_param:
+            names[dim.dim_param] = name
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    """Silence PyTorch exporters' progress lines and warnings (TorchScript, deprecated, warns on every
+    call); their errors still propagate."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def onnx_session(payload: bytes | str, *, threads: int | None = None, device: str = "cpu") -> Any:
+    """An onnxruntime session with all graph optimizations, on the CPU (or CUDA when available)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise ExportError("Running ONNX models needs onnxruntime: pip install 'repvgg[deploy]'.") from error
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ExportError(
+                "This onnxruntime has no CUDA support; pip install onnxruntime-gpu, or use another backend."
+            )
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(payload, options, providers=providers)
+
+
+def run_onnx(payload: bytes | str, inputs: Tensor) -> Tensor:
+    session = onnx_session(payload)
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+
+
+def torchscript_module(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
+    """Traced and frozen (weights folded in as constants), so it runs with ``torch.jit.load`` alone."""
+    with _quietly(), torch.no_grad():
+        traced = torch.jit.trace(model, example)
+        return torch.jit.freeze(traced.eval())

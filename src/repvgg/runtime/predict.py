@@ -1,0 +1,89 @@
+"""Prediction on image files: top-k classes with the class names and preprocessing saved in the checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from repvgg.core.info import PREPROCESSING_PRESETS, Preprocessing, model_info
+from repvgg.core.int8 import QuantizedRepVGG
+from repvgg.exceptions import DataError, InferenceError
+from repvgg.io.checkpoints import load_checkpoint
+from repvgg.io.files import PathLike
+from repvgg.io.images import BadImage, open_image
+from repvgg.runtime.optimize import optimize
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The ``topk`` most likely classes of one image, most likely first, as (label, probability)."""
+
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+def resolve_preprocessing(model: nn.Module, preset: str | None = None) -> Preprocessing:
+    """The preprocessing saved with the model, unless a preset (a dataset name) is asked for."""
+    info = model_info(model)
+    if preset is not None:
+        if preset not in PREPROCESSING_PRESETS:
+            raise DataError(
+                f"Unknown preprocessing {preset!r}: choose one of {', '.join(PREPROCESSING_PRESETS)}."
+            )
+        chosen = PREPROCESSING_PRESETS[preset]
+    else:
+        chosen = info.preprocessing or PREPROCESSING_PRESETS["imagenet"]
+    if chosen.in_chans != info.in_chans:
+        raise DataError(
+            f"The model takes {info.in_chans}-channel images but the preprocessing "
+            f"{'asked for' if preset else 'assumed (the checkpoint records none)'} has {chosen.in_chans}; "
+            f"give `preprocessing` as one of {', '.join(PREPROCESSING_PRESETS)}."
+        )
+    return chosen
+
+
+def predict(
+    source: PathLike | nn.Module,
+    images: Sequence[PathLike],
+    *,
+    topk: int = 5,
+    batch_size: int = 32,
+    backend: str = "eager",
+    preprocessing: str | None = None,
+    device: str | None = None,
+) -> tuple[list[Prediction], list[BadImage]]:
+    """Top-k classes of each readable image, in batches; unreadable images are returned, not raised.
+
+    ``source`` is a checkpoint (any format the package reads) or a model. Class names and the
+    preprocessing come from the checkpoint; ``preprocessing`` names a preset to use instead.
+    """
+    if topk < 1 or batch_size < 1:
+        raise InferenceError("`topk` and `batch_size` must be at least 1.")
+    model = load_checkpoint(source) if not isinstance(source, nn.Module) else source
+    info = model_info(model)
+    transform = resolve_preprocessing(model, preprocessing).transform()
+    default = "cuda" if torch.cuda.is_available() and not isinstance(model, QuantizedRepVGG) else "cpu"
+    target = torch.device(device or default)
+    runner: nn.Module | None = None
+    predictions: list[Prediction] = []
+    bad: list[BadImage] = []
+    for start in range(0, len(images), batch_size):
+        chunk = [(str(p), open_image(p, info.in_chans)) for p in images[start : start + batch_size]]
+        bad += [item for _, item in chunk if isinstance(item, BadImage)]
+        good = [(path, transform(item)) for path, item in chunk if not isinstance(item, BadImage)]
+        if not good:
+            continue
+        batch = torch.stack([item for _, item in good]).to(target)
+        if runner is None:
+            runner = optimize(model, backend, example_input=batch, device=target)
+        with torch.inference_mode():
+            probabilities = runner(batch).softmax(dim=1).cpu()
+        names = info.class_names or [str(i) for i in range(probabilities.shape[1])]
+        values, indices = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
+        for (path, _), row_values, row_indices in zip(good, values, indices, strict=True):
+            top = [(names[int(i)], float(v)) for v, i in zip(row_values, row_indices, strict=True)]
+            predictions.append(Prediction(path, top))
+    return predictions, bad

@@ -1,0 +1,151 @@
+"""The INT8 workflow: quantize a float checkpoint for the CPU, by calibration (PTQ) or by quantization-aware
+fine-tuning (QAT), and save it.
+
+The INT8 graph itself is built in :mod:`repvgg.core.int8`; its file format lives in
+:mod:`repvgg.io.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from repvgg.core.info import model_info
+from repvgg.core.int8 import (
+    QuantizedRepVGG,
+    convert_int8,
+    example_input,
+    prepare_int8,
+    quantize_ptq,
+    x86_engine,
+)
+from repvgg.core.models import RepVGG
+from repvgg.core.reparam import is_deployed
+from repvgg.engine.data import build_data, calibration_images, collate_reporting_bad
+from repvgg.exceptions import QuantizationError
+from repvgg.io.checkpoints import load_checkpoint, save_quantized
+from repvgg.io.files import PathLike, writable_or_raise
+
+
+def quantize_qat(
+    model: RepVGG,
+    train_batches: Collection[tuple[Tensor, Tensor]],
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    freeze_observers_after: float = 0.5,
+    weights: str = "per-channel",
+    on_step: Callable[[float], None] | None = None,
+) -> QuantizedRepVGG:
+    """Quantization-aware fine-tuning of the deployed network, then conversion to INT8.
+
+    Fake quantization in the forward pass lets the weights adapt to the int8 grid. SGD (momentum 0.9),
+    ``lr`` cosine-annealed to 0 over ``epochs`` passes over ``train_batches`` (a DataLoader or a list,
+    iterated once per epoch);
+    the observers stop moving after ``freeze_observers_after`` of the steps so the last steps train
+    against fixed scales.
+    """
+    if epochs < 1:
+        raise QuantizationError("Quantization-aware training needs `epochs` of at least 1.")
+    from torch.ao.quantization import disable_observer
+
+    if len(train_batches) == 0:
+        raise QuantizationError("Quantization-aware training was given no training images.")
+    prepared = prepare_int8(model, example_input(model), qat=True, weights=weights)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9)
+    total = epochs * len(train_batches)
+    step = 0
+    with x86_engine():
+        prepared.train()
+        for _ in range(epochs):
+            for images, labels in train_batches:
+                if step == int(freeze_observers_after * total):
+                    prepared.apply(disable_observer)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                loss = F.cross_entropy(prepared(images.float()), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if on_step is not None:
+                    on_step(loss.item())
+    return convert_int8(prepared, model_info(model), "qat", weights)
+
+
+def quantize_checkpoint(
+    checkpoint: PathLike,
+    output: PathLike,
+    *,
+    data: str = "fashion-mnist",
+    data_dir: str | None = None,
+    calib: int = 512,
+    qat_epochs: int = 0,
+    qat_lr: float = 1e-3,
+    qat_subset: int | None = None,
+    batch_size: int = 64,
+    weights: str = "per-channel",
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[QuantizedRepVGG, list[str]]:
+    """Quantize a float checkpoint to INT8 and save it: PTQ on ``calib`` training images, or QAT.
+
+    Returns the model and notes for the user (e.g. that a training-form checkpoint was converted).
+    """
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    writable_or_raise(output, QuantizationError)
+    if calib < 1:
+        raise QuantizationError(
+            f"`calib` {calib} gives no calibration images; give N >= 1 (a few hundred is typical)."
+        )
+    model = load_checkpoint(checkpoint)
+    if isinstance(model, QuantizedRepVGG):
+        raise QuantizationError(f"{checkpoint} is already INT8; quantize the float checkpoint instead.")
+    notes = []
+    if not is_deployed(model):
+        notes.append(f"{checkpoint} is in training form; it was converted to its deploy form first")
+    bundle = build_data(data, data_dir, train_subset=qat_subset, seed=seed)
+    if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
+        raise QuantizationError(
+            f"The model takes {model.in_chans}-channel images and has {model.num_classes} classes but {data} "
+            f"has {bundle.in_chans} and {bundle.num_classes}: quantize with the dataset it was trained on."
+        )
+
+    def batches(dataset: Any, shuffle: bool) -> DataLoader[Any]:
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            dataset, batch_size, shuffle=shuffle, generator=generator, collate_fn=_refuse_bad_images
+        )
+
+    if qat_epochs > 0:
+        loader = batches(bundle.train, shuffle=True)
+        bar = tqdm(total=qat_epochs * len(loader), desc="QAT", unit="batch", disable=not progress)
+
+        def step(loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        torch.manual_seed(seed)
+        quantized = quantize_qat(model, loader, epochs=qat_epochs, lr=qat_lr, weights=weights, on_step=step)
+        bar.close()
+    else:
+        calibration = calibration_images(bundle, calib, seed)
+        quantized = quantize_ptq(
+            model, (images for images, _ in batches(calibration, shuffle=False)), weights=weights
+        )
+    save_quantized(quantized, output)
+    return quantized, notes
+
+
+def _refuse_bad_images(batch: list[Any]) -> tuple[Tensor, Tensor]:
+    images, labels, bad = collate_reporting_bad(batch)
+    if bad:
+        raise bad[0].error("fix or remove it")
+    return images, labels
