@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from repvgg import ModelConfigError, RepVGGBlock, SEBlock
-from repvgg.core.blocks import BLOCK_DESIGNS
+from repvgg.core.designs import BLOCK_DESIGNS
 from repvgg.core.fusion import ConvBN, IdentityPlusConv
 from repvgg.core.reparam import randomize_batchnorm_
 from repvgg.exceptions import ConversionError

@@ -110,12 +110,17 @@ def test_every_train_config_field_is_a_train_flag_with_help_and_default(
     monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping inside a default
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    lines = capsys.readouterr().out.splitlines()
+    entries: dict[str, str] = {}  # flag -> its line(s) of the help, joined
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif line.startswith("    ") and entries:
+            entries[flag] += " " + line.strip()
     for field in dataclasses.fields(TrainConfig):
-        flag = actions[field.name].option_strings[0]
-        (line,) = [line for line in lines if line.strip().startswith(flag + " ") or line.strip() == flag]
-        assert f"(default: {field.metadata.get('default', field.default)})" in line, line
-    assert not any("(default: None)" in line or "`" in line for line in lines)
+        entry = entries[actions[field.name].option_strings[0]]
+        assert f"(default: {field.metadata.get('default', field.default)})" in entry, entry
+    assert not any("(default: None)" in entry or "`" in entry for entry in entries.values())
 
 
 def test_train_flags_make_the_same_config_as_before() -> None:
@@ -154,11 +159,11 @@ def test_every_command_s_help_shows_its_defaults(
 
 def test_cli_choices_are_the_library_s() -> None:
     from repvgg.cli import BACKEND_CHOICES
-    from repvgg.core.models import LAYOUTS
-    from repvgg.engine.config import LAYOUTS as CONFIG_LAYOUTS
+    from repvgg.engine.config import LAYOUTS
     from repvgg.runtime.optimize import BACKEND_CHOICES as LIBRARY_BACKENDS
+    from repvgg.studies.ablation import LAYOUT_VARIANTS
 
-    assert tuple(LIBRARY_BACKENDS) == BACKEND_CHOICES and tuple(LAYOUTS) == CONFIG_LAYOUTS
+    assert tuple(LIBRARY_BACKENDS) == BACKEND_CHOICES and ("repvgg", *LAYOUT_VARIANTS) == LAYOUTS
 
 
 def test_python_dash_m_and_console_script_start_without_importing_torch() -> None:

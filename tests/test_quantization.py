@@ -98,12 +98,10 @@ def test_qat_fine_tunes_with_fake_quantization_then_converts() -> None:
     model = small_model()
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 1, 28, 28, generator=generator), torch.randint(0, 10, (8,))) for _ in range(3)]
-    losses: list[float] = []
-    quantized = quantize_qat(model, batches, epochs=2, lr=1e-3, on_step=losses.append)
-    assert (
-        quantized.method == "qat" and len(losses) == 6 and all(map(torch.isfinite, map(torch.tensor, losses)))
-    )
-    assert torch.isfinite(quantized(batches[0][0])).all()
+    quantized = quantize_qat(model, batches, epochs=2, lr=1e-2)
+    assert quantized.method == "qat" and torch.isfinite(quantized(batches[0][0])).all()
+    unchanged = quantize_qat(model, batches, epochs=2, lr=0.0)  # observers only: the weights stay
+    assert not torch.equal(quantized(batches[0][0]), unchanged(batches[0][0])), "QAT trains the weights"
     with pytest.raises(QuantizationError, match="at least 1"):
         quantize_qat(model, batches, epochs=0)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import repvgg
 from repvgg import ConversionError, RepVGGBlock, RepVGGWarning, SEBlock
-from repvgg.core.blocks import BLOCK_DESIGNS
+from repvgg.core.designs import BLOCK_DESIGNS
 from repvgg.core.reparam import TOLERANCE
 from tests.helpers import relative_error, trained_looking
 

@@ -20,9 +20,11 @@ from repvgg.cli import _train_config as train_config_from_args
 from repvgg.cli import build_parser, main
 from repvgg.core.info import PREPROCESSING_PRESETS
 from repvgg.engine.config import TrainConfig
+from repvgg.engine.data import build_data, write_sample_images
 from repvgg.engine.distributed import DistContext
 from repvgg.engine.training import ClassificationRun, LRSchedule, Trainer, parameter_groups, train
 from repvgg.exceptions import CheckpointError, DataError, TrainingError
+from repvgg.io.checkpoints import read_checkpoint
 from repvgg.studies.ablation import ResidualReorg, build_network, load_trained
 from tests.test_data import fake_fashion_mnist, make_image_folder
 
@@ -106,7 +108,7 @@ def test_designs_without_a_plain_form_train_and_say_so(
         assert loaded.block == block
     else:
         assert isinstance(loaded, ResidualReorg) and loaded.info.class_names is not None
-        with pytest.raises(CheckpointError, match="not a RepVGG"):
+        with pytest.raises(CheckpointError, match="not a bare RepVGG"):
             repvgg.load_checkpoint(tmp_path / "run" / "model_train.safetensors")
 
 
@@ -303,3 +305,24 @@ def test_resuming_with_another_model_is_explained(fashion: Path, tmp_path: Path)
     other = ClassificationRun(small_config(fashion, tmp_path, model="repvgg_b0"), DistContext())
     with pytest.raises(TrainingError, match="does not fit the configured model"):
         other.resume()
+
+
+def test_last_pt_carries_the_run_s_record_for_convert_eval_and_predict(
+    fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run with non-default strides: its last.pt must rebuild that model, not the paper's strides."""
+    run = tmp_path / "run"
+    summary = train(small_config(fashion, run, strides=[1, 1, 2, 2, 2]))
+    state = run / "last.pt"
+    checkpoint = read_checkpoint(state)
+    assert checkpoint.info == repvgg.load_checkpoint(run / "model_train.safetensors").info
+    assert checkpoint.config["strides"] == [1, 1, 2, 2, 2] and checkpoint.class_names[0] == "T-shirt/top"
+    model = repvgg.load_checkpoint(state)
+    assert model.strides == (1, 1, 2, 2, 2) and model.preprocessing == PREPROCESSING_PRESETS["fashion-mnist"]
+    assert main(["convert", str(state), str(tmp_path / "deploy.safetensors")]) == 0
+    assert repvgg.load_checkpoint(tmp_path / "deploy.safetensors").strides == (1, 1, 2, 2, 2)
+    assert main(["eval", str(state), "--data-dir", str(fashion)]) == 0
+    assert f"top-1 {summary['train_form']['top1']:.2f}%" in capsys.readouterr().out, "the run's own score"
+    image = write_sample_images(build_data("fashion-mnist", fashion), tmp_path / "images", 1)
+    predictions, _ = repvgg.predict(state, image, topk=1)
+    assert predictions[0].top[0][0] in model.class_names

@@ -15,7 +15,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from repvgg.core.blocks import RepVGGBlock, block_design, form_of
+from repvgg.core.blocks import RepVGGBlock, form_of
+from repvgg.core.designs import block_design
 from repvgg.core.info import ModelInfo, Preprocessing
 from repvgg.exceptions import ModelConfigError
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from repvgg.core.blocks import TRAIN_MODE_WARNING, RepVGGBlock, block_design, form_of
+from repvgg.core.blocks import TRAIN_MODE_WARNING, RepVGGBlock, form_of
+from repvgg.core.designs import block_design
 from repvgg.core.models import RepVGG
 from repvgg.exceptions import ConversionError, RepVGGWarning
 

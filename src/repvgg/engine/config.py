@@ -27,7 +27,8 @@ from repvgg.exceptions import TrainingError
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
-LAYOUTS = ("repvgg", "residual_reorg")  # repvgg.core.models.LAYOUTS, without torch (a test keeps them equal)
+#: RepVGG, and the residual baseline of repvgg.studies.ablation (its LAYOUT_VARIANTS; a test keeps them equal)
+LAYOUTS = ("repvgg", "residual_reorg")
 
 
 @dataclass

@@ -205,7 +205,8 @@ class Task:
 class Trainer:
     """The one training loop. Construct with the pieces of a run, optionally :meth:`resume`, then :meth:`fit`.
 
-    ``loader`` yields ``(inputs, targets)`` or ``(inputs, targets, bad_images)`` (see
+    ``loader`` (a DataLoader, or a list of batches) yields ``(inputs, targets)`` or
+    ``(inputs, targets, bad_images)`` (see
     ``repvgg.engine.data.collate_reporting_bad``); unreadable images stop the run unless
     ``skip_bad_images``. The loader's generator (and a ``DistributedSampler``'s epoch) is reseeded from
     ``seed`` and the epoch, so a resumed run replays the same batches. With ``output`` the run writes
@@ -311,8 +312,9 @@ class Trainer:
         generator = getattr(self.loader, "generator", None)
         if generator is not None:
             generator.manual_seed((self.seed * 100_003 + epoch) * 1_009 + self.context.rank)
-        if isinstance(self.loader.sampler, DistributedSampler):
-            self.loader.sampler.set_epoch(epoch)
+        sampler = getattr(self.loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
         for inputs, targets, *rest in self.loader:
             if rest and rest[0]:
                 self.report_bad(rest[0])

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repvgg.core.blocks import BLOCK_DESIGNS
+from repvgg.core.designs import BLOCK_DESIGNS
 from repvgg.core.fusion import conv_bn_relu
 from repvgg.core.info import ModelInfo, Preprocessing, model_info
 from repvgg.core.models import stage_widths

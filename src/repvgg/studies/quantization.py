@@ -7,12 +7,10 @@ The INT8 graph itself is built in :mod:`repvgg.core.int8`; its file format lives
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from repvgg.core.info import model_info
@@ -27,6 +25,7 @@ from repvgg.core.int8 import (
 from repvgg.core.models import RepVGG
 from repvgg.core.reparam import is_deployed
 from repvgg.engine.data import build_data, calibration_images, collate_reporting_bad
+from repvgg.engine.training import LRSchedule, Task, Trainer
 from repvgg.exceptions import QuantizationError
 from repvgg.io.checkpoints import load_checkpoint, save_quantized
 from repvgg.io.files import PathLike, writable_or_raise
@@ -40,41 +39,43 @@ def quantize_qat(
     lr: float = 1e-3,
     freeze_observers_after: float = 0.5,
     weights: str = "per-channel",
-    on_step: Callable[[float], None] | None = None,
+    seed: int = 0,
+    progress: bool = False,
 ) -> QuantizedRepVGG:
     """Quantization-aware fine-tuning of the deployed network, then conversion to INT8.
 
-    Fake quantization in the forward pass lets the weights adapt to the int8 grid. SGD (momentum 0.9),
-    ``lr`` cosine-annealed to 0 over ``epochs`` passes over ``train_batches`` (a DataLoader or a list,
-    iterated once per epoch);
-    the observers stop moving after ``freeze_observers_after`` of the steps so the last steps train
-    against fixed scales.
+    Fake quantization in the forward pass lets the weights adapt to the int8 grid. It runs through the one
+    :class:`~repvgg.engine.training.Trainer`: SGD (momentum 0.9), ``lr`` cosine-annealed to 0 over
+    ``epochs`` passes over ``train_batches`` (a DataLoader or a list); the observers stop moving after
+    ``freeze_observers_after`` of the steps so the last steps train against fixed scales.
     """
     if epochs < 1:
         raise QuantizationError("Quantization-aware training needs `epochs` of at least 1.")
-    from torch.ao.quantization import disable_observer
-
     if len(train_batches) == 0:
         raise QuantizationError("Quantization-aware training was given no training images.")
+    from torch.ao.quantization import disable_observer
+
     prepared = prepare_int8(model, example_input(model), qat=True, weights=weights)
-    optimizer = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9)
     total = epochs * len(train_batches)
-    step = 0
+    freeze_at = int(freeze_observers_after * total)
+
+    def freeze_observers(step: int) -> None:
+        if step == freeze_at:
+            prepared.apply(disable_observer)
+
+    trainer = Trainer(
+        prepared,
+        train_batches,  # type: ignore[arg-type]
+        Task(),
+        torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9),
+        LRSchedule(total),
+        epochs=epochs,
+        on_step=freeze_observers,
+        seed=seed,
+        progress=progress,
+    )
     with x86_engine():
-        prepared.train()
-        for _ in range(epochs):
-            for images, labels in train_batches:
-                if step == int(freeze_observers_after * total):
-                    prepared.apply(disable_observer)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                loss = F.cross_entropy(prepared(images.float()), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                if on_step is not None:
-                    on_step(loss.item())
+        trainer.fit()
     return convert_int8(prepared, model_info(model), "qat", weights)
 
 
@@ -98,7 +99,6 @@ def quantize_checkpoint(
     Returns the model and notes for the user (e.g. that a training-form checkpoint was converted).
     """
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     writable_or_raise(output, QuantizationError)
     if calib < 1:
@@ -125,16 +125,11 @@ def quantize_checkpoint(
         )
 
     if qat_epochs > 0:
-        loader = batches(bundle.train, shuffle=True)
-        bar = tqdm(total=qat_epochs * len(loader), desc="QAT", unit="batch", disable=not progress)
-
-        def step(loss: float) -> None:
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.3f}")
-
         torch.manual_seed(seed)
-        quantized = quantize_qat(model, loader, epochs=qat_epochs, lr=qat_lr, weights=weights, on_step=step)
-        bar.close()
+        loader = batches(bundle.train, shuffle=True)
+        quantized = quantize_qat(
+            model, loader, epochs=qat_epochs, lr=qat_lr, weights=weights, seed=seed, progress=progress
+        )
     else:
         calibration = calibration_images(bundle, calib, seed)
         quantized = quantize_ptq(

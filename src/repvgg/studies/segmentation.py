@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from repvgg.core.fusion import conv_bn_relu
 from repvgg.core.registry import create_model
 from repvgg.core.reparam import reparameterize
 from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
+from repvgg.engine.training import LRSchedule, Task, Trainer
 from repvgg.exceptions import ModelConfigError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
 from repvgg.runtime.measure import time_interleaved
@@ -214,10 +214,40 @@ def time_both_forms(model: nn.Module, deployed: nn.Module, images: Tensor) -> di
     }
 
 
-def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
-    """Train PSPNet-RepVGG with SGD and the poly schedule, then convert it and evaluate both forms."""
-    from tqdm import tqdm
+class Segmentation(Task):
+    """PSPNet's loss (cross-entropy of the main head, plus ``aux_weight`` x the auxiliary head's while
+    training; pixels labelled ignore are left out) and its validation metrics (mIoU, pixel accuracy)."""
 
+    primary = "miou"
+
+    def __init__(self, val_loader: DataLoader[Any], num_classes: int, aux_weight: float) -> None:
+        super().__init__()
+        self.val_loader, self.num_classes, self.aux_weight = val_loader, num_classes, aux_weight
+
+    def loss(self, outputs: Any, targets: Tensor) -> Tensor:
+        logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        if aux is not None:
+            loss = loss + self.aux_weight * F.cross_entropy(aux, targets, ignore_index=IGNORE_INDEX)
+        return loss
+
+    def correct(self, outputs: Any, targets: Tensor) -> float | None:
+        return None
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        return evaluate_segmentation(model, self.val_loader, self.num_classes)
+
+    def epoch_line(self, record: dict[str, Any], epochs: int) -> str:
+        return (
+            f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}, "
+            f"val mIoU {record['val_miou']:.2f}%, pixel accuracy {record['val_pixel_accuracy']:.2f}%, "
+            f"{record['train_images_per_s']:.0f} img/s"
+        )
+
+
+def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
+    """Train PSPNet-RepVGG with SGD and the poly schedule (the one Trainer), then convert it and evaluate
+    both forms."""
     torch.manual_seed(config.seed)
     bundle = build_segmentation_data(
         config.data,
@@ -242,9 +272,8 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
-        bundle.train, config.batch_size, shuffle=True, drop_last=True, generator=generator
+        bundle.train, config.batch_size, shuffle=True, drop_last=True, generator=torch.Generator()
     )
     val_loader = DataLoader(bundle.val, config.batch_size)
     if len(train_loader) == 0:
@@ -252,46 +281,18 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
     )
-    total = config.epochs * len(train_loader)
-    poly = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total) ** 0.9)
-    records = []
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        losses = []
-        started = time.perf_counter()
-        bar = tqdm(
-            train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
-        )
-        for images, masks in bar:
-            logits, aux = model(images)
-            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-            loss = loss + config.aux_weight * F.cross_entropy(aux, masks, ignore_index=IGNORE_INDEX)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"The loss became {loss.item()} in epoch {epoch}: lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            poly.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        seconds = time.perf_counter() - started
-        record = {
-            "epoch": epoch,
-            "train_loss": sum(losses) / len(losses),
-            "train_images_per_s": len(losses) * config.batch_size / seconds,
-            "epoch_seconds": seconds,
-        }
-        record.update(
-            {f"val_{k}": v for k, v in evaluate_segmentation(model, val_loader, bundle.num_classes).items()}
-        )
-        records.append(record)
-        print(
-            f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-            f"val mIoU {record['val_miou']:.2f}%, pixel accuracy {record['val_pixel_accuracy']:.2f}%, "
-            f"{record['train_images_per_s']:.0f} img/s",
-            flush=True,
-        )
-    (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    trainer = Trainer(
+        model,
+        train_loader,
+        Segmentation(val_loader, bundle.num_classes, config.aux_weight),
+        optimizer,
+        LRSchedule(config.epochs * len(train_loader), shape="poly"),
+        epochs=config.epochs,
+        output=output,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    trainer.fit()
     deployed_model = reparameterize(model.eval())
     forms, changed = evaluate_forms(
         {"train_form": model, "deploy_form": deployed_model}, val_loader, bundle.num_classes
