@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from repvgg import create_model, reparameterize
-from repvgg.benchmark import compare_throughput, count_macs
-from repvgg.inference import optimize
+from repvgg.runtime.measure import count_macs, time_interleaved
+from repvgg.runtime.optimize import optimize
 
 
 def gemm_gflops(threads: int, size: int = 1024, repeats: int = 20) -> float:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             notes[name] = f"built in {time.perf_counter() - start:.0f} s"
     gemm = gemm_gflops(args.threads)
-    measured = compare_throughput(runners, inputs, warmup=2, repeats=args.repeats)
+    measured = time_interleaved(runners, inputs, warmup=2, rounds=args.repeats)
     gemm = max(gemm, gemm_gflops(args.threads))
     macs = count_macs(a0_deploy, (1, 3, args.image_size, args.image_size))
     speed = {name: result.images_per_s for name, result in measured.items()}

@@ -58,8 +58,8 @@ def test_residual_reorg_pairs_the_layers_into_basic_blocks_outside_the_core() ->
     from torchvision.models.resnet import BasicBlock
 
     model = ResidualReorg("repvgg_b0", num_classes=10)
-    stages = [model.stage1, model.stage2, model.stage3, model.stage4]
-    blocks = [sum(isinstance(m, BasicBlock) for m in stage.modules()) for stage in stages[1:4]]
+    stages = [model.stage1, model.stage2, model.stage3]  # the paper's stages 2-4
+    blocks = [sum(isinstance(m, BasicBlock) for m in stage.modules()) for stage in stages]
     assert blocks == [2, 3, 8], "the paper's Table 7 baseline: stages 2-4 of B0 with 2, 3, 8 blocks"
     assert not any(isinstance(m, repvgg.RepVGGBlock) for m in model.modules())
     assert model.info.form == "none" and model.info.module_type == "ResidualReorg"

@@ -280,3 +280,54 @@ def test_half_converted_model_cannot_be_saved(tmp_path: Path) -> None:
 def test_unknown_target_format() -> None:
     with pytest.raises(CheckpointError, match=r"choose one of native, official, timm, mmpretrain\."):
         convert_state_dict(repvgg.create_model("a0", deploy=True).state_dict(), to="onnx")
+
+
+def test_files_written_before_the_model_record_still_load(tmp_path: Path) -> None:
+    """Version-1 files of earlier releases: the same keys, a config that names its layout, no precision."""
+    from safetensors.torch import save_file
+
+    model = trained_looking("repvgg_a0", num_classes=10, in_chans=1, strides=(1, 2, 2, 2, 2))
+    metadata = {
+        "format": "repvgg",
+        "format_version": "1",
+        "form": "train",
+        "module_type": "RepVGG",
+        "class_names": json.dumps([f"c{i}" for i in range(10)]),
+        "preprocessing": json.dumps({"image_size": 28, "resize": 28, "mean": [0.286], "std": [0.353]}),
+        "config": json.dumps({**model.config, "layout": "repvgg"}),
+        "model_name": "repvgg_a0",
+    }
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    loaded = repvgg.load_checkpoint(path)
+    assert loaded.strides == (1, 2, 2, 2, 2) and loaded.class_names[3] == "c3"
+    assert loaded.info.precision == "float32" and loaded.preprocessing.image_size == 28
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("config", "{not json", "damaged"),
+        ("config", "[1, 2]", "damaged"),
+        ("class_names", json.dumps(["a", "b"]), "2 class names for a model with 10 classes"),
+        ("class_names", json.dumps([1, 2]), "damaged"),
+        ("preprocessing", json.dumps({"image_size": 0, "resize": 28, "mean": [0], "std": [1]}), "damaged"),
+        (
+            "preprocessing",
+            json.dumps({"image_size": 100000, "resize": 100000, "mean": [0], "std": [1]}),
+            "damaged",
+        ),
+        ("preprocessing", json.dumps({"image_size": 28, "resize": 28, "mean": [0], "std": [0]}), "damaged"),
+        ("form", "sideways", "damaged"),
+    ],
+)
+def test_a_damaged_model_record_is_one_sentence(tmp_path: Path, key: str, value: str, reason: str) -> None:
+    from safetensors.torch import save_file
+
+    model = trained_looking("repvgg_a0", num_classes=10)
+    path = repvgg.save_checkpoint(model, tmp_path / "good.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {**handle.metadata(), key: value}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=reason):
+        repvgg.load_checkpoint(path)

@@ -196,7 +196,7 @@ def test_too_small_a_training_set_is_explained(fashion: Path, tmp_path: Path) ->
 def test_unreadable_training_image_is_named_or_skipped(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "images", per_class=8, bad=True)
     options = {"data": "imagefolder", "image_size": 32, "batch_size": 4, "workers": 0}
-    with pytest.raises(DataError, match=r"Cannot read image .*broken\.png .*--skip-bad-images"):
+    with pytest.raises(DataError, match=r"Cannot read image .*broken\.png .*`skip_bad_images`"):
         train(small_config(folder, tmp_path / "a", **options))
     summary = train(small_config(folder, tmp_path / "b", skip_bad_images=True, **options))
     assert summary["bad_images_skipped"] == 1

@@ -95,9 +95,10 @@ def _train_config(args: argparse.Namespace) -> tuple[Any, bool]:
 
 def _train(args: argparse.Namespace) -> int:
     from repvgg.engine.training import train
+    from repvgg.studies.ablation import build_network
 
     config, resume = _train_config(args)
-    summary = train(config, resume=resume)
+    summary = train(config, resume=resume, build_network=build_network)  # the residual baseline too
     _print_summary(summary, config.output)
     return 0
 
@@ -400,7 +401,7 @@ def _add_train_parser(commands: Any) -> argparse.ArgumentParser:
         if "choices" in meta:
             options["choices"] = meta["choices"]
         train.add_argument("--" + meta.get("flag", field.name.replace("_", "-")), **options)
-    for action in train._actions:
+    for action in train._actions:  # the fields' help names parameters; argparse reads help as %-format
         if action.help:
             action.help = parameters_as_flags(action.help, train).replace("%", "%%")
     train.set_defaults(run=_train)

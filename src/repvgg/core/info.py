@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,15 +211,3 @@ def model_info(model: nn.Module) -> ModelInfo:
     if isinstance(info, ModelInfo):
         return info
     return ModelInfo(config=None, form=form_of(model), module_type=type(model).__name__)
-
-
-def with_labels(
-    info: ModelInfo, class_names: Sequence[str] | None, preprocessing: Preprocessing | None = None
-) -> ModelInfo:
-    """``info`` with the class names (and preprocessing) given in place of its own, where given."""
-    changes: dict[str, Any] = {}
-    if class_names is not None:
-        changes["class_names"] = tuple(class_names)
-    if preprocessing is not None:
-        changes["preprocessing"] = preprocessing
-    return info.replace(**changes)

@@ -600,12 +600,11 @@ class ClassificationRun:
                 "`init` needs a training-form checkpoint (a converted model cannot be trained as RepVGG); "
                 "use the *_train checkpoint of the run."
             )
-        num_classes = getattr(model, "num_classes", None)
-        if checkpoint.num_classes != num_classes and isinstance(model, RepVGG):
+        if isinstance(model, RepVGG) and checkpoint.num_classes != model.num_classes:
             if not self.config.finetune:
                 raise CheckpointError(
                     f"The `init` checkpoint has {checkpoint.num_classes} classes but {self.config.data} has "
-                    f"{num_classes}: add `finetune` to replace its classifier head."
+                    f"{model.num_classes}: add `finetune` to replace its classifier head."
                 )
             state = {k: v for k, v in checkpoint.state_dict.items() if not k.startswith("linear.")}
             checkpoint.state_dict = {

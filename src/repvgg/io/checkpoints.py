@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from repvgg.core.info import ModelInfo, model_info, with_labels
+from repvgg.core.info import ModelInfo, model_info
 from repvgg.core.int8 import QuantizedRepVGG, convert_int8, example_input, prepare_int8, x86_engine
 from repvgg.core.models import RepVGG
 from repvgg.core.registry import name_for_config
@@ -87,8 +87,10 @@ def _record_of(model: nn.Module, class_names: Sequence[str] | None) -> ModelInfo
         raise CheckpointError(f"{error} Then save it.") from error
     if info.config is not None and not info.model_name:
         info = info.replace(model_name=name_for_config(info.config))
+    if class_names is None:
+        return info
     try:
-        return with_labels(info, class_names)
+        return info.replace(class_names=tuple(class_names))
     except CheckpointError as error:
         raise CheckpointError(str(error).replace("The model record has", "You gave")) from error
 

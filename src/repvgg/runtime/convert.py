@@ -113,9 +113,10 @@ def verify_checkpoints(train_source: PathLike, deploy_source: PathLike | None = 
     """Check that a deploy-form checkpoint reproduces its training-form one, in float64.
 
     Without ``deploy_source`` the training-form checkpoint is checked against its own conversion
-    (tolerance 1e-10). With it, the stored deploy weights carry float32 rounding, so the tolerance is
-    1e-5 for float32 files. The deploy weights are loaded into the training checkpoint's architecture,
-    so a file in the authors' or timm's names (which record no strides) is checked as it will be used.
+    (tolerance 1e-10). With it, the stored deploy weights carry float32 rounding, so the tolerance is the
+    float32 one (1e-4) for float32 files (both from ``repvgg.core.reparam.TOLERANCE``). The deploy weights
+    are loaded into the training checkpoint's architecture, so a file in the authors' or timm's names
+    (which record no strides) is checked as it will be used.
     """
     trained = _train_form_model(read_checkpoint(train_source), train_source)
     if deploy_source is None:

@@ -3,7 +3,7 @@
 Every network is measured in one process, interleaved round by round (each round times a few batches of
 every network in turn), so machine noise hits all of them alike; examples/s come from the median batch,
 and the spread of all timed batches is shown beside it. Peak memory is measured in a fresh process per
-network (see :func:`peak_memory_mib`). Figures and tables are written to ``--output``.
+network (see :func:`peak_memory_mib`). Figures and tables are written to the ``output`` folder.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from repvgg.core.info import model_info
 from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
 from repvgg.core.registry import MODEL_SPECS, canonical_name, create_model
 from repvgg.core.reparam import reparameterize
@@ -197,7 +198,7 @@ def _synchronize(device: str) -> None:
 
 def input_channels(model: nn.Module) -> int:
     """3 for every network but a checkpoint trained on grey images."""
-    return int(getattr(model, "in_chans", 3))
+    return model_info(model).in_chans
 
 
 def example_batch(model: nn.Module, protocol: Protocol) -> torch.Tensor:
