@@ -157,15 +157,6 @@ def test_every_command_s_help_shows_its_defaults(
             assert "images per batch (default: 256)" in text and "mixed precision (default: none)" in text
 
 
-def test_cli_choices_are_the_library_s() -> None:
-    from repvgg.cli import BACKEND_CHOICES
-    from repvgg.engine.config import LAYOUTS
-    from repvgg.runtime.optimize import BACKEND_CHOICES as LIBRARY_BACKENDS
-    from repvgg.studies.ablation import LAYOUT_VARIANTS
-
-    assert tuple(LIBRARY_BACKENDS) == BACKEND_CHOICES and ("repvgg", *LAYOUT_VARIANTS) == LAYOUTS
-
-
 def test_python_dash_m_and_console_script_start_without_importing_torch() -> None:
     code = "import sys, repvgg.cli; repvgg.cli.build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

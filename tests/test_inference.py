@@ -13,7 +13,8 @@ from repvgg.cli import main
 from repvgg.engine.data import build_data, write_sample_images
 from repvgg.engine.evaluation import evaluate_checkpoint
 from repvgg.exceptions import DataError, InferenceError
-from repvgg.runtime.optimize import BACKENDS, optimize
+from repvgg.runtime.names import BACKENDS
+from repvgg.runtime.optimize import optimize
 from repvgg.runtime.predict import predict
 from tests.helpers import relative_error, small_model
 from tests.test_data import fake_fashion_mnist

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from repvgg.engine.config import AMP_CHOICES, DATASETS, TrainConfig
+from repvgg.runtime.names import BACKEND_CHOICES, EXPORT_TARGETS, OUTPUT_FORMATS
 
 
 def _models_table(args: argparse.Namespace) -> int:
@@ -315,7 +316,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 Command = Callable[[argparse.Namespace], int]
-BACKEND_CHOICES = ("auto", "eager", "inductor", "onnxruntime")  # repvgg.runtime.optimize's, without torch
 _PARAMETER = re.compile(r"`([A-Za-z_]\w*)`")
 
 
@@ -501,7 +501,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     convert.add_argument("output", help="where to write the deploy-form checkpoint")
     convert.add_argument(
         "--format",
-        choices=("repvgg", "official", "timm"),
+        choices=OUTPUT_FORMATS,
         default="repvgg",
         help="key names to write: ours (safetensors + metadata), the authors', or timm's",
     )
@@ -512,7 +512,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
 
     export = command("export", _export, "export to ONNX or TorchScript, checked against PyTorch")
     export.add_argument("checkpoint", help="a checkpoint in any format repvgg reads (converted if needed)")
-    export.add_argument("--to", choices=("onnx", "torchscript"), required=True, help="the format")
+    export.add_argument("--to", choices=EXPORT_TARGETS, required=True, help="the format")
     export.add_argument("output", help="the file to write (.onnx or .pt)")
     export.add_argument(
         "--image-size", type=int, default=None, help="example size (default: the training size)"

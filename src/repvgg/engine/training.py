@@ -548,16 +548,17 @@ class ClassificationRun:
             from torchvision.transforms import v2
 
             mixup = v2.MixUp(alpha=config.mixup, num_classes=self.data.num_classes)
+        self.task = Classification(
+            eval_loader(self.data.val, config.batch_size, workers, context),
+            context,
+            label_smoothing=config.label_smoothing,
+            amp=config.amp,
+            channels_last=config.channels_last,
+        )
         self.trainer = Trainer(
             self.model,
             loader,
-            Classification(
-                eval_loader(self.data.val, config.batch_size, workers, context),
-                context,
-                label_smoothing=config.label_smoothing,
-                amp=config.amp,
-                channels_last=config.channels_last,
-            ),
+            self.task,
             optimizer,
             schedule,
             epochs=config.epochs,
@@ -573,7 +574,9 @@ class ClassificationRun:
             seed=config.seed,
             progress=config.progress,
         )
-        self.trainer.task.on_bad_images = self.trainer.report_bad  # type: ignore[attr-defined]
+        self.task.on_bad_images = (
+            self.trainer.report_bad
+        )  # unreadable validation images count like training ones
 
     def _custom_l2(self) -> torch.Tensor:
         return 0.5 * self.config.weight_decay * custom_l2_loss(self.model)
@@ -657,8 +660,7 @@ class ClassificationRun:
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:
-        trainer = self.trainer
-        task: Classification = trainer.task  # type: ignore[assignment]
+        trainer, task = self.trainer, self.task
         final: nn.Module = trainer.ema.module if trainer.ema is not None else self.model
         identical = ranks_agree(final, self.context)
         final.eval()

@@ -25,8 +25,7 @@ from repvgg.io.checkpoints import (
 )
 from repvgg.io.files import PathLike, atomic_write
 from repvgg.io.formats import convert_state_dict
-
-OUTPUT_FORMATS = ("repvgg", "official", "timm")
+from repvgg.runtime.names import OUTPUT_FORMATS
 
 
 def _train_form_model(checkpoint: Checkpoint, source: PathLike) -> RepVGG:

@@ -21,8 +21,8 @@ from repvgg.core.info import model_info
 from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import ExportError
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
+from repvgg.runtime.names import EXPORT_TARGETS
 
-EXPORT_TARGETS = ("onnx", "torchscript")
 ONNX_OPSET = 18
 
 

@@ -23,9 +23,8 @@ from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import InferenceError, RepVGGError
 from repvgg.runtime.export import onnx_bytes, onnx_session
 from repvgg.runtime.measure import time_interleaved
+from repvgg.runtime.names import BACKEND_CHOICES, BACKENDS
 
-BACKENDS = ("eager", "inductor", "onnxruntime")
-BACKEND_CHOICES = ("auto", *BACKENDS)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 Runner = Callable[[Tensor], Tensor]

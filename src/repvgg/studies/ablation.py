@@ -26,14 +26,14 @@ from repvgg.core.info import ModelInfo, Preprocessing, model_info
 from repvgg.core.models import stage_widths
 from repvgg.core.registry import MODEL_SPECS, canonical_name
 from repvgg.core.reparam import is_convertible, reparameterize
-from repvgg.engine.config import TrainConfig
+from repvgg.engine.config import LAYOUTS, TrainConfig
 from repvgg.engine.data import DataBundle, strides_for_image_size
 from repvgg.engine.training import STATE_FILE, build_repvgg, train
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint, read_checkpoint
 from repvgg.runtime.measure import time_interleaved
 
-LAYOUT_VARIANTS = ("residual_reorg",)
+LAYOUT_VARIANTS = tuple(layout for layout in LAYOUTS if layout != "repvgg")  # the non-RepVGG baselines
 TABLE6 = ("repvgg", "no_identity", "no_1x1", "plain")
 VARIANTS = (*BLOCK_DESIGNS, *LAYOUT_VARIANTS)
 

@@ -1,0 +1,8 @@
+"""The names of the runtime's choices, without torch, so that the command line offers them at start-up."""
+
+from __future__ import annotations
+
+BACKENDS = ("eager", "inductor", "onnxruntime")
+BACKEND_CHOICES = ("auto", *BACKENDS)
+EXPORT_TARGETS = ("onnx", "torchscript")
+OUTPUT_FORMATS = ("repvgg", "official", "timm")  # key names a converted checkpoint can be written in
