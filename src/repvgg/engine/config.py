@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,33 @@ from repvgg.exceptions import TrainingError
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
-#: RepVGG, and the residual baseline of repvgg.studies.ablation (its LAYOUT_VARIANTS; a test keeps them equal)
+#: RepVGG, and the residual baseline of repvgg.studies.ablation (its LAYOUT_VARIANTS)
 LAYOUTS = ("repvgg", "residual_reorg")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+#: Fields that may change when a run is resumed: ``epochs`` extends (or shortens) the schedule; the others
+#: do not change what is computed. Every other field must be the run's own.
+RESUMABLE_CHANGES = ("epochs", "workers", "device", "progress", "data_dir", "output", "overwrite")
+#: Never saved in ``config.json``: how a run was started, not what it is.
+NOT_SAVED = ("overwrite",)
+
+#: Inclusive ranges of numeric fields (None: unbounded); ``lr`` and ``ema_decay`` must also be above 0.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "epochs": (1, None),
+    "batch_size": (1, None),
+    "lr": (0, None),
+    "momentum": (0, 1),
+    "weight_decay": (0, None),
+    "warmup_epochs": (0, None),
+    "label_smoothing": (0, 1),
+    "mixup": (0, None),
+    "ema_decay": (0, 1),
+    "image_size": (8, 4096),
+    "seed": (0, 2**63 - 1),
+    "workers": (0, 256),
+    "train_subset": (1, None),
+    "val_subset": (1, None),
+}
+POSITIVE = ("lr", "ema_decay")
 
 
 @dataclass
@@ -149,17 +178,54 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A configuration from a mapping (a ``config.json``); unknown keys and wrong types are refused."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise TrainingError(f"Unknown configuration keys {', '.join(unknown)}: check the `config` file.")
-        return cls(**values)
+        config = cls(**values)
+        config.check_types()
+        return config
+
+    def as_saved(self) -> dict[str, Any]:
+        """What ``config.json`` holds: every field but those in :data:`NOT_SAVED`."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_SAVED}
+
+    def check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not _has_type(value, hints[item.name]):
+                hint = hints[item.name]
+                kind = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
+                kind = kind or str(hint).replace("NoneType", "None").replace("typing.", "")
+                raise TrainingError(f"`{item.name}` must be of type {kind}, got {value!r}.")
 
     def validate(self) -> None:
-        if self.amp not in AMP_CHOICES:
-            raise TrainingError(f"`amp` must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}.")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise TrainingError("`epochs` and `batch_size` must be at least 1.")
+        """Every value checked before any work starts: types, ranges, choices, combinations."""
+        self.check_types()
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            too_low = (low is not None and value < low) or (name in POSITIVE and value <= 0)
+            if not math.isfinite(value) or too_low or (high is not None and value > high):
+                bounds = f"{'above' if name in POSITIVE else 'at least'} {low}"
+                bounds += f" and at most {high}" if high is not None else ""
+                raise TrainingError(f"`{name}` must be {bounds}, got {value}.")
+        for name, choices in (("amp", AMP_CHOICES), ("data", DATASETS), ("layout", LAYOUTS)):
+            if getattr(self, name) not in choices:
+                raise TrainingError(
+                    f"`{name}` must be one of {', '.join(choices)}, got {getattr(self, name)!r}."
+                )
+        if self.strides is not None and (
+            len(self.strides) != 5 or any(s not in (1, 2) for s in self.strides)
+        ):
+            raise TrainingError(
+                f"`strides` must give 1 or 2 for each of the five stages, got {self.strides}."
+            )
+        if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):
+            raise TrainingError(f"`device` must be cpu, cuda or cuda:N, got {self.device!r}.")
         design = block_design(self.block)
         if self.custom_l2 and not (design.dense == "bn" and design.one_by_one == "bn" and design.convertible):
             raise TrainingError(
@@ -171,16 +237,38 @@ class TrainConfig:
                 "`finetune` replaces the head of the `init` checkpoint; give `init` a checkpoint too."
             )
 
+    def changes_from(self, saved: dict[str, Any]) -> list[str]:
+        """The fields that differ from a saved run's ``config.json`` and may not change on resume."""
+        current = self.as_saved()
+        return [k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON-loaded ``value`` fits a field's annotation (``int`` for a float field is fine)."""
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
 
 def load_run_config(path: str | Path) -> dict[str, Any]:
-    """A saved or hand-written configuration file (JSON)."""
+    """A saved or hand-written configuration file (JSON), without :data:`NOT_SAVED` keys (an earlier
+    release saved ``overwrite``: repeating such a run must not replace another without being asked)."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"No configuration file at {path}: check the path.")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
         raise TrainingError(f"{path} is not valid JSON ({error}).") from error
     if not isinstance(values, dict):
         raise TrainingError(f"{path} must hold a JSON object of configuration keys.")
-    return values
+    return {key: value for key, value in values.items() if key not in NOT_SAVED}

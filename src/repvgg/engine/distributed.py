@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from repvgg.exceptions import TrainingError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -34,6 +36,8 @@ def init_distributed(device: str | None = None) -> DistContext:
     local rank; the backend is nccl on CUDA and gloo on CPU.
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainingError(f"`device` {device} was asked for but no CUDA GPU is usable here; use cpu.")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")

@@ -13,7 +13,6 @@ same, and saves both forms in this package's checkpoint format.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -32,7 +31,7 @@ from repvgg.core.blocks import RepVGGBlock
 from repvgg.core.models import RepVGG
 from repvgg.core.registry import create_model
 from repvgg.core.reparam import is_convertible, reparameterize
-from repvgg.engine.config import TrainConfig
+from repvgg.engine.config import TrainConfig, load_run_config
 from repvgg.engine.data import (
     DataBundle,
     build_data,
@@ -57,7 +56,9 @@ from repvgg.io.checkpoints import (
     save_checkpoint,
     save_training_state,
 )
+from repvgg.io.files import writable_or_raise
 from repvgg.io.images import BadImage
+from repvgg.io.jsonfile import json_text, write_json
 
 STATE_FILE = "last.pt"
 
@@ -155,7 +156,7 @@ class RunLog:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json_text(record) + "\n")
         assert self.writer is not None
         for key, value in record.items():
             if key != "epoch" and isinstance(value, int | float):
@@ -250,6 +251,7 @@ class Trainer:
         )
         self.skip_bad_images, self.seed, self.progress = skip_bad_images, seed, progress
         self.steps_per_epoch = len(loader)
+        self.schedule = schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.scaler = torch.amp.GradScaler(self.context.device.type, enabled=amp == "fp16")
         self.ema = None
@@ -297,6 +299,11 @@ class Trainer:
             ) from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The saved state restores the schedule it was made with; the run's own (e.g. more epochs) goes on
+        # from the step reached: the cosine is stretched over the new total from there.
+        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
@@ -377,7 +384,12 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - start
         totals = all_reduce_sum(totals, self.context)
-        count = max(float(totals[2]), 1.0)
+        if float(totals[2]) == 0:
+            raise TrainingError(
+                f"Epoch {epoch} had no readable training images ({self.bad_images} unreadable so far), so "
+                "nothing was trained; fix the dataset."
+            )
+        count = float(totals[2])
         record = {"train_loss": float(totals[0]) / count}
         if counted:
             record["train_top1"] = 100.0 * float(totals[1]) / count
@@ -391,9 +403,21 @@ class Trainer:
         where = f"{kept} (epoch {self.start_epoch - 1})" if self.output and kept.is_file() else "none yet"
         raise TrainingError(
             f"The loss became {float(loss.detach()):.4g} at epoch {epoch}, step {step + 1}, so training "
-            f"stopped; the last good checkpoint is kept ({where}): lower `lr` or use `amp` bf16/none, "
-            "then resume."
+            f"stopped; the last good checkpoint is kept ({where}): lower `lr` (or use `amp` none) and "
+            "start a new run from it (`init`)."
         )
+
+    def _stop_if_diverged(self, metrics: dict[str, Any], epoch: int) -> None:
+        """A validation loss that is not finite: the weights diverged, even if the training loss did not."""
+        loss = metrics.get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            kept = (self.output or Path(".")) / STATE_FILE
+            where = f"{kept} (epoch {epoch - 1})" if self.output and kept.is_file() else "none yet"
+            raise TrainingError(
+                f"The validation loss became {loss} after epoch {epoch}: the run diverged, so training "
+                f"stopped; the last good checkpoint is kept ({where}): lower `lr` and start a new run from "
+                "it (`init`)."
+            )
 
     def _evaluate(self, model: nn.Module) -> dict[str, Any]:
         was_training = model.training
@@ -415,6 +439,7 @@ class Trainer:
                 if self.ema is not None:
                     average_buffers(self.ema, context)
                 metrics = self._evaluate(self.model)
+                self._stop_if_diverged(metrics, epoch)
                 record.update({f"val_{k}": v for k, v in metrics.items()})
                 if self.ema is not None:
                     record.update({f"ema_val_{k}": v for k, v in self._evaluate(self.ema.module).items()})
@@ -653,14 +678,13 @@ class ClassificationRun:
         """Train, then evaluate the final model in both forms, check they agree, and save both."""
         if self.context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.json").write_text(
-                json.dumps(dataclasses.asdict(self.config), indent=2) + "\n"
-            )
+            write_json(self.output / "config.json", self.config.as_saved(), what="the run's configuration")
         self.trainer.fit()
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:
         trainer, task = self.trainer, self.task
+        task.on_bad_images = None  # the validation set's unreadable images were counted in every epoch
         final: nn.Module = trainer.ema.module if trainer.ema is not None else self.model
         identical = ranks_agree(final, self.context)
         final.eval()
@@ -692,8 +716,40 @@ class ClassificationRun:
             save_checkpoint(final, self.output / "model_train.safetensors")
             if deployed_model is not None:
                 save_checkpoint(deployed_model, self.output / "model_deploy.safetensors")
-            (self.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(self.output / "summary.json", summary, what="the run's summary")
         return summary
+
+
+#: The files of a run folder; a folder holding any of them is a run.
+RUN_FILES = (
+    STATE_FILE,
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "best_train.safetensors",
+    "model_train.safetensors",
+    "model_deploy.safetensors",
+)
+
+
+def check_run_folder(output: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an output that is a file, a folder that cannot be written, a run folder about to be replaced
+    without ``overwrite``, and resuming where there is nothing to resume."""
+    if output.exists() and not output.is_dir():
+        raise TrainingError(f"The output {output} is a file; give a folder for the run.")
+    found = [name for name in RUN_FILES if (output / name).exists()]
+    if resume:
+        if not (output / STATE_FILE).is_file() or not (output / "config.json").is_file():
+            raise TrainingError(
+                f"Nothing to resume in {output}: it has no {STATE_FILE} and config.json; start without "
+                "`resume`."
+            )
+    elif found and not overwrite:
+        raise TrainingError(
+            f"{output} already holds a run ({', '.join(found)}); continue it (`resume`), or choose another "
+            "`output`, or replace it (`overwrite`)."
+        )
+    writable_or_raise(output / ".write-test", TrainingError)
 
 
 def train(
@@ -701,13 +757,22 @@ def train(
 ) -> dict[str, Any]:
     """Run (or, with ``resume``, continue) a classification run; returns the final summary.
 
+    Everything is checked before any work starts. A folder that holds any file of a run is never replaced
+    without ``config.overwrite``. On ``resume`` the configuration must be the run's own, except for
+    :data:`~repvgg.engine.config.RESUMABLE_CHANGES`: more (or fewer) ``epochs`` stretch the cosine schedule
+    over the new total from the step reached, and ``config.json`` records the new count.
     ``build_network`` builds a network other than a registry RepVGG (the ablation's residual baseline)."""
-    state = Path(config.output) / STATE_FILE
-    if state.exists() and not resume and not config.overwrite:
-        raise TrainingError(
-            f"{config.output} already holds a run ({state}); continue it (`resume`), or choose another "
-            "`output`, or replace it (`overwrite`)."
-        )
+    config.validate()
+    check_run_folder(Path(config.output), resume=resume, overwrite=config.overwrite)
+    if resume:
+        saved = load_run_config(Path(config.output) / "config.json")
+        changed = config.changes_from(saved)
+        if changed:
+            names = ", ".join(f"`{name}` ({saved[name]!r} -> {getattr(config, name)!r})" for name in changed)
+            raise TrainingError(
+                f"Resuming cannot change {names}: the saved state was trained with the run's own values; "
+                "drop those options, or start a new run from the checkpoint (`init`)."
+            )
     context = init_distributed(config.device)
     try:
         run = ClassificationRun(config, context, build_network)

@@ -23,7 +23,7 @@ from repvgg.io.checkpoints import (
     read_checkpoint,
     save_checkpoint,
 )
-from repvgg.io.files import PathLike, atomic_write
+from repvgg.io.files import PathLike, atomic_write, refuse_same_file
 from repvgg.io.formats import convert_state_dict
 from repvgg.runtime.names import OUTPUT_FORMATS
 
@@ -56,6 +56,7 @@ def convert_checkpoint(source: PathLike, output: PathLike, *, to: str = "repvgg"
     picks the key names: ``repvgg`` (our safetensors with metadata), or ``official`` / ``timm`` (a plain
     state dict, as a ``.safetensors`` file when ``output`` ends so, else ``torch.save``).
     """
+    refuse_same_file(source, output, ConversionError)
     if to not in OUTPUT_FORMATS:
         raise ConversionError(f"Unknown output format {to!r}: choose one of {', '.join(OUTPUT_FORMATS)}.")
     checkpoint = read_checkpoint(source)
