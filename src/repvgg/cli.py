@@ -136,7 +136,10 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         backend=args.backend,
+        image_size=args.image_size,
     )
+    for note in result.notes:
+        print(f"note: {note}")
     print(
         f"{args.checkpoint}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f} "
         f"on {result.images} {args.data} validation images, {result.images_per_s:.0f} img/s"
@@ -168,10 +171,11 @@ def _export(args: argparse.Namespace) -> int:
     from repvgg.core.reparam import is_deployed
     from repvgg.exceptions import ExportError
     from repvgg.io.checkpoints import load_checkpoint
-    from repvgg.io.files import writable_or_raise
+    from repvgg.io.files import refuse_same_file, writable_or_raise
     from repvgg.runtime.export import export_model
 
     writable_or_raise(args.output, ExportError)
+    refuse_same_file(args.checkpoint, args.output, ExportError)
     model = load_checkpoint(args.checkpoint)
     if not is_deployed(model):
         print(f"note: {args.checkpoint} is in training form; converting it before the export")
@@ -492,6 +496,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     evaluation.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     evaluation.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision")
+    evaluation.add_argument(
+        "--image-size", type=int, default=None, help="evaluate at this size (default: the checkpoint's)"
+    )
     evaluation.add_argument(
         "--backend", choices=BACKEND_CHOICES, default=None, help="convert, then run with this backend"
     )

@@ -53,6 +53,28 @@ def is_deployed(module: nn.Module) -> bool:
     return bool(blocks) and all(block.deploy for block in blocks)
 
 
+def nonfinite_weights(module: nn.Module) -> list[str]:
+    """The names of ``module``'s floating-point weights and buffers that hold NaN or infinity."""
+    return [
+        name
+        for name, tensor in module.state_dict().items()
+        if isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def refuse_nonfinite(module: nn.Module, what: str, error_type: type[Exception] = ConversionError) -> None:
+    """One sentence naming the first non-finite weights of ``what`` (a diverged run's), if there are any."""
+    bad = nonfinite_weights(module)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise error_type(
+            f"{what} holds weights that are not finite ({', '.join(bad[:3])}{more}): it comes from a "
+            "diverged run; use an earlier checkpoint of it, or train again with a lower learning rate."
+        )
+
+
 def to_deploy_form(model: nn.Module) -> tuple[nn.Module, bool]:
     """An eval-mode, gradient-free copy of ``model`` with every RepVGG block converted.
 

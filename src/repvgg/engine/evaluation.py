@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from repvgg.core.int8 import QuantizedRepVGG
 from repvgg.core.models import RepVGG
+from repvgg.core.reparam import refuse_nonfinite
 from repvgg.engine.config import AMP_CHOICES
 from repvgg.engine.data import build_data, collate_reporting_bad, default_workers
 from repvgg.engine.distributed import DistContext, all_reduce_sum, init_distributed
@@ -34,6 +36,7 @@ class EvalResult:
     loss: float
     images: int
     seconds: float
+    notes: tuple[str, ...] = ()  # what the user should know about how the figures were made
 
     @property
     def images_per_s(self) -> float:
@@ -131,21 +134,30 @@ def evaluate_checkpoint(
     device: str | None = None,
     amp: str = "none",
     backend: str | None = None,
+    image_size: int | None = None,
 ) -> EvalResult:
     """Top-1/top-5 of a checkpoint (any format :func:`repvgg.load_checkpoint` reads) on a validation set.
 
-    Without ``backend`` the checkpoint is evaluated as stored, in eager PyTorch; with one, it is first
-    converted and run by :func:`optimize` (timed on one batch of the validation set).
+    Images are prepared at the size the checkpoint records (its training size) unless ``image_size`` says
+    otherwise, which the result's notes then say. Without ``backend`` the checkpoint is evaluated as stored,
+    in eager PyTorch; with one, it is first converted and run by :func:`optimize` (timed on one batch of the
+    validation set). Weights that are not finite are refused.
     """
     if amp not in AMP_DTYPES:
         raise TrainingError(f"`amp` must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")
     model = load_checkpoint(checkpoint)
     assert isinstance(model, RepVGG | QuantizedRepVGG)
+    refuse_nonfinite(model, str(checkpoint), InferenceError)
+    recorded = model.info.preprocessing.image_size if model.info.preprocessing else None
+    notes: tuple[str, ...] = ()
+    if image_size is not None and recorded is not None and image_size != recorded:
+        notes = (f"evaluated at {image_size} px, not at the {recorded} px the checkpoint was trained at",)
     if isinstance(model, QuantizedRepVGG):
         if (device or "cpu") != "cpu" or amp != "none":
             raise InferenceError("An INT8 model is evaluated on the CPU without `amp`: drop those options.")
         device = "cpu"
-    bundle = build_data(data, data_dir, val_subset=val_subset)
+    size = image_size or (recorded if data == "imagefolder" else None)  # small sets have one native size
+    bundle = build_data(data, data_dir, image_size=size, val_subset=val_subset)
     if model.in_chans != bundle.in_chans:
         raise DataError(
             f"The model takes {model.in_chans}-channel images but {data} has {bundle.in_chans} channels; "
@@ -171,4 +183,5 @@ def evaluate_checkpoint(
         if bad:
             refuse(bad)
         runner = optimize(model, backend, example_input=images.to(context.device))
-    return evaluate(runner, loader, context, amp_dtype=AMP_DTYPES[amp], on_bad_images=refuse)
+    result = evaluate(runner, loader, context, amp_dtype=AMP_DTYPES[amp], on_bad_images=refuse)
+    return dataclasses.replace(result, notes=notes)

@@ -13,6 +13,7 @@ same, and saves both forms in this package's checkpoint format.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -251,8 +252,8 @@ class Trainer:
         )
         self.skip_bad_images, self.seed, self.progress = skip_bad_images, seed, progress
         self.steps_per_epoch = len(loader)
-        self.schedule = schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.schedule = schedule  # kept apart: loading a scheduler's state rewrites its schedule objects
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, copy.copy(schedule))
         self.scaler = torch.amp.GradScaler(self.context.device.type, enabled=amp == "fp16")
         self.ema = None
         if ema_decay is not None:
@@ -301,7 +302,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved state restores the schedule it was made with; the run's own (e.g. more epochs) goes on
         # from the step reached: the cosine is stretched over the new total from there.
-        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        self.scheduler.lr_lambdas = [copy.copy(self.schedule) for _ in self.optimizer.param_groups]
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base * self.schedule(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])

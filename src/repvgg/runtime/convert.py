@@ -14,7 +14,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from repvgg.core.models import DEFAULT_STRIDES, RepVGG
-from repvgg.core.reparam import EquivalenceReport, reparameterize, tolerance_for, verify_equivalence
+from repvgg.core.reparam import (
+    EquivalenceReport,
+    refuse_nonfinite,
+    reparameterize,
+    tolerance_for,
+    verify_equivalence,
+)
 from repvgg.exceptions import ConversionError
 from repvgg.io.checkpoints import (
     Checkpoint,
@@ -36,6 +42,7 @@ def _train_form_model(checkpoint: Checkpoint, source: PathLike) -> RepVGG:
         )
     model = build_model(checkpoint)
     load_state_dict_strict(model, checkpoint)
+    refuse_nonfinite(model, str(source))
     return model.eval()
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from repvgg.core.info import PREPROCESSING_PRESETS, Preprocessing, model_info
 from repvgg.core.int8 import QuantizedRepVGG
+from repvgg.core.reparam import refuse_nonfinite
 from repvgg.exceptions import DataError, InferenceError
 from repvgg.io.checkpoints import load_checkpoint
 from repvgg.io.files import PathLike
@@ -63,6 +64,7 @@ def predict(
     if topk < 1 or batch_size < 1:
         raise InferenceError("`topk` and `batch_size` must be at least 1.")
     model = load_checkpoint(source) if not isinstance(source, nn.Module) else source
+    refuse_nonfinite(model, str(source) if not isinstance(source, nn.Module) else "The model", InferenceError)
     info = model_info(model)
     transform = resolve_preprocessing(model, preprocessing).transform()
     default = "cuda" if torch.cuda.is_available() and not isinstance(model, QuantizedRepVGG) else "cpu"

@@ -31,6 +31,7 @@ from repvgg.engine.data import DataBundle, strides_for_image_size
 from repvgg.engine.training import STATE_FILE, build_repvgg, train
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint, read_checkpoint
+from repvgg.io.jsonfile import write_json
 from repvgg.runtime.measure import time_interleaved
 
 LAYOUT_VARIANTS = tuple(layout for layout in LAYOUTS if layout != "repvgg")  # the non-RepVGG baselines
@@ -197,12 +198,35 @@ def time_forms(model: nn.Module, batch: int) -> dict[str, float | None]:
     }
 
 
+#: Settings a study may change when it goes on in its folder: more variants, more seeds, the progress bar.
+EXTENSIBLE = ("variants", "seeds", "output", "progress")
+
+
+def refuse_other_settings(config: AblationConfig, saved_file: Path) -> None:
+    """A study folder's finished runs are reused, so its shared training settings must be this study's."""
+    if not saved_file.is_file():
+        return
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelConfigError(f"{saved_file} is damaged ({error}); choose another `output`.") from error
+    current = dataclasses.asdict(config)
+    changed = [k for k in current if k not in EXTENSIBLE and k in saved and saved[k] != current[k]]
+    if changed:
+        names = ", ".join(f"`{k}` ({saved[k]!r} -> {current[k]!r})" for k in changed)
+        raise ModelConfigError(
+            f"{saved_file.parent} holds a study with other settings ({names}); its runs would be reused "
+            "under the new heading: choose another `output`, or keep the study's settings."
+        )
+
+
 def run_ablation(config: AblationConfig) -> dict[str, Any]:
     """Train (or resume, or skip) every variant x seed, time each variant, write the tables."""
     config.validate()
     output = Path(config.output)
+    refuse_other_settings(config, output / "ablation_config.json")
     output.mkdir(parents=True, exist_ok=True)
-    (output / "ablation_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    write_json(output / "ablation_config.json", dataclasses.asdict(config), what="the study's settings")
     rows = []
     for variant in config.variants:
         summaries = []
@@ -221,14 +245,14 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
             first = config.train_config(variant, 0)
             trained = load_trained(Path(first.output) / "model_train.safetensors", first)
             speed = time_forms(trained, config.speed_batch)
-            speed_file.write_text(json.dumps(speed, indent=2) + "\n")
+            write_json(speed_file, speed, what="the variant's speed")
         rows.append(_row(variant, summaries, json.loads(speed_file.read_text())))
     for row in rows:
         row["vs_reference_mean"], row["vs_reference_std"] = _mean_std(
             [ours - theirs for ours, theirs in zip(row["train_top1"], rows[0]["train_top1"], strict=True)]
         )
     report = {"config": dataclasses.asdict(config), "rows": rows}
-    (output / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(output / "ablation.json", report, what="the study's table")
     (output / "ablation.md").write_text(markdown_table(report))
     return report
 

@@ -23,12 +23,12 @@ from repvgg.core.int8 import (
     x86_engine,
 )
 from repvgg.core.models import RepVGG
-from repvgg.core.reparam import is_deployed
+from repvgg.core.reparam import is_deployed, refuse_nonfinite
 from repvgg.engine.data import build_data, calibration_images, collate_reporting_bad
 from repvgg.engine.training import LRSchedule, Task, Trainer
 from repvgg.exceptions import QuantizationError
 from repvgg.io.checkpoints import load_checkpoint, save_quantized
-from repvgg.io.files import PathLike, writable_or_raise
+from repvgg.io.files import PathLike, refuse_same_file, writable_or_raise
 
 
 def quantize_qat(
@@ -101,17 +101,28 @@ def quantize_checkpoint(
     from torch.utils.data import DataLoader
 
     writable_or_raise(output, QuantizationError)
+    refuse_same_file(checkpoint, output, QuantizationError)
     if calib < 1:
         raise QuantizationError(
             f"`calib` {calib} gives no calibration images; give N >= 1 (a few hundred is typical)."
         )
+    for name, value, lowest in (("qat_epochs", qat_epochs, 0), ("batch_size", batch_size, 1)):
+        if value < lowest:
+            raise QuantizationError(f"`{name}` must be at least {lowest}, got {value}.")
+    if not qat_lr > 0 or (qat_subset is not None and qat_subset < 1):
+        raise QuantizationError(
+            f"`qat_lr` must be above 0 and `qat_subset` at least 1, got {qat_lr}, {qat_subset}."
+        )
     model = load_checkpoint(checkpoint)
     if isinstance(model, QuantizedRepVGG):
         raise QuantizationError(f"{checkpoint} is already INT8; quantize the float checkpoint instead.")
+    refuse_nonfinite(model, str(checkpoint), QuantizationError)
     notes = []
     if not is_deployed(model):
         notes.append(f"{checkpoint} is in training form; it was converted to its deploy form first")
-    bundle = build_data(data, data_dir, train_subset=qat_subset, seed=seed)
+    recorded = model.info.preprocessing.image_size if model.info.preprocessing else None
+    size = recorded if data == "imagefolder" else None  # the small sets have one native size
+    bundle = build_data(data, data_dir, image_size=size, train_subset=qat_subset, seed=seed)
     if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
         raise QuantizationError(
             f"The model takes {model.in_chans}-channel images and has {model.num_classes} classes but {data} "

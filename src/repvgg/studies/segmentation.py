@@ -9,7 +9,6 @@ whole segmenter in one call: only the backbone's blocks change.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_dat
 from repvgg.engine.training import LRSchedule, Task, Trainer
 from repvgg.exceptions import ModelConfigError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
+from repvgg.io.jsonfile import write_json
 from repvgg.runtime.measure import time_interleaved
 
 
@@ -271,7 +271,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
         load_checkpoint(config.backbone_weights, model.backbone)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    write_json(output / "config.json", dataclasses.asdict(config), what="the run's configuration")
     train_loader = DataLoader(
         bundle.train, config.batch_size, shuffle=True, drop_last=True, generator=torch.Generator()
     )
@@ -311,5 +311,5 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     }
     save_checkpoint(model, output / "pspnet_train.safetensors", class_names=bundle.class_names)
     save_checkpoint(deployed_model, output / "pspnet_deploy.safetensors", class_names=bundle.class_names)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(output / "summary.json", summary, what="the run's summary")
     return summary

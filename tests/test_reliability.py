@@ -1,0 +1,241 @@
+"""Nothing lost, nothing silently wrong: run folders, resuming, diverged runs, strict JSON, checked values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import repvgg
+from repvgg.cli import main
+from repvgg.engine.config import TrainConfig, load_run_config
+from repvgg.engine.evaluation import EvalResult, evaluate_checkpoint
+from repvgg.engine.training import train
+from repvgg.exceptions import InferenceError, ModelConfigError, TrainingError
+from repvgg.io.jsonfile import json_text
+from repvgg.studies.ablation import AblationConfig, run_ablation
+from tests.helpers import small_model
+from tests.test_data import fake_fashion_mnist, make_image_folder
+
+SMALL = {"batch_size": 32, "progress": False, "epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fashion"), train=128, test=64)
+
+
+def config(data_dir: Path, output: Path, **overrides: object) -> TrainConfig:
+    return TrainConfig.from_dict({**SMALL, "data_dir": str(data_dir), "output": str(output), **overrides})
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"epochs": 0}, "`epochs` must be at least 1"),
+        ({"epochs": 2.5}, "`epochs` must be of type int"),
+        ({"epochs": True}, "`epochs` must be of type int"),
+        ({"batch_size": -4}, "`batch_size` must be at least 1"),
+        ({"batch_size": "64"}, "`batch_size` must be of type int"),
+        ({"lr": 0.0}, "`lr` must be above 0"),
+        ({"lr": -0.1}, "`lr` must be above 0"),
+        ({"lr": "high"}, "`lr` must be of type float"),
+        ({"momentum": 1.5}, "`momentum` must be at least 0 and at most 1"),
+        ({"weight_decay": -1e-4}, "`weight_decay` must be at least 0"),
+        ({"warmup_epochs": -1.0}, "`warmup_epochs` must be at least 0"),
+        ({"label_smoothing": float("nan")}, "`label_smoothing` must be at least 0 and at most 1"),
+        ({"mixup": -0.2}, "`mixup` must be at least 0"),
+        ({"ema_decay": 0.0}, "`ema_decay` must be above 0"),
+        ({"ema_decay": 1.5}, "`ema_decay` must be above 0 and at most 1"),
+        ({"image_size": 0}, "`image_size` must be at least 8"),
+        ({"image_size": 100000}, "`image_size` must be at least 8 and at most 4096"),
+        ({"workers": -1}, "`workers` must be at least 0"),
+        ({"train_subset": 0}, "`train_subset` must be at least 1"),
+        ({"val_subset": -5}, "`val_subset` must be at least 1"),
+        ({"seed": -1}, "`seed` must be at least 0"),
+        ({"strides": [1, 2, 2]}, "`strides` must give 1 or 2 for each of the five stages"),
+        ({"strides": [1, 3, 2, 2, 2]}, "`strides` must give 1 or 2"),
+        ({"strides": "1 2 2 2 2"}, "`strides` must be of type list"),
+        ({"device": "foo"}, "`device` must be cpu, cuda or cuda:N"),
+        ({"amp": "int4"}, "`amp` must be one of none, bf16, fp16"),
+        ({"data": "mnist"}, "`data` must be one of"),
+        ({"layout": "resnet"}, "`layout` must be one of"),
+        ({"nesterov": "yes"}, "`nesterov` must be of type bool"),
+        ({"model": 7}, "`model` must be of type str"),
+    ],
+)
+def test_every_training_value_is_checked_before_any_work(values: dict[str, object], message: str) -> None:
+    with pytest.raises(TrainingError, match=message):
+        TrainConfig.from_dict(values).validate()
+
+
+def test_a_bad_value_in_a_config_file_is_one_line_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"epochs": "ten", "output": str(tmp_path / "run")}))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "repvgg train: error: --epochs must be of type int, got 'ten'."
+    assert not (tmp_path / "run").exists(), "nothing was started"
+
+
+def test_cuda_without_a_gpu_is_one_sentence(fashion: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(TrainingError, match="no CUDA GPU is usable here; use cpu"):
+        train(config(fashion, tmp_path / "run", device="cuda"))
+
+
+def test_overwrite_is_never_saved_and_an_old_config_cannot_replace_a_run(
+    fashion: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    train(config(fashion, run, overwrite=True))
+    saved = json.loads((run / "config.json").read_text())
+    assert "overwrite" not in saved
+    saved["overwrite"] = True  # as an earlier release wrote it
+    (run / "config.json").write_text(json.dumps(saved))
+    assert "overwrite" not in load_run_config(run / "config.json")
+    before = files_of(run)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(TrainConfig.from_dict(load_run_config(run / "config.json")))
+    assert files_of(run) == before
+
+
+def test_a_finished_run_without_last_pt_is_not_replaced(fashion: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(config(fashion, run))
+    (run / "last.pt").unlink()
+    before = files_of(run)
+    with pytest.raises(
+        TrainingError, match=r"already holds a run \(config.json, metrics.jsonl, summary.json"
+    ):
+        train(config(fashion, run))
+    assert files_of(run) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingError, match="is a file; give a folder"):
+        train(config(fashion, tmp_path / "file"))
+
+
+def test_resume_refuses_changed_options_and_extends_epochs_for_real(fashion: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(config(fashion, run, lr=0.05))
+    with pytest.raises(TrainingError, match=r"Resuming cannot change `lr` \(0.05 -> 0.01\)"):
+        train(config(fashion, run, lr=0.01), resume=True)
+    with pytest.raises(TrainingError, match="cannot change `batch_size`"):
+        train(config(fashion, run, lr=0.05, batch_size=16), resume=True)
+    train(config(fashion, run, lr=0.05, epochs=3), resume=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[1]["lr"] > 0.01, "the extra epochs train: the cosine is stretched over 3 epochs"
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3, "config.json says what ran"
+
+
+def test_resume_where_there_is_nothing_is_explained(fashion: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="Nothing to resume"):
+        train(config(fashion, tmp_path / "empty"), resume=True)
+
+
+def test_every_image_unreadable_stops_instead_of_training_on_nothing(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    for image in (root / "train").rglob("*.png"):
+        image.write_bytes(b"not an image")
+    options = {"data": "imagefolder", "image_size": 32, "batch_size": 2, "skip_bad_images": True}
+    with pytest.raises(TrainingError, match="no readable training images"):
+        train(config(root, tmp_path / "run", **options))
+
+
+def test_a_diverged_validation_loss_stops_the_run(
+    fashion: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def diverged(*args: object, **kwargs: object) -> EvalResult:
+        return EvalResult(top1=10.0, top5=50.0, loss=float("nan"), images=64, seconds=1.0)
+
+    monkeypatch.setattr("repvgg.engine.training.evaluate", diverged)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="validation loss became nan after epoch 1: the run diverged"):
+        train(config(fashion, run))
+    assert not (run / "summary.json").exists(), "no summary claims the forms agree"
+
+
+def test_results_are_strict_json() -> None:
+    text = json_text({"loss": float("nan"), "rows": [float("inf"), 1.5], "ok": True})
+    assert json.loads(text) == {"loss": None, "rows": [None, 1.5], "ok": True}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_non_finite_weights_are_named_by_convert_eval_and_predict(
+    fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = small_model()
+    with torch.no_grad():
+        model.linear.weight[0, 0] = float("nan")
+    path = repvgg.save_checkpoint(model, tmp_path / "nan.safetensors")
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28)).save(image)
+    for argv in (
+        ["convert", str(path), str(tmp_path / "out.safetensors")],
+        ["eval", str(path), "--data-dir", str(fashion)],
+        ["predict", str(path), str(image)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "weights that are not finite (linear.weight)" in err and "\n" not in err, argv
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_eval_uses_the_checkpoint_s_image_size_and_says_when_told_otherwise(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=3)
+    run = tmp_path / "run"
+    summary = train(config(root, run, data="imagefolder", image_size=40, batch_size=2))
+    checkpoint = run / "model_train.safetensors"
+    result = evaluate_checkpoint(checkpoint, data="imagefolder", data_dir=str(root))
+    assert result.notes == () and math.isclose(result.top1, summary["train_form"]["top1"])
+    resized = evaluate_checkpoint(checkpoint, data="imagefolder", data_dir=str(root), image_size=48)
+    assert resized.notes == ("evaluated at 48 px, not at the 40 px the checkpoint was trained at",)
+
+
+def test_an_ablation_folder_with_other_settings_is_not_reused(fashion: Path, tmp_path: Path) -> None:
+    output = tmp_path / "study"
+    output.mkdir()
+    shared = {"data_dir": str(fashion), "output": str(output), "variants": ["plain"], "seeds": 1}
+    (output / "ablation_config.json").write_text(json.dumps({**vars(AblationConfig(**shared)), "epochs": 1}))
+    with pytest.raises(ModelConfigError, match=r"other settings \(`epochs` \(1 -> 3\)\)"):
+        run_ablation(AblationConfig(**shared, epochs=3))
+
+
+def test_eval_on_non_finite_model_object_is_refused() -> None:
+    model = small_model()
+    with torch.no_grad():
+        model.stage0.rbr_dense.bn.running_var.fill_(float("inf"))
+    with pytest.raises(InferenceError, match="not finite"):
+        repvgg.predict(model, [])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "{ckpt}", "{ckpt}"],
+        ["export", "{ckpt}", "{ckpt}", "--to", "onnx"],
+        ["quantize", "{ckpt}", "{ckpt}", "--data-dir", "{data}"],
+    ],
+)
+def test_no_command_writes_over_the_file_it_reads(
+    fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    checkpoint = repvgg.save_checkpoint(small_model(), tmp_path / "m.safetensors")
+    before = checkpoint.read_bytes()
+    argv = [part.format(ckpt=checkpoint, data=fashion) for part in command]
+    assert main(argv) == 2
+    assert "would replace the file it reads" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
