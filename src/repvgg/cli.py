@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 import types
@@ -12,8 +13,50 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from repvgg.engine.config import AMP_CHOICES, DATASETS, TrainConfig
+from repvgg.engine.config import AMP_CHOICES, DATASETS, DEVICE_PATTERN, RANGES, TrainConfig
 from repvgg.runtime.names import BACKEND_CHOICES, EXPORT_TARGETS, OUTPUT_FORMATS
+
+
+def _number(kind: type[int] | type[float], low: float | None = None, high: float | None = None, *, above: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``kind`` from ``low`` (or above it, with ``above``) to ``high``."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {_bounds(low, high, above)}.") from None
+        if (
+            not math.isfinite(value)
+            or (low is not None and (value <= low if above else value < low))
+            or (high is not None and value > high)
+        ):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(low, high, above)}, got {text}.")
+        return value
+
+    parse.__name__ = f"{kind.__name__}_in_range"
+    return parse
+
+
+def _bounds(low: float | None, high: float | None, above: bool) -> str:
+    text = "a finite number" if low is None else f"{'above' if above else 'at least'} {low:g}"
+    return text + (f" and at most {high:g}" if high is not None else "")
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+positive_float = _number(float, 0, above=True)
+non_negative_float = _number(float, 0)
+image_size = _number(int, *RANGES["image_size"])  # the ranges of train's options, for every command
+workers = _number(int, *RANGES["workers"])
+seed = _number(int, *RANGES["seed"])
+
+
+def device(text: str) -> str:
+    """An argparse ``type``: cpu, cuda or cuda:N."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}.")
+    return text
 
 
 def _models_table(args: argparse.Namespace) -> int:
@@ -168,7 +211,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from repvgg.core.reparam import is_deployed
+    from repvgg.core.info import model_info
     from repvgg.exceptions import ExportError
     from repvgg.io.checkpoints import load_checkpoint
     from repvgg.io.files import refuse_same_file, writable_or_raise
@@ -177,7 +220,7 @@ def _export(args: argparse.Namespace) -> int:
     writable_or_raise(args.output, ExportError)
     refuse_same_file(args.checkpoint, args.output, ExportError)
     model = load_checkpoint(args.checkpoint)
-    if not is_deployed(model):
+    if model_info(model).form == "train":
         print(f"note: {args.checkpoint} is in training form; converting it before the export")
     shape = (args.batch_size, model.in_chans, args.image_size, args.image_size) if args.image_size else None
     print(export_model(model, args.output, to=args.to, input_shape=shape))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,12 +27,12 @@ from typing import Any
 
 from repvgg.core.designs import BLOCK_DESIGNS, block_design
 from repvgg.exceptions import TrainingError
+from repvgg.runtime.names import DEVICE_PATTERN
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 #: RepVGG, and the residual baseline of repvgg.studies.ablation (its LAYOUT_VARIANTS)
 LAYOUTS = ("repvgg", "residual_reorg")
-DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 #: Fields that may change when a run is resumed: ``epochs`` extends (or shortens) the schedule; the others
 #: do not change what is computed. Every other field must be the run's own.
 RESUMABLE_CHANGES = ("epochs", "workers", "device", "progress", "data_dir", "output", "overwrite")

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,7 @@ def read_idx(path: Path) -> np.ndarray:
         if zero != 0 or dtype_code != 0x08:
             raise ValueError("not an unsigned-byte IDX file")
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-    except (OSError, ValueError, struct.error, EOFError) as error:
+    except (OSError, ValueError, struct.error, EOFError, zlib.error) as error:
         raise DataError(f"{path} is not a readable IDX file ({error}); reinstall the dataset.") from error
 
 
@@ -107,6 +108,11 @@ def fashion_mnist_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Te
                 "(Debian/Ubuntu) or give `data_dir` a folder holding the four idx files."
             )
         found[kind] = read_idx(path)
+    if len(found["images"]) != len(found["labels"]) or found["images"].ndim != 3:
+        raise DataError(
+            f"The Fashion-MNIST files in {root} disagree ({len(found['images'])} images, "
+            f"{len(found['labels'])} labels); reinstall the dataset."
+        )
     images = torch.from_numpy(found["images"].copy()).unsqueeze(1)
     return images, torch.from_numpy(found["labels"].astype(np.int64))
 

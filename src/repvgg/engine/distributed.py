@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from repvgg.exceptions import TrainingError
+from repvgg.runtime.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,7 @@ def init_distributed(device: str | None = None) -> DistContext:
     ``device`` is ``cpu``, ``cuda`` or None (CUDA when available). Each process uses the GPU of its
     local rank; the backend is nccl on CUDA and gloo on CPU.
     """
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise TrainingError(f"`device` {device} was asked for but no CUDA GPU is usable here; use cpu.")
+    use_cuda = resolve_device(device, TrainingError).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")

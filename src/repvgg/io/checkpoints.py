@@ -122,15 +122,30 @@ def save_training_state(path: PathLike, state: dict[str, Any], model: nn.Module)
 def load_training_state(path: PathLike) -> dict[str, Any]:
     """A training state written by :func:`save_training_state` (tensors and plain values only)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No training state at {path}: check the path.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except (
+        pickle.UnpicklingError
+    ) as error:  # objects besides tensors: never unpickled (torch's advice is not)
         raise CheckpointError(
-            f"{path} cannot be read ({error}); it is damaged, start the run again."
+            f"{path} stores Python objects besides tensors, which are not unpickled for safety; it is not a "
+            "training state of this package."
+        ) from error
+    except Exception as error:  # a damaged file fails in many ways inside torch.load
+        raise CheckpointError(
+            f"{path} cannot be read ({_first_line(error)}); it is damaged, start the run again."
         ) from error
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a training state of this package; start the run again.")
     return state
+
+
+def _first_line(error: BaseException) -> str:
+    """A library error's first line, or its type when it says nothing."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -139,7 +154,7 @@ def _is_safetensors(path: Path) -> bool:
     if len(head) < 9:
         return False
     header_length = int.from_bytes(head[:8], "little")
-    return 0 < header_length < path.stat().st_size and head[8:9] == b"{"
+    return 0 < header_length < 100_000_000 and head[8:9] == b"{"  # a cut file still says so: read it
 
 
 def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
@@ -187,6 +202,20 @@ def read_checkpoint(source: PathLike | Mapping[str, Any]) -> Checkpoint:
     """Read a float checkpoint from a path or an in-memory state dict, in any known format."""
     raw, metadata = _read_source(source)
     return _checkpoint_from(raw, metadata)
+
+
+FORMAT_NAMES = {"official": "the authors'", "timm": "timm's", "mmpretrain": "mmpretrain's"}
+
+
+def guessed(checkpoint: Checkpoint) -> str | None:
+    """What had to be assumed about a checkpoint that carries no model record (other code bases' files, a
+    plain state dict): said to the user by every command that builds a model from it."""
+    if checkpoint.source_format == FORMAT_TAG:
+        return None
+    return (
+        f"it is in {FORMAT_NAMES.get(checkpoint.source_format, 'another')} format, which records no strides, "
+        "class names or preprocessing: the paper's strides (2, 2, 2, 2, 2) are assumed"
+    )
 
 
 def _read_source(source: PathLike | Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
@@ -463,6 +492,12 @@ def load_quantized(tensors: dict[str, Tensor], metadata: dict[str, str]) -> Quan
             "quantize."
         )
     expected.update(state)  # in place: the state dict's _metadata holds the layers' format versions
-    with x86_engine():
-        model.network.load_state_dict(expected, strict=True)
+    try:
+        with x86_engine():
+            model.network.load_state_dict(expected, strict=True)
+    except RuntimeError as error:
+        raise QuantizationError(
+            "This INT8 checkpoint's tensors do not fit the architecture it records; save it again with "
+            "repvgg quantize."
+        ) from error
     return model.eval()

@@ -135,9 +135,14 @@ def verify_checkpoints(train_source: PathLike, deploy_source: PathLike | None = 
             "out to check the first against its own conversion."
         )
     if checkpoint.source_format == "repvgg" and checkpoint.config != trained.config:
+        differ = sorted(
+            k
+            for k in {**trained.config, **checkpoint.config}
+            if trained.config.get(k) != checkpoint.config.get(k)
+        )
         raise ConversionError(
-            f"{deploy_source} was saved for another architecture ({checkpoint.config}) than {train_source} "
-            f"({trained.config}); they are not a train/deploy pair."
+            f"{deploy_source} was saved for another architecture than {train_source} (their "
+            f"{', '.join(differ)} differ); they are not a train/deploy pair."
         )
     deployed = RepVGG(**trained.config, deploy=True)
     load_state_dict_strict(deployed, checkpoint)

@@ -72,6 +72,11 @@ def export_model(
     """
     if to not in EXPORT_TARGETS:
         raise ExportError(f"Unknown export target {to!r}: choose one of {', '.join(EXPORT_TARGETS)}.")
+    if model_info(model).precision == "int8":
+        raise ExportError(
+            "INT8 models run with PyTorch's x86 quantized engine and are not exported; export the float "
+            "checkpoint they were quantized from."
+        )
     writable_or_raise(path, ExportError)
     if tolerance is None:
         tolerance = tolerance_for(torch.float32)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 BACKENDS = ("eager", "inductor", "onnxruntime")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 EXPORT_TARGETS = ("onnx", "torchscript")
 OUTPUT_FORMATS = ("repvgg", "official", "timm")  # key names a converted checkpoint can be written in
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")  # what a `device` parameter may say

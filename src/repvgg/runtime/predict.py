@@ -15,6 +15,7 @@ from repvgg.exceptions import DataError, InferenceError
 from repvgg.io.checkpoints import load_checkpoint
 from repvgg.io.files import PathLike
 from repvgg.io.images import BadImage, open_image
+from repvgg.runtime.device import resolve_device
 from repvgg.runtime.optimize import optimize
 
 
@@ -68,7 +69,7 @@ def predict(
     info = model_info(model)
     transform = resolve_preprocessing(model, preprocessing).transform()
     default = "cuda" if torch.cuda.is_available() and not isinstance(model, QuantizedRepVGG) else "cpu"
-    target = torch.device(device or default)
+    target = resolve_device(device or default)
     runner: nn.Module | None = None
     predictions: list[Prediction] = []
     bad: list[BadImage] = []

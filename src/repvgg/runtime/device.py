@@ -1,0 +1,25 @@
+"""The one reading of a ``device`` parameter: ``cpu``, ``cuda``, ``cuda:N``, or None (CUDA if available)."""
+
+from __future__ import annotations
+
+import torch
+
+from repvgg.exceptions import InferenceError, RepVGGError
+from repvgg.runtime.names import DEVICE_PATTERN
+
+
+def resolve_device(name: str | None, error_type: type[RepVGGError] = InferenceError) -> torch.device:
+    """The device ``name`` asks for; an unknown name, or CUDA where no GPU is usable, is one sentence."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise error_type(f"`device` must be cpu, cuda or cuda:N, got {name!r}.")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise error_type(f"`device` {name} was asked for but no CUDA GPU is usable here; use cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise error_type(
+                f"`device` {name} does not exist: this machine has {torch.cuda.device_count()} GPUs."
+            )
+    return device
