@@ -239,3 +239,34 @@ def test_no_command_writes_over_the_file_it_reads(
     assert main(argv) == 2
     assert "would replace the file it reads" in capsys.readouterr().err
     assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("foo", "must be cpu, cuda or cuda:N, got 'foo'"),
+        ("gpu", "must be cpu, cuda or cuda:N"),
+        ("cuda:x", "must"),
+    ],
+)
+def test_a_device_name_is_checked_by_the_one_resolver(name: str, message: str) -> None:
+    from repvgg.runtime.device import resolve_device
+
+    with pytest.raises(InferenceError, match=message):
+        resolve_device(name)
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(InferenceError, match="no CUDA GPU is usable here"):
+            resolve_device("cuda:0")
+
+
+def test_what_a_foreign_checkpoint_cannot_say_is_said(tmp_path: Path) -> None:
+    from repvgg.io.checkpoints import guessed, read_checkpoint
+
+    model = small_model()
+    ours = repvgg.save_checkpoint(model, tmp_path / "ours.safetensors")
+    theirs = tmp_path / "theirs.pth"
+    torch.save(repvgg.convert_state_dict(model.state_dict(), to="timm"), theirs)
+    assert guessed(read_checkpoint(ours)) is None
+    note = guessed(read_checkpoint(theirs))
+    assert note is not None and "timm's format" in note and "strides (2, 2, 2, 2, 2) are assumed" in note
