@@ -400,25 +400,26 @@ class Trainer:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
         if float(all_reduce_sum(bad, self.context)[0]) == 0:
             return
-        kept = (self.output or Path(".")) / STATE_FILE
-        where = f"{kept} (epoch {self.start_epoch - 1})" if self.output and kept.is_file() else "none yet"
         raise TrainingError(
             f"The loss became {float(loss.detach()):.4g} at epoch {epoch}, step {step + 1}, so training "
-            f"stopped; the last good checkpoint is kept ({where}): lower `lr` (or use `amp` none) and "
-            "start a new run from it (`init`)."
+            f"stopped; {self._last_good()}: lower `lr` (or use `amp` none) and start a new run from it "
+            "(`init`)."
         )
 
     def _stop_if_diverged(self, metrics: dict[str, Any], epoch: int) -> None:
         """A validation loss that is not finite: the weights diverged, even if the training loss did not."""
         loss = metrics.get("loss")
         if isinstance(loss, float) and not math.isfinite(loss):
-            kept = (self.output or Path(".")) / STATE_FILE
-            where = f"{kept} (epoch {epoch - 1})" if self.output and kept.is_file() else "none yet"
             raise TrainingError(
                 f"The validation loss became {loss} after epoch {epoch}: the run diverged, so training "
-                f"stopped; the last good checkpoint is kept ({where}): lower `lr` and start a new run from "
-                "it (`init`)."
+                f"stopped; {self._last_good()}: lower `lr` and start a new run from it (`init`)."
             )
+
+    def _last_good(self) -> str:
+        """Where the last good training state is (the epoch before the one being trained)."""
+        kept = (self.output or Path(".")) / STATE_FILE
+        where = f"{kept} (epoch {self.start_epoch - 1})" if self.output and kept.is_file() else "none yet"
+        return f"the last good checkpoint is kept ({where})"
 
     def _evaluate(self, model: nn.Module) -> dict[str, Any]:
         was_training = model.training
