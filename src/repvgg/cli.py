@@ -13,11 +13,13 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from repvgg.engine.config import AMP_CHOICES, DATASETS, DEVICE_PATTERN, RANGES, TrainConfig
-from repvgg.runtime.names import BACKEND_CHOICES, EXPORT_TARGETS, OUTPUT_FORMATS
+from repvgg.engine.config import AMP_CHOICES, DATASETS, RANGES, TrainConfig
+from repvgg.runtime.names import BACKEND_CHOICES, DEVICE_PATTERN, EXPORT_TARGETS, OUTPUT_FORMATS
 
 
-def _number(kind: type[int] | type[float], low: float | None = None, high: float | None = None, *, above: bool = False) -> Callable[[str], Any]:
+def _number(
+    kind: type[int] | type[float], low: float | None = None, high: float | None = None, *, above: bool = False
+) -> Callable[[str], Any]:
     """An argparse ``type``: a finite ``kind`` from ``low`` (or above it, with ``above``) to ``high``."""
     what = "a whole number" if kind is int else "a number"
 
@@ -25,7 +27,9 @@ def _number(kind: type[int] | type[float], low: float | None = None, high: float
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {_bounds(low, high, above)}.") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {what}; give {_bounds(low, high, above)}."
+            ) from None
         if (
             not math.isfinite(value)
             or (low is not None and (value <= low if above else value < low))
@@ -39,8 +43,8 @@ def _number(kind: type[int] | type[float], low: float | None = None, high: float
 
 
 def _bounds(low: float | None, high: float | None, above: bool) -> str:
-    text = "a finite number" if low is None else f"{'above' if above else 'at least'} {low:g}"
-    return text + (f" and at most {high:g}" if high is not None else "")
+    text = "a finite number" if low is None else f"{'above' if above else 'at least'} {low}"
+    return text + (f" and at most {high}" if high is not None else "")
 
 
 positive_int = _number(int, 1)
@@ -484,13 +488,15 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "demo", _demo, "train A0 briefly on Fashion-MNIST, convert, verify, export, predict, time every form"
     )
     demo.add_argument("--model", default="repvgg_a0", help="model name")
-    demo.add_argument("--epochs", type=int, default=2, help="training epochs")
-    demo.add_argument("--train-subset", type=int, default=10000, help="train on this many images")
+    demo.add_argument("--epochs", type=positive_int, default=2, help="training epochs")
+    demo.add_argument("--train-subset", type=positive_int, default=10000, help="train on this many images")
     demo.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     demo.add_argument("--output", default="runs/demo", help="run folder")
-    demo.add_argument("--batch-size", type=int, default=256, help="batch size of the speed measurement")
-    demo.add_argument("--repeats", type=int, default=10, help="rounds of the speed measurement")
-    demo.add_argument("--images", type=int, default=8, help="test images to write and predict")
+    demo.add_argument(
+        "--batch-size", type=positive_int, default=256, help="batch size of the speed measurement"
+    )
+    demo.add_argument("--repeats", type=positive_int, default=10, help="rounds of the speed measurement")
+    demo.add_argument("--images", type=positive_int, default=8, help="test images to write and predict")
     demo.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="the fast backend to time")
 
     _add_train_parser(commands)
@@ -517,9 +523,17 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     bench.add_argument("--no-timm", action="store_true", help="leave out timm's re-parameterized RepVGG")
     bench.add_argument("--baseline", default="resnet18", help="speed ratios are relative to this network")
-    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    for flag in ("--batch-size", "--image-size", "--warmup", "--batches", "--rounds"):
-        bench.add_argument(flag, type=int, default=None, help="override the protocol")
+    bench.add_argument(
+        "--device", type=device, default=None, help="cpu or cuda (default: cuda when available)"
+    )
+    for flag, kind in (
+        ("--batch-size", positive_int),
+        ("--image-size", image_size),
+        ("--warmup", non_negative_int),
+        ("--batches", positive_int),
+        ("--rounds", positive_int),
+    ):
+        bench.add_argument(flag, type=kind, default=None, help="override the protocol")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     bench.add_argument("--no-extras", action="store_true", help="skip Table 1, Figure 3 and the figures")
     bench.add_argument("--output", default="runs/bench", help="folder for bench.json, bench.md, PNGs")
@@ -527,20 +541,25 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     evaluation = command("eval", _eval, "top-1/top-5 and speed of any checkpoint on a dataset")
     evaluation.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
     _add_data_arguments(evaluation)
-    evaluation.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    evaluation.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
     evaluation.add_argument(
-        "--val-subset", type=int, default=None, help="evaluate on this many images (default: all)"
+        "--val-subset", type=positive_int, default=None, help="evaluate on this many images (default: all)"
     )
     evaluation.add_argument(
         "--workers",
-        type=int,
+        type=workers,
         default=None,
         help="data-loading processes (default: 0 for in-memory sets, else up to 8)",
     )
-    evaluation.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    evaluation.add_argument(
+        "--device", type=device, default=None, help="cpu or cuda (default: cuda when available)"
+    )
     evaluation.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision")
     evaluation.add_argument(
-        "--image-size", type=int, default=None, help="evaluate at this size (default: the checkpoint's)"
+        "--image-size",
+        type=image_size,
+        default=None,
+        help="evaluate at this size (default: the checkpoint's)",
     )
     evaluation.add_argument(
         "--backend", choices=BACKEND_CHOICES, default=None, help="convert, then run with this backend"
@@ -565,15 +584,15 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     export.add_argument("--to", choices=EXPORT_TARGETS, required=True, help="the format")
     export.add_argument("output", help="the file to write (.onnx or .pt)")
     export.add_argument(
-        "--image-size", type=int, default=None, help="example size (default: the training size)"
+        "--image-size", type=image_size, default=None, help="example size (default: the training size)"
     )
-    export.add_argument("--batch-size", type=int, default=2, help="with --image-size: example batch")
+    export.add_argument("--batch-size", type=positive_int, default=2, help="with --image-size: example batch")
 
     predict = command("predict", _predict, "top-k classes of image files")
     predict.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--topk", type=int, default=5, help="classes to show per image")
-    predict.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    predict.add_argument("--topk", type=positive_int, default=5, help="classes to show per image")
+    predict.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
     predict.add_argument(
         "--backend", choices=BACKEND_CHOICES, default="eager", help="run the model with this"
     )
@@ -583,7 +602,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         default=None,
         help="use a dataset's preprocessing instead of the one saved in the checkpoint",
     )
-    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    predict.add_argument(
+        "--device", type=device, default=None, help="cpu or cuda (default: cuda when available)"
+    )
 
     seg = command(
         "train-seg", _train_seg, "train PSPNet over a RepVGG backbone, convert it, evaluate both forms (mIoU)"
@@ -593,25 +614,29 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "--data", choices=("fashion-mnist-seg", "folder"), default="fashion-mnist-seg", help="dataset"
     )
     seg.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files, or the folder dataset")
-    seg.add_argument("--num-classes", type=int, default=None, help="classes of a folder dataset")
-    seg.add_argument("--image-size", type=int, default=None, help="crop size of a folder dataset")
-    seg.add_argument("--epochs", type=int, default=2, help="training epochs")
-    seg.add_argument("--batch-size", type=int, default=16, help="images per step")
-    seg.add_argument("--lr", type=float, default=0.01, help="SGD, poly schedule (power 0.9)")
+    seg.add_argument("--num-classes", type=positive_int, default=None, help="classes of a folder dataset")
+    seg.add_argument("--image-size", type=image_size, default=None, help="crop size of a folder dataset")
+    seg.add_argument("--epochs", type=positive_int, default=2, help="training epochs")
+    seg.add_argument("--batch-size", type=positive_int, default=16, help="images per step")
+    seg.add_argument("--lr", type=non_negative_float, default=0.01, help="SGD, poly schedule (power 0.9)")
     seg.add_argument(
         "--output-stride", type=int, choices=(8, 16, 32), default=8, help="input size / feature-map size"
     )
     seg.add_argument(
         "--dilation-mode", choices=("full", "fast"), default="full", help="how the last stages are dilated"
     )
-    seg.add_argument("--head-channels", type=int, default=128, help="channels of the pyramid pooling head")
-    seg.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary head loss weight, 0 for none")
+    seg.add_argument(
+        "--head-channels", type=positive_int, default=128, help="channels of the pyramid pooling head"
+    )
+    seg.add_argument(
+        "--aux-weight", type=non_negative_float, default=0.4, help="auxiliary head loss weight, 0 for none"
+    )
     seg.add_argument(
         "--backbone-weights", default=None, help="start the backbone from a classification checkpoint"
     )
-    seg.add_argument("--train-subset", type=int, default=None, help="train on this many images")
-    seg.add_argument("--val-subset", type=int, default=None, help="evaluate on this many images")
-    seg.add_argument("--seed", type=int, default=0, help="random seed")
+    seg.add_argument("--train-subset", type=positive_int, default=None, help="train on this many images")
+    seg.add_argument("--val-subset", type=positive_int, default=None, help="evaluate on this many images")
+    seg.add_argument("--seed", type=seed, default=0, help="random seed")
     seg.add_argument("--output", default="runs/pspnet", help="run folder")
     seg.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -625,14 +650,16 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         default=["repvgg", "no_identity", "no_1x1", "plain"],
         help="block designs and/or residual_reorg (default: Table 6's four)",
     )
-    ablate.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 for every variant")
+    ablate.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..K-1 for every variant")
     _add_data_arguments(ablate)
-    ablate.add_argument("--epochs", type=int, default=1, help="training epochs of every run")
-    ablate.add_argument("--batch-size", type=int, default=128, help="images per step")
-    ablate.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1 x batch / 256)")
-    ablate.add_argument("--train-subset", type=int, default=None, help="train on this many images")
-    ablate.add_argument("--val-subset", type=int, default=None, help="evaluate on this many images")
-    ablate.add_argument("--speed-batch", type=int, default=64, help="batch for the speed columns")
+    ablate.add_argument("--epochs", type=positive_int, default=1, help="training epochs of every run")
+    ablate.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
+    ablate.add_argument(
+        "--lr", type=positive_float, default=None, help="learning rate (default: 0.1 x batch / 256)"
+    )
+    ablate.add_argument("--train-subset", type=positive_int, default=None, help="train on this many images")
+    ablate.add_argument("--val-subset", type=positive_int, default=None, help="evaluate on this many images")
+    ablate.add_argument("--speed-batch", type=positive_int, default=64, help="batch for the speed columns")
     ablate.add_argument("--output", default="runs/ablate", help="study folder (resumed if it exists)")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -642,27 +669,36 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     quantize.add_argument("checkpoint", help="a float checkpoint (training form is converted first)")
     quantize.add_argument("output", help="where to write the INT8 checkpoint (.safetensors)")
     _add_data_arguments(quantize)
-    quantize.add_argument("--calib", type=int, default=512, help="calibration images")
+    quantize.add_argument("--calib", type=non_negative_int, default=512, help="calibration images")
     quantize.add_argument(
-        "--qat-epochs", type=int, default=0, help="quantization-aware fine-tuning epochs, 0 for PTQ only"
+        "--qat-epochs",
+        type=non_negative_int,
+        default=0,
+        help="quantization-aware fine-tuning epochs, 0 for PTQ only",
     )
-    quantize.add_argument("--qat-lr", type=float, default=1e-3, help="QAT learning rate (cosine to 0)")
-    quantize.add_argument("--qat-subset", type=int, default=None, help="QAT on this many training images")
-    quantize.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    quantize.add_argument(
+        "--qat-lr", type=positive_float, default=1e-3, help="QAT learning rate (cosine to 0)"
+    )
+    quantize.add_argument(
+        "--qat-subset", type=positive_int, default=None, help="QAT on this many training images"
+    )
+    quantize.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
     quantize.add_argument(
         "--weights",
         choices=("per-channel", "per-tensor"),
         default="per-channel",
         help="weight scales: one per output channel, or one per layer",
     )
-    quantize.add_argument("--seed", type=int, default=0, help="random seed")
+    quantize.add_argument("--seed", type=seed, default=0, help="random seed")
     quantize.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser, dict(commands.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = _build_parsers()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, so that its usage and name come with the error
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from repvgg.exceptions import RepVGGError
 
     run: Command = args.run
@@ -671,6 +707,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RepVGGError as error:
         message = parameters_as_flags(str(error), commands[args.command])
         print(f"repvgg {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file the user named cannot be read or written
+        where = f"{error.filename}: " if error.filename else ""
+        reason = error.strerror or str(error)
+        print(
+            f"repvgg {args.command}: error: {where}{reason}; check the path and permissions.", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         print(f"repvgg {args.command}: interrupted", file=sys.stderr)
