@@ -371,10 +371,6 @@ COMBINATIONS: dict[str, tuple[str, ...]] = {  # values each fine alone, wrong to
         *BASE["train-seg"],
         *args("--data folder --data-dir {data_empty} --num-classes 3 --image-size 32"),
     ),
-    "quantize-qat-subset-below-batch": (
-        *BASE["quantize"],
-        *args("--qat-epochs 1 --qat-subset 1 --batch-size 8"),
-    ),
     "ablate-one-unknown-variant": (*BASE["ablate"], "--variants", "repvgg", "repvgg_z9"),
 }
 
@@ -461,31 +457,8 @@ def _cases() -> Iterator[Case]:
         yield Case(f"image-{bad}", (*BASE["predict"], "{" + bad + "}"), code=1)
 
 
-# Cases whose fix belongs in the library, not in the command line: id -> what goes wrong.
-BENCH_BAR = (
-    "studies/bench.py: a checkpoint is read only after the progress bar started, and the bar is left open: "
-    "the error is printed on the bar's line"
-)
-LIBRARY_FAILURES: dict[str, str] = {
-    **{f"checkpoint-bench-{bad}": BENCH_BAR for bad in BAD_CHECKPOINTS},
-    "checkpoint-export-nan_weights": (
-        "runtime/export.py: NaN weights are exported, exit 0 ('max relative difference nan' passes the check)"
-    ),
-    "bench-device-cuda-without-gpu": (
-        "studies/bench.py (cli._bench): --device cuda without a GPU ends in torch's RuntimeError 'Found no "
-        "NVIDIA driver'"
-    ),
-    "combination-quantize-qat-subset-below-batch": (
-        "studies/quantization.py: QAT with fewer images than one batch trains no step; torch's observer "
-        "raises AssertionError 'min tensor([inf, ...]) should be less than max'"
-    ),
-}
-
-
 def _param(case: Case) -> object:
     marks: list[pytest.MarkDecorator] = []
-    if case.id in LIBRARY_FAILURES:
-        marks.append(pytest.mark.xfail(strict=True, reason=LIBRARY_FAILURES[case.id]))
     if case.skip:
         marks.append(pytest.mark.skip(reason=case.skip))
     return pytest.param(case, id=case.id, marks=marks)

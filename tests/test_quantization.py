@@ -104,6 +104,8 @@ def test_qat_fine_tunes_with_fake_quantization_then_converts() -> None:
     assert not torch.equal(quantized(batches[0][0]), unchanged(batches[0][0])), "QAT trains the weights"
     with pytest.raises(QuantizationError, match="at least 1"):
         quantize_qat(model, batches, epochs=0)
+    one_step = quantize_qat(model, batches[:1], epochs=1)  # the observers still see a batch before freezing
+    assert torch.isfinite(one_step(batches[0][0])).all()
 
 
 def test_calibration_images_are_training_images_prepared_for_evaluation(fashion: Path) -> None:

@@ -318,9 +318,9 @@ def _bench(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    import torch
-
     from repvgg.exceptions import ModelConfigError
+    from repvgg.io.files import output_folder
+    from repvgg.runtime.device import resolve_device
     from repvgg.studies.bench import (
         candidates,
         conv_density,
@@ -332,7 +332,8 @@ def _bench(args: argparse.Namespace) -> int:
         write_reports,
     )
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, ModelConfigError).type
+    output_folder(args.output, ModelConfigError)  # before the minutes of measuring
     protocol = default_protocol(device, quick=args.quick)
     overrides = {k: getattr(args, k) for k in ("batch_size", "image_size", "warmup", "batches", "rounds")}
     protocol = dataclasses.replace(protocol, **{k: v for k, v in overrides.items() if v is not None})

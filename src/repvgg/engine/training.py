@@ -57,7 +57,7 @@ from repvgg.io.checkpoints import (
     save_checkpoint,
     save_training_state,
 )
-from repvgg.io.files import writable_or_raise
+from repvgg.io.files import output_folder
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import json_text, write_json
 
@@ -737,8 +737,6 @@ RUN_FILES = (
 def check_run_folder(output: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse an output that is a file, a folder that cannot be written, a run folder about to be replaced
     without ``overwrite``, and resuming where there is nothing to resume."""
-    if output.exists() and not output.is_dir():
-        raise TrainingError(f"The output {output} is a file; give a folder for the run.")
     found = [name for name in RUN_FILES if (output / name).exists()]
     if resume:
         if not (output / STATE_FILE).is_file() or not (output / "config.json").is_file():
@@ -751,7 +749,7 @@ def check_run_folder(output: Path, *, resume: bool, overwrite: bool) -> None:
             f"{output} already holds a run ({', '.join(found)}); continue it (`resume`), or choose another "
             "`output`, or replace it (`overwrite`)."
         )
-    writable_or_raise(output / ".write-test", TrainingError)
+    output_folder(output, TrainingError)
 
 
 def train(

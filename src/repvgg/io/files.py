@@ -258,3 +258,13 @@ def refuse_same_file(source: PathLike, output: PathLike, error_type: type[RepVGG
             f"The output {output} is the input {source}, so writing it would replace the file it reads; "
             "choose another output path."
         )
+
+
+def output_folder(path: PathLike, error_type: type[RepVGGError] = CheckpointError) -> Path:
+    """An output folder, created if needed; a path that is a file, or a folder that cannot be written, is
+    refused early with one sentence (before any slow work)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise error_type(f"The output {folder} is a file; give a folder.")
+    writable_or_raise(folder / ".write-test", error_type)
+    return folder

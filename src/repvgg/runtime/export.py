@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from repvgg.core.info import model_info
-from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
+from repvgg.core.reparam import refuse_nonfinite, relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import ExportError
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
 from repvgg.runtime.names import EXPORT_TARGETS
@@ -72,6 +72,7 @@ def export_model(
     """
     if to not in EXPORT_TARGETS:
         raise ExportError(f"Unknown export target {to!r}: choose one of {', '.join(EXPORT_TARGETS)}.")
+    refuse_nonfinite(model, "The model", ExportError)
     if model_info(model).precision == "int8":
         raise ExportError(
             "INT8 models run with PyTorch's x86 quantized engine and are not exported; export the float "
@@ -98,7 +99,7 @@ def export_model(
     with torch.inference_mode():
         expected = deployed(check_input)
     difference = relative_error(actual, expected)
-    if difference > tolerance:
+    if not difference <= tolerance:  # NaN included
         raise ExportError(
             f"The {to} export differs from PyTorch by {difference:.2e} (relative, limit {tolerance:.0e}), "
             "so it was not written; please report this with the model."

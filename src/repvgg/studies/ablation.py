@@ -31,6 +31,7 @@ from repvgg.engine.data import DataBundle, strides_for_image_size
 from repvgg.engine.training import STATE_FILE, build_repvgg, train
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint, read_checkpoint
+from repvgg.io.files import output_folder
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.measure import time_interleaved
 
@@ -223,9 +224,8 @@ def refuse_other_settings(config: AblationConfig, saved_file: Path) -> None:
 def run_ablation(config: AblationConfig) -> dict[str, Any]:
     """Train (or resume, or skip) every variant x seed, time each variant, write the tables."""
     config.validate()
-    output = Path(config.output)
+    output = output_folder(config.output, ModelConfigError)
     refuse_other_settings(config, output / "ablation_config.json")
-    output.mkdir(parents=True, exist_ok=True)
     write_json(output / "ablation_config.json", dataclasses.asdict(config), what="the study's settings")
     rows = []
     for variant in config.variants:

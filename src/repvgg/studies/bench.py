@@ -321,12 +321,10 @@ def run_bench(
     from tqdm import tqdm
 
     chosen = list(chosen)
-    models: dict[str, nn.Module] = {}
-    steps = len(chosen) * (2 + protocol.rounds) + (len(chosen) if measure_memory else 0)
+    # Built before the progress bar starts, so that a bad checkpoint is reported on a line of its own.
+    models = {candidate.spec: build(candidate.spec).to(protocol.device) for candidate in chosen}
+    steps = len(chosen) * (1 + protocol.rounds) + (len(chosen) if measure_memory else 0)
     bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress, leave=False)
-    for candidate in chosen:
-        models[candidate.spec] = build(candidate.spec).to(protocol.device)
-        bar.update()
     with torch.inference_mode():
         inputs = {spec: example_batch(model, protocol) for spec, model in models.items()}
         measured = time_interleaved(

@@ -57,7 +57,7 @@ def quantize_qat(
 
     prepared = prepare_int8(model, example_input(model), qat=True, weights=weights)
     total = epochs * len(train_batches)
-    freeze_at = int(freeze_observers_after * total)
+    freeze_at = max(1, int(freeze_observers_after * total))  # the observers see at least one batch
 
     def freeze_observers(step: int) -> None:
         if step == freeze_at:

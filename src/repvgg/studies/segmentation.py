@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_dat
 from repvgg.engine.training import LRSchedule, Task, Trainer
 from repvgg.exceptions import ModelConfigError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
+from repvgg.io.files import output_folder
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.measure import time_interleaved
 
@@ -248,6 +248,7 @@ class Segmentation(Task):
 def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     """Train PSPNet-RepVGG with SGD and the poly schedule (the one Trainer), then convert it and evaluate
     both forms."""
+    output = output_folder(config.output, TrainingError)
     torch.manual_seed(config.seed)
     bundle = build_segmentation_data(
         config.data,
@@ -269,8 +270,6 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     )
     if config.backbone_weights is not None:
         load_checkpoint(config.backbone_weights, model.backbone)
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     write_json(output / "config.json", dataclasses.asdict(config), what="the run's configuration")
     train_loader = DataLoader(
         bundle.train, config.batch_size, shuffle=True, drop_last=True, generator=torch.Generator()
