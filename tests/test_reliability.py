@@ -270,3 +270,17 @@ def test_what_a_foreign_checkpoint_cannot_say_is_said(tmp_path: Path) -> None:
     assert guessed(read_checkpoint(ours)) is None
     note = guessed(read_checkpoint(theirs))
     assert note is not None and "timm's format" in note and "strides (2, 2, 2, 2, 2) are assumed" in note
+
+
+def test_commands_say_what_they_assume_about_a_foreign_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = small_model()
+    theirs = tmp_path / "authors.pth"
+    torch.save(repvgg.convert_state_dict(model.state_dict(), to="official"), theirs)
+    assert main(["convert", str(theirs), str(tmp_path / "deploy.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "the authors' format, which records no strides" in out and "are assumed" in out
+    ours = repvgg.save_checkpoint(model, tmp_path / "ours.safetensors")
+    assert main(["convert", str(ours), str(tmp_path / "deploy2.safetensors")]) == 0
+    assert "are assumed" not in capsys.readouterr().out

@@ -170,9 +170,19 @@ def _print_summary(summary: dict[str, Any], output: str) -> None:
     print(f"saved {output}/model_train.safetensors and {output}/model_deploy.safetensors")
 
 
+def _note_guesses(checkpoint: str) -> None:
+    """Say what a checkpoint without this package's model record makes the command assume."""
+    from repvgg.io.checkpoints import source_note
+
+    note = source_note(checkpoint)
+    if note is not None:
+        print(f"note: {checkpoint}: {note}")
+
+
 def _eval(args: argparse.Namespace) -> int:
     from repvgg.engine.evaluation import evaluate_checkpoint
 
+    _note_guesses(args.checkpoint)
     result = evaluate_checkpoint(
         args.checkpoint,
         data=args.data,
@@ -197,6 +207,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from repvgg.runtime.convert import convert_checkpoint
 
+    _note_guesses(args.checkpoint)
     result = convert_checkpoint(args.checkpoint, args.output, to=args.format)
     print(f"conversion check in float64: {result.report}")
     print(f"wrote the deploy-form checkpoint {result.path} ({result.output_format} format)")
@@ -223,6 +234,7 @@ def _export(args: argparse.Namespace) -> int:
 
     writable_or_raise(args.output, ExportError)
     refuse_same_file(args.checkpoint, args.output, ExportError)
+    _note_guesses(args.checkpoint)
     model = load_checkpoint(args.checkpoint)
     if model_info(model).form == "train":
         print(f"note: {args.checkpoint} is in training form; converting it before the export")
@@ -234,6 +246,7 @@ def _export(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from repvgg.runtime.predict import predict
 
+    _note_guesses(args.checkpoint)
     predictions, bad = predict(
         args.checkpoint,
         args.images,

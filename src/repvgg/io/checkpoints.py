@@ -25,7 +25,7 @@ from repvgg.core.info import ModelInfo, model_info
 from repvgg.core.int8 import QuantizedRepVGG, convert_int8, example_input, prepare_int8, x86_engine
 from repvgg.core.models import RepVGG
 from repvgg.core.registry import name_for_config
-from repvgg.exceptions import CheckpointError, ConversionError, QuantizationError, RepVGGWarning
+from repvgg.exceptions import CheckpointError, ConversionError, QuantizationError, RepVGGError, RepVGGWarning
 from repvgg.io.files import PathLike, atomic_write
 from repvgg.io.formats import (
     CONVENTIONS,
@@ -216,6 +216,19 @@ def guessed(checkpoint: Checkpoint) -> str | None:
         f"it is in {FORMAT_NAMES.get(checkpoint.source_format, 'another')} format, which records no strides, "
         "class names or preprocessing: the paper's strides (2, 2, 2, 2, 2) are assumed"
     )
+
+
+def source_note(source: PathLike) -> str | None:
+    """:func:`guessed` for a checkpoint file; this package's own files answer from their header alone."""
+    path = Path(source)
+    try:
+        if path.is_file() and _is_safetensors(path):
+            with safe_open(str(path), framework="pt") as handle:
+                if (handle.metadata() or {}).get("format") in (FORMAT_TAG, INT8_FORMAT_TAG):
+                    return None
+        return guessed(read_checkpoint(path))
+    except (RepVGGError, SafetensorError, OSError):
+        return None  # the command reading it says what is wrong with it
 
 
 def _read_source(source: PathLike | Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
