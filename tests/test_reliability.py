@@ -284,3 +284,51 @@ def test_commands_say_what_they_assume_about_a_foreign_checkpoint(
     ours = repvgg.save_checkpoint(model, tmp_path / "ours.safetensors")
     assert main(["convert", str(ours), str(tmp_path / "deploy2.safetensors")]) == 0
     assert "are assumed" not in capsys.readouterr().out
+
+
+def test_verify_names_what_differs_instead_of_printing_two_configs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_file = repvgg.save_checkpoint(small_model(), tmp_path / "train.safetensors")
+    other = repvgg.reparameterize(small_model(strides=(1, 1, 2, 2, 2)))
+    deploy_file = repvgg.save_checkpoint(other, tmp_path / "deploy.safetensors")
+    assert main(["verify", str(train_file), str(deploy_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(their strides differ)" in err and "{" not in err and "\n" not in err
+
+
+def test_an_int8_file_whose_record_disagrees_with_its_tensors_is_one_sentence(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from repvgg.core.int8 import quantize_ptq
+    from repvgg.io.checkpoints import save_quantized
+
+    model = small_model()
+    path = save_quantized(quantize_ptq(model, [torch.randn(4, 1, 28, 28)]), tmp_path / "int8.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    config = json.loads(metadata["config"])
+    config["width_multiplier"] = [0.5, 0.5, 0.5, 0.5]  # another architecture than the tensors'
+    metadata["config"] = json.dumps(config)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    with pytest.raises(repvgg.RepVGGError, match=r"do not fit the architecture it records|does not match"):
+        repvgg.load_checkpoint(path)
+
+
+def test_a_malicious_training_state_is_refused_without_torch_s_advice(fashion: Path, tmp_path: Path) -> None:
+    import pickle
+
+    run = tmp_path / "run"
+    train(config(fashion, run))
+
+    class Exploit:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, ("pwned",))
+
+    with (run / "last.pt").open("wb") as handle:
+        pickle.dump({"model": Exploit()}, handle)
+    with pytest.raises(repvgg.CheckpointError) as caught:
+        train(config(fashion, run, epochs=2), resume=True)
+    message = str(caught.value)
+    assert "not unpickled for safety" in message and "weights_only" not in message and "\n" not in message

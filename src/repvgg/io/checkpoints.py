@@ -467,6 +467,20 @@ def _unflatten_state(tensors: dict[str, Tensor], layout: dict[str, Any]) -> dict
     return state
 
 
+def _shapes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The shape of every tensor of a (quantized) state dict; a packed pair's as a tuple. Quantized layers
+    load any shape without a word, so the shapes are compared before loading."""
+
+    def shape(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return tuple(value.shape)
+        if isinstance(value, tuple):
+            return tuple(shape(item) for item in value)
+        return None
+
+    return {key: shape(value) for key, value in state.items()}
+
+
 def save_quantized(model: QuantizedRepVGG, path: PathLike) -> Path:
     """Write an INT8 RepVGG in this package's safetensors format (atomically), with its model record."""
     tensors, layout = _flatten_state(model.network.state_dict())
@@ -499,7 +513,7 @@ def load_quantized(tensors: dict[str, Tensor], metadata: dict[str, str]) -> Quan
     state = _unflatten_state(tensors, json.loads(metadata["layout"]))
     expected = model.network.state_dict()
     missing = [k for k in expected if k not in state and isinstance(expected[k], Tensor | tuple)]
-    if missing or set(state) - set(expected):
+    if missing or set(state) - set(expected) or _shapes(state) != _shapes({k: expected[k] for k in state}):
         raise QuantizationError(
             "This INT8 checkpoint does not match the architecture it records; save it again with repvgg "
             "quantize."
