@@ -194,7 +194,9 @@ def test_non_finite_weights_are_named_by_convert_eval_and_predict(
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_eval_uses_the_checkpoint_s_image_size_and_says_when_told_otherwise(tmp_path: Path) -> None:
+def test_eval_and_quantize_use_the_checkpoint_s_image_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = make_image_folder(tmp_path / "data", per_class=3)
     run = tmp_path / "run"
     summary = train(config(root, run, data="imagefolder", image_size=40, batch_size=2))
@@ -203,6 +205,25 @@ def test_eval_uses_the_checkpoint_s_image_size_and_says_when_told_otherwise(tmp_
     assert result.notes == () and math.isclose(result.top1, summary["train_form"]["top1"])
     resized = evaluate_checkpoint(checkpoint, data="imagefolder", data_dir=str(root), image_size=48)
     assert resized.notes == ("evaluated at 48 px, not at the 40 px the checkpoint was trained at",)
+    import repvgg.studies.quantization as quantization
+
+    sizes: list[int | None] = []
+    real_build_data = quantization.build_data
+
+    def recording_build_data(*args: object, image_size: int | None = None, **kwargs: object) -> object:
+        sizes.append(image_size)
+        return real_build_data(*args, image_size=image_size, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quantization, "build_data", recording_build_data)
+    quantization.quantize_checkpoint(
+        checkpoint,
+        tmp_path / "int8.safetensors",
+        data="imagefolder",
+        data_dir=str(root),
+        calib=4,
+        progress=False,
+    )
+    assert sizes == [40], "calibration images at the checkpoint's size, not 224 px"
 
 
 def test_an_ablation_folder_with_other_settings_is_not_reused(fashion: Path, tmp_path: Path) -> None:

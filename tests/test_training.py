@@ -198,8 +198,10 @@ def test_unreadable_training_image_is_named_or_skipped(tmp_path: Path) -> None:
     options = {"data": "imagefolder", "image_size": 32, "batch_size": 4, "workers": 0}
     with pytest.raises(DataError, match=r"Cannot read image .*broken\.png .*`skip_bad_images`"):
         train(small_config(folder, tmp_path / "a", **options))
+    (folder / "val" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     summary = train(small_config(folder, tmp_path / "b", skip_bad_images=True, **options))
-    assert summary["bad_images_skipped"] == 1
+    last = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["bad_images_skipped"] == last["bad_images"] == 2, "one in train/, one in val/, once each"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.Popen[str]:

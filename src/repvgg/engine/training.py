@@ -57,7 +57,7 @@ from repvgg.io.checkpoints import (
     save_checkpoint,
     save_training_state,
 )
-from repvgg.io.files import output_folder
+from repvgg.io.files import atomic_write, output_folder
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import json_text, write_json
 
@@ -148,7 +148,8 @@ class RunLog:
                 for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["epoch"] <= keep_through_epoch
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            text = "".join(line + "\n" for line in kept)
+            atomic_write(self.path, lambda target: target.write_text(text), what="the metrics")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=keep_through_epoch + 1)

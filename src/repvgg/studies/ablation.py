@@ -31,7 +31,7 @@ from repvgg.engine.data import DataBundle, strides_for_image_size
 from repvgg.engine.training import STATE_FILE, build_repvgg, train
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint, read_checkpoint
-from repvgg.io.files import output_folder
+from repvgg.io.files import atomic_write, output_folder
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.measure import time_interleaved
 
@@ -253,7 +253,8 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
         )
     report = {"config": dataclasses.asdict(config), "rows": rows}
     write_json(output / "ablation.json", report, what="the study's table")
-    (output / "ablation.md").write_text(markdown_table(report))
+    table = markdown_table(report)
+    atomic_write(output / "ablation.md", lambda target: target.write_text(table), what="the study's table")
     return report
 
 

@@ -8,7 +8,6 @@ network (see :func:`peak_memory_mib`). Figures and tables are written to the ``o
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ from repvgg.core.registry import MODEL_SPECS, canonical_name, create_model
 from repvgg.core.reparam import reparameterize
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint
+from repvgg.io.files import atomic_write
+from repvgg.io.jsonfile import write_json
 from repvgg.runtime.measure import count_macs, count_parameters, time_interleaved
 
 # torchvision baselines of the paper's Table 4: (top-1, examples/s on a GTX 1080Ti at batch 128).
@@ -479,7 +480,7 @@ def figure1(result: BenchResult, path: Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda target: figure.savefig(target, dpi=120, format="png"), what="the figure")
     plt.close(figure)
     return path
 
@@ -497,7 +498,7 @@ def figure3(memory: dict[str, Any], path: Path) -> Path:
     axes.set_ylabel("peak extra memory of one batch (MiB)")
     axes.set_title(f"{memory['depth']} blocks of 2 conv3x3, width {memory['width']}", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda target: figure.savefig(target, dpi=120, format="png"), what="the figure")
     plt.close(figure)
     return path
 
@@ -593,8 +594,9 @@ def write_reports(result: BenchResult, output: Path, *, figures: bool = True) ->
     """``bench.json``, ``bench.md`` and, with ``figures``, ``figure1.png`` and ``figure3.png``."""
     output.mkdir(parents=True, exist_ok=True)
     written = [output / "bench.json", output / "bench.md"]
-    written[0].write_text(json.dumps(result.to_json(), indent=2))
-    written[1].write_text(markdown_report(result))
+    write_json(written[0], result.to_json(), what="the bench results", error_type=ModelConfigError)
+    text = markdown_report(result)
+    atomic_write(written[1], lambda target: target.write_text(text), what="the bench table")
     if figures:
         written.append(figure1(result, output / "figure1.png"))
         if result.extras.get("residual_vs_plain"):
