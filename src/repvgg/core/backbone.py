@@ -74,7 +74,7 @@ class RepVGGFeatures(RepVGG):
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
         outputs = []
         for index, stage in enumerate(self.stages()):
-            x = stage(x)
+            x = self.run_stage(stage, x)
             if index in self.out_indices:
                 outputs.append(x)
         return outputs

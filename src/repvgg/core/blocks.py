@@ -193,6 +193,38 @@ class RepVGGBlock(nn.Module):
             **factory,
         )
 
+    def _take_geometry_of_the_convs(self) -> None:
+        """Adopt the stride, padding and dilation the 3x3 branch has now, and check the others line up.
+
+        Code written for the authors' block edits these attributes of ``rbr_dense`` / ``rbr_1x1`` in place
+        (their PSPNet dilates stages 3-4 so); the fused convolution must compute what the branches compute.
+        """
+        dense = _conv_of(self.rbr_dense)
+        stride, padding, dilation = (
+            _pair(getattr(dense, name)) for name in ("stride", "padding", "dilation")
+        )
+        offset = tuple(p - d * (self.kernel_size // 2) for p, d in zip(padding, dilation, strict=True))
+        others = [_conv_of(branch) for branch in self.branches() if branch is not self.rbr_dense]
+        for conv in others:
+            if isinstance(conv, nn.Conv2d | IdentityPlusConv):
+                size = _pair(conv.kernel_size if isinstance(conv, nn.Conv2d) else conv.weight.shape[-2:])
+                conv_offset = tuple(
+                    p - d * (k // 2)
+                    for p, d, k in zip(_pair(conv.padding), _pair(conv.dilation), size, strict=True)
+                )
+                if _pair(conv.stride) != stride or conv_offset != offset:
+                    raise ConversionError(
+                        "The branches of this block no longer line up (their strides or paddings were edited "
+                        "differently), so they cannot be summed into one convolution; edit the 3x3 and 1x1 "
+                        "branches alike."
+                    )
+            elif stride != (1, 1) or offset != (0, 0):  # the identity branch reads the input as it is
+                raise ConversionError(
+                    "This block's identity branch cannot follow its edited 3x3 branch (stride or padding "
+                    "changed), so the block cannot be converted."
+                )
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
     def branches(self) -> Iterator[nn.Module]:
         """The trainable branches present in this block (none once deployed)."""
         if self.deploy:
@@ -280,6 +312,7 @@ class RepVGGBlock(nn.Module):
             return
         if warn_if_training_mode:
             warn_if_training(self)
+        self._take_geometry_of_the_convs()
         with torch.no_grad():
             kernel, bias = self.equivalent_kernel_bias()
             fused = self._deploy_conv(reference=kernel)
@@ -290,8 +323,34 @@ class RepVGGBlock(nn.Module):
         self.rbr_reparam = fused
         self.deploy = True
 
+    # -- the authors' block API, so that code written against their repvgg.py runs unchanged ------------
+
+    def switch_to_deploy(self) -> None:
+        """The authors' name for :meth:`reparameterize`."""
+        self.reparameterize()
+
+    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The authors' name for :meth:`equivalent_kernel_bias`."""
+        return self.equivalent_kernel_bias()
+
+    def get_custom_L2(self) -> Tensor:
+        """The authors' name for :meth:`custom_l2`."""
+        return self.custom_l2()
+
     def extra_repr(self) -> str:
         options = ["deploy=True"] if self.deploy else []
         if self.block != "repvgg":
             options.append(f"block={self.block!r}")
         return ", ".join(options)
+
+
+def _conv_of(branch: nn.Module) -> nn.Module:
+    """The convolution of a branch (a ConvBN's ``conv``), or the branch itself."""
+    return branch.conv if isinstance(branch, ConvBN) else branch
+
+
+def _pair(value: int | tuple[int, ...] | torch.Size) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    first, second = tuple(value)
+    return (int(first), int(second))

@@ -71,7 +71,14 @@ class RepVGG(nn.Module):
         self.num_blocks = tuple(int(n) for n in num_blocks)
         self.width_multiplier = tuple(float(w) for w in width_multiplier)
         self.override_groups_map = {int(k): int(v) for k, v in (override_groups_map or {}).items()}
-        self.deploy = deploy
+        layers = 1 + sum(self.num_blocks)
+        beyond = sorted(k for k in self.override_groups_map if not 0 <= k < layers)
+        if beyond:
+            raise ModelConfigError(
+                f"override_groups_map names layers {beyond}, but this network's 3x3 layers are numbered 0-"
+                f"{layers - 1}; give layer indices that exist."
+            )
+        self._build_deployed = deploy
         self.use_se = use_se
         self.use_checkpoint = use_checkpoint
         self.in_chans = in_chans
@@ -109,7 +116,7 @@ class RepVGG(nn.Module):
             stride=stride,
             dilation=dilation,
             groups=self.override_groups_map.get(self._layer_index, 1),
-            deploy=self.deploy,
+            deploy=self._build_deployed,
             use_se=self.use_se,
             block=self.block,
         )
@@ -160,8 +167,25 @@ class RepVGG(nn.Module):
     def stages(self) -> list[nn.Module]:
         return [self.stage0, self.stage1, self.stage2, self.stage3, self.stage4]
 
+    @property
+    def deploy(self) -> bool:
+        """Whether every block is in its plain form: derived from the blocks, so it is right however they
+        were converted (``repvgg.reparameterize``, a block's ``reparameterize``, timm's
+        ``reparameterize_model``, the authors' ``switch_to_deploy`` loop)."""
+        return form_of(self) == "deploy"
+
+    def switch_to_deploy(self) -> None:
+        """Convert every block in place (mmpretrain's and the authors' model-level name)."""
+        for block in self.modules():
+            if isinstance(block, RepVGGBlock):
+                block.reparameterize()
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.use_checkpoint = enable
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (timm's name); ``nn.Identity`` when the model has none."""
+        return self.linear
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a new one for ``num_classes`` (0 removes it)."""
@@ -169,15 +193,21 @@ class RepVGG(nn.Module):
         self.num_classes = num_classes
         self.linear = self._make_head(num_classes).to(reference.device, reference.dtype)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def run_stage(self, stage: nn.Module, x: Tensor) -> Tensor:
+        """One stage's blocks in turn, each recomputed in the backward pass when ``use_checkpoint`` is on
+        (while training): used by the classifier and the backbone alike."""
         checkpointing = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        # Stage 0 is a single block, as in the authors' code (keys ``stage0.rbr_dense...``).
+        for block in stage if isinstance(stage, nn.Sequential) else (stage,):
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
         for stage in self.stages():
-            # Stage 0 is a single block, as in the authors' code (keys ``stage0.rbr_dense...``).
-            for block in stage if isinstance(stage, nn.Sequential) else (stage,):
-                if checkpointing:
-                    x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-                else:
-                    x = block(x)
+            x = self.run_stage(stage, x)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

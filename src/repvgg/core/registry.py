@@ -131,6 +131,11 @@ def create_model(
     ``output_stride`` and ``dilation_mode``. ``features_only=True`` builds the headless
     :class:`repvgg.core.backbone.RepVGGFeatures` (options ``out_indices``, ``frozen_stages``, ``norm_eval``).
     """
+    if not isinstance(name, str):
+        raise ModelConfigError(
+            f"create_model takes a model name such as 'repvgg_a0', got {name!r}; build a custom network with "
+            "repvgg.RepVGG(num_blocks, width_multiplier=...)."
+        )
     key = canonical_name(name)
     architecture: type[RepVGG] = RepVGG
     if features_only:

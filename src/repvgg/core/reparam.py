@@ -116,9 +116,6 @@ def reparameterize(module: nn.Module, inplace: bool = False) -> nn.Module:
     converted = module if inplace else copy.deepcopy(module)
     for block in reparameterizable_blocks(converted):
         block.reparameterize(warn_if_training_mode=False)
-    for model in converted.modules():
-        if isinstance(model, RepVGG):
-            model.deploy = True
     return converted
 
 

@@ -1,0 +1,116 @@
+"""Code written against the authors', mmpretrain's and timm's RepVGG runs here and gets the right answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import repvgg
+from repvgg.core.int8 import quantize_ptq
+from repvgg.exceptions import ModelConfigError
+from tests.helpers import relative_error
+
+
+def authors_pspnet_surgery(model: repvgg.RepVGG) -> None:
+    """What the authors' example_pspnet.py does to a RepVGG: dilate stages 3 and 4, in place, conv by conv."""
+    for stage, rate in ((model.stage3, 2), (model.stage4, 4)):
+        for name, module in stage.named_modules():
+            if "rbr_dense" in name or "rbr_reparam" in name:
+                if isinstance(module, nn.Conv2d):
+                    module.dilation, module.padding, module.stride = (rate, rate), (rate, rate), (1, 1)
+            elif "rbr_1x1" in name and isinstance(module, nn.Conv2d):
+                module.stride = (1, 1)
+
+
+def authors_conversion_loop(model: nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "switch_to_deploy"):
+            module.switch_to_deploy()
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1g2"])
+@pytest.mark.parametrize("convert", ["reparameterize", "authors_loop"])
+def test_conversion_after_the_authors_pspnet_surgery_is_exact(name: str, convert: str) -> None:
+    model = repvgg.randomize_batchnorm_(repvgg.create_model(name, num_classes=10), seed=3).double().eval()
+    authors_pspnet_surgery(model)
+    inputs = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.forward_features(inputs)
+        if convert == "reparameterize":
+            deployed = repvgg.reparameterize(model)
+        else:
+            authors_conversion_loop(model)
+            deployed = model
+        actual = deployed.forward_features(inputs)
+    assert expected.shape[-2:] == (8, 8), "stages 3-4 dilated: output stride 8"
+    assert actual.shape == expected.shape and relative_error(actual, expected) < 1e-10
+    assert deployed.deploy
+
+
+def test_branches_edited_differently_are_refused_not_fused_wrongly() -> None:
+    block = repvgg.RepVGGBlock(8, 8).eval()
+    block.rbr_dense.conv.dilation, block.rbr_dense.conv.padding = (2, 2), (2, 2)
+    block.rbr_1x1.conv.stride = (2, 2)
+    with pytest.raises(repvgg.ConversionError, match="no longer line up"):
+        block.reparameterize()
+
+
+def test_the_authors_block_api() -> None:
+    block = repvgg.randomize_batchnorm_(repvgg.RepVGGBlock(8, 8), seed=1).eval()
+    kernel, bias = block.get_equivalent_kernel_bias()
+    expected_kernel, expected_bias = block.equivalent_kernel_bias()
+    assert torch.equal(kernel, expected_kernel) and torch.equal(bias, expected_bias)
+    assert torch.equal(block.get_custom_L2(), block.custom_l2())
+    block.switch_to_deploy()
+    assert block.deploy and hasattr(block, "rbr_reparam")
+
+
+def test_the_model_s_form_is_derived_from_its_blocks() -> None:
+    model = repvgg.randomize_batchnorm_(repvgg.create_model("repvgg_a0", num_classes=10), seed=2).eval()
+    assert not model.deploy
+    for block in model.modules():
+        if isinstance(block, repvgg.RepVGGBlock):
+            block.reparameterize()  # per block, as timm's reparameterize_model does
+    assert model.deploy and model.info.form == "deploy"
+    quantized = quantize_ptq(model, [torch.randn(2, 3, 32, 32)])  # refused before as "training form"
+    assert quantized.info.precision == "int8"
+    mm = repvgg.create_model("repvgg_a0", num_classes=10).eval()
+    mm.switch_to_deploy()  # mmpretrain's model-level name
+    assert mm.deploy
+
+
+def test_gradient_checkpointing_works_in_backbones() -> None:
+    """Counted with saved_tensors_hooks: a no-op would pass a gradient comparison, not this."""
+
+    def saved_tensors(use_checkpoint: bool) -> int:
+        model = repvgg.create_model("repvgg_a0", features_only=True, out_indices=(1, 2, 3, 4))
+        model.set_grad_checkpointing(use_checkpoint)
+        count = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal count
+            count += 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            outputs = model.train()(torch.randn(2, 3, 64, 64))
+        sum(o.sum() for o in outputs).backward()
+        return count
+
+    plain, checkpointed = saved_tensors(False), saved_tensors(True)
+    assert checkpointed * 10 < plain, (plain, checkpointed)
+
+
+def test_wrong_constructor_arguments_are_one_sentence() -> None:
+    with pytest.raises(ModelConfigError, match="takes a model name such as 'repvgg_a0'"):
+        repvgg.create_model([4, 6, 16, 1])  # type: ignore[arg-type]
+    with pytest.raises(ModelConfigError, match=r"override_groups_map names layers \[40\]"):
+        repvgg.RepVGG([2, 4, 14, 1], width_multiplier=[0.75, 0.75, 0.75, 2.5], override_groups_map={40: 2})
+
+
+def test_timm_s_classifier_accessors() -> None:
+    model = repvgg.create_model("repvgg_a0", num_classes=10)
+    assert model.get_classifier() is model.linear
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3
