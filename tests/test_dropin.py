@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -114,3 +116,42 @@ def test_timm_s_classifier_accessors() -> None:
     assert model.get_classifier() is model.linear
     model.reset_classifier(3)
     assert model.get_classifier().out_features == 3
+
+
+@pytest.mark.parametrize(("in_chans", "exact"), [(1, True), (6, True), (2, False)])
+def test_pretrained_rgb_weights_load_into_other_input_channels_when_asked(
+    in_chans: int, exact: bool, tmp_path: Path
+) -> None:
+    rgb = repvgg.randomize_batchnorm_(repvgg.create_model("repvgg_a0", num_classes=10), seed=4).eval()
+    path = repvgg.save_checkpoint(rgb, tmp_path / "rgb.safetensors")
+    model = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=in_chans)
+    with pytest.raises(repvgg.CheckpointError, match=r"another number of input channels .* `adapt_in_chans`"):
+        repvgg.load_checkpoint(path, model)
+    with pytest.warns(repvgg.RepVGGWarning, match=f"stem takes 3 input channels and the model {in_chans}"):
+        repvgg.load_checkpoint(path, model, adapt_in_chans=True)
+    grey = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():  # timm's rule keeps a grey image's output for 1 channel and multiples of 3
+        error = relative_error(
+            model.eval()(grey.expand(-1, in_chans, -1, -1)), rgb(grey.expand(-1, 3, -1, -1))
+        )
+    assert (error < 1e-5) == exact
+
+
+def test_timm_s_feature_info_accessors() -> None:
+    backbone = repvgg.create_model("repvgg_a0", features_only=True, out_indices=(2, 4), output_stride=16)
+    info = backbone.feature_info
+    assert info.channels() == [96, 1280] and info.reduction() == [8, 16]
+    assert info.module_name() == ["stage2", "stage4"] and info[0]["num_chs"] == 96  # still timm's dicts
+
+
+def test_timm_s_forward_intermediates() -> None:
+    model = repvgg.create_model("repvgg_a0", num_classes=10).eval()
+    inputs = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, stages = model.forward_intermediates(inputs, indices=2)
+        features = model.forward_features(inputs)
+        early = model.forward_intermediates(inputs, indices=[1], intermediates_only=True, stop_early=True)
+    assert torch.equal(final, features) and torch.equal(stages[-1], features)
+    assert [s.shape[1] for s in stages] == [192, 1280] and early[0].shape[-1] == 16
+    with pytest.raises(ModelConfigError, match="stages 0-4"):
+        model.forward_intermediates(inputs, indices=[7])

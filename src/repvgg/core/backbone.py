@@ -18,6 +18,20 @@ from repvgg.core.models import RepVGG, dilated_strides, stage_widths
 from repvgg.exceptions import ModelConfigError
 
 
+class FeatureInfo(list[dict[str, Any]]):
+    """timm's feature description: a list of ``{"num_chs", "reduction", "module"}`` per returned stage, with
+    timm's accessors ``channels()``, ``reduction()`` and ``module_name()``."""
+
+    def channels(self) -> list[int]:
+        return [info["num_chs"] for info in self]
+
+    def reduction(self) -> list[int]:
+        return [info["reduction"] for info in self]
+
+    def module_name(self) -> list[str]:
+        return [info["module"] for info in self]
+
+
 class RepVGGFeatures(RepVGG):
     """A headless RepVGG returning a list of stage outputs (stage 0 is the stem, 4 the last stage).
 
@@ -49,10 +63,10 @@ class RepVGGFeatures(RepVGG):
         widths = stage_widths(self.width_multiplier)
         strides, _ = dilated_strides(self.strides, self.output_stride, self.dilation_mode)
         reductions = [math.prod(strides[: stage + 1]) for stage in range(5)]
-        self.feature_info = [
+        self.feature_info = FeatureInfo(
             {"num_chs": widths[i], "reduction": reductions[i], "module": f"stage{i}"}
             for i in self.out_indices
-        ]
+        )
         self._freeze()
 
     def _freeze(self) -> None:

@@ -210,6 +210,33 @@ class RepVGG(nn.Module):
             x = self.run_stage(stage, x)
         return x
 
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's multi-scale API: the outputs of the stages ``indices`` (stage numbers 0-4; an int n for the
+        last n stages; all by default), and, unless ``intermediates_only``, the final features.
+        ``stop_early`` skips the stages after the last one asked for (with ``intermediates_only``)."""
+        if indices is None:
+            indices = range(5)
+        elif isinstance(indices, int):
+            indices = range(5 - indices, 5)
+        chosen = sorted(set(indices))
+        if not chosen or any(i not in range(5) for i in chosen):
+            raise ModelConfigError(f"indices must name stages 0-4, got {list(chosen)}.")
+        intermediates = []
+        for index, stage in enumerate(self.stages()):
+            if stop_early and intermediates_only and index > chosen[-1]:
+                break
+            x = self.run_stage(stage, x)
+            if index in chosen:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = torch.flatten(self.gap(x), 1)
         return x if pre_logits else self.linear(x)
@@ -266,3 +293,15 @@ def stage_widths(width_multiplier: Sequence[float]) -> tuple[int, int, int, int,
     """Output channels of stages 0-4 for ``width_multiplier = [a, a, a, b]``."""
     a1, a2, a3, b = width_multiplier
     return (min(64, int(64 * a1)), int(64 * a1), int(128 * a2), int(256 * a3), int(512 * b))
+
+
+def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
+    """A stem kernel for ``in_chans`` input channels made from one trained for another count, by timm's
+    rule (``adapt_input_conv``): summed over the input channels for one channel; otherwise the channels are
+    repeated to ``in_chans`` and the kernel scaled by old / new. A grey image (the same in every channel)
+    then gives the trained model's output exactly for one channel and for multiples of the trained count."""
+    old = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = math.ceil(in_chans / old)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (old / in_chans)

@@ -642,7 +642,7 @@ class ClassificationRun:
                 **state,
                 **{f"linear.{k}": v for k, v in model.linear.state_dict().items()},
             }
-        load_checkpoint(checkpoint.state_dict, model=model)
+        load_checkpoint(checkpoint.state_dict, model=model, adapt_in_chans=True)
 
     def _train_loader(self, workers: int) -> DataLoader[Any]:
         config, context = self.config, self.context

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from repvgg.core.info import ModelInfo, model_info
 from repvgg.core.int8 import QuantizedRepVGG, convert_int8, example_input, prepare_int8, x86_engine
-from repvgg.core.models import RepVGG
+from repvgg.core.models import RepVGG, adapt_input_conv
 from repvgg.core.registry import name_for_config
 from repvgg.exceptions import CheckpointError, ConversionError, QuantizationError, RepVGGError, RepVGGWarning
 from repvgg.io.files import PathLike, atomic_write
@@ -293,14 +293,17 @@ def label_model(model: RepVGG, info: ModelInfo) -> None:
         model.preprocessing = info.preprocessing
 
 
-def load_checkpoint(source: PathLike | Mapping[str, Any], model: nn.Module | None = None) -> nn.Module:
+def load_checkpoint(
+    source: PathLike | Mapping[str, Any], model: nn.Module | None = None, *, adapt_in_chans: bool = False
+) -> nn.Module:
     """Load a checkpoint in any known format; with ``model``, strictly into it, else into a new model.
 
     ``source`` is a path or a state dict: this package's safetensors files (an INT8 one loads as a
     :class:`repvgg.core.int8.QuantizedRepVGG`), a run's ``last.pt``, the authors' train- or deploy-time state
     dicts, timm's and mmpretrain's, with or without a ``module.`` prefix or a ``state_dict`` / ``model``
     wrapper. A mismatch raises :class:`CheckpointError` naming the likely cause and the first offending keys;
-    nothing is loaded partially.
+    nothing is loaded partially. With ``adapt_in_chans`` (fine-tuning pretrained weights on grey images, say)
+    stem kernels for another number of input channels are adapted, with a warning (:func:`adapt_input_conv`).
     """
     raw, metadata = _read_source(source)
     if metadata.get("format") == INT8_FORMAT_TAG and model is None:
@@ -308,16 +311,18 @@ def load_checkpoint(source: PathLike | Mapping[str, Any], model: nn.Module | Non
     checkpoint = _checkpoint_from(raw, metadata)
     if model is None:
         model = build_model(checkpoint)
-    load_state_dict_strict(model, checkpoint)
+    load_state_dict_strict(model, checkpoint, adapt_in_chans=adapt_in_chans)
     if isinstance(model, RepVGG):
         label_model(model, checkpoint.info)
     return model
 
 
-def load_state_dict_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
+def load_state_dict_strict(model: nn.Module, checkpoint: Checkpoint, *, adapt_in_chans: bool = False) -> None:
     """``model.load_state_dict(strict=True)``, with a one-sentence diagnosis instead of a key dump."""
     given = checkpoint.state_dict
     expected = model.state_dict()
+    if adapt_in_chans:
+        given = _with_adapted_stem(given, expected)
     head = CONVENTIONS["official"].head + "."
     dropped = sorted(k for k in given if k.startswith(head) and k not in expected)
     if dropped and isinstance(model, RepVGG) and model.num_classes == 0:
@@ -334,6 +339,33 @@ def load_state_dict_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
     if missing or unexpected or mismatched:
         raise CheckpointError(_diagnose(model, checkpoint, missing, unexpected, mismatched))
     model.load_state_dict(given, strict=True)
+
+
+def _stem_keys_for_other_channels(given: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> list[str]:
+    """The stem kernels that differ from the model's in their number of input channels only."""
+    return [
+        key
+        for key, tensor in given.items()
+        if key.startswith(CONVENTIONS["official"].stem + ".")
+        and key in expected
+        and tensor.ndim == 4
+        and tensor.shape[1] != expected[key].shape[1]
+        and (tensor.shape[0], *tensor.shape[2:]) == (expected[key].shape[0], *expected[key].shape[2:])
+    ]
+
+
+def _with_adapted_stem(given: dict[str, Tensor], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    keys = _stem_keys_for_other_channels(given, expected)
+    if not keys:
+        return given
+    old, new = given[keys[0]].shape[1], expected[keys[0]].shape[1]
+    warnings.warn(
+        f"The checkpoint's stem takes {old} input channels and the model {new}: its kernels were "
+        f"{'summed' if new == 1 else 'repeated and scaled'} to fit (timm's adapt_input_conv).",
+        RepVGGWarning,
+        stacklevel=4,
+    )
+    return {**given, **{key: adapt_input_conv(given[key], int(new)) for key in keys}}
 
 
 def _role_in(keys: list[str], role: str) -> bool:
@@ -365,6 +397,14 @@ def _diagnose(
         return (
             "This is a training-form checkpoint but the model is in deploy form: build the model with "
             "deploy=False, load it, then convert it with repvgg.reparameterize(model)."
+        )
+    stem_only = set(mismatched) == set(
+        _stem_keys_for_other_channels(checkpoint.state_dict, model.state_dict())
+    )
+    if mismatched and stem_only:
+        return (
+            "The checkpoint's stem was trained for another number of input channels than the model's; to "
+            "fine-tune it on these images, load it with `adapt_in_chans` (timm's adapt_input_conv rule)."
         )
     checkpoint_block = (checkpoint.config or {}).get("block", "repvgg")
     model_block = model.block if isinstance(model, RepVGG) else checkpoint_block

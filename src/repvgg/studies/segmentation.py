@@ -269,7 +269,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
         aux_weight=config.aux_weight,
     )
     if config.backbone_weights is not None:
-        load_checkpoint(config.backbone_weights, model.backbone)
+        load_checkpoint(config.backbone_weights, model.backbone, adapt_in_chans=True)
     write_json(output / "config.json", dataclasses.asdict(config), what="the run's configuration")
     train_loader = DataLoader(
         bundle.train, config.batch_size, shuffle=True, drop_last=True, generator=torch.Generator()
