@@ -155,3 +155,40 @@ def test_timm_s_forward_intermediates() -> None:
     assert [s.shape[1] for s in stages] == [192, 1280] and early[0].shape[-1] == 16
     with pytest.raises(ModelConfigError, match="stages 0-4"):
         model.forward_intermediates(inputs, indices=[7])
+
+
+@pytest.mark.parametrize(
+    ("name", "block"), [("repvgg_a0", "repvgg"), ("repvgg_a0", "qarepvgg"), ("repvgg_b1g2", "repvgg")]
+)
+def test_torch_jit_script_compiles_both_forms_and_leaves_the_model_alone(
+    name: str, block: str, tmp_path: Path
+) -> None:
+    import io
+    import warnings
+
+    model = repvgg.randomize_batchnorm_(repvgg.create_model(name, num_classes=10, block=block), seed=5).eval()
+    inputs = torch.randn(2, 3, 64, 48)
+    for form in (model, repvgg.reparameterize(model)):
+        before = {k: v.clone() for k, v in form.state_dict().items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still used
+            scripted = torch.jit.script(form)
+            buffer = io.BytesIO()
+            torch.jit.save(scripted, buffer)
+            loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))
+        with torch.no_grad():
+            assert relative_error(loaded(inputs), form(inputs)) < 1e-6
+        assert isinstance(form.stage0, repvgg.RepVGGBlock), "scripting compiled a copy"
+        assert all(torch.equal(before[k], v) for k, v in form.state_dict().items())
+
+
+def test_torch_jit_script_compiles_a_backbone() -> None:
+    import warnings
+
+    backbone = repvgg.create_model("repvgg_a0", features_only=True, out_indices=(1, 3)).eval()
+    inputs = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(backbone)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(scripted(inputs), backbone(inputs), strict=True))

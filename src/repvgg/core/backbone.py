@@ -8,6 +8,7 @@ head is dropped with a warning), and :func:`repvgg.reparameterize` converts it l
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -85,10 +86,32 @@ class RepVGGFeatures(RepVGG):
                         module.eval()
         return self
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return ScriptableFeatures(copy.deepcopy(self))
+
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
         outputs = []
         for index, stage in enumerate(self.stages()):
             x = self.run_stage(stage, x)
+            if index in self.out_indices:
+                outputs.append(x)
+        return outputs
+
+
+class ScriptableFeatures(nn.Module):
+    """A :class:`RepVGGFeatures` (a copy) as TorchScript compiles it: the chosen stages' outputs."""
+
+    __constants__ = ("out_indices",)
+
+    def __init__(self, model: RepVGGFeatures) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(model.stages())
+        self.out_indices = model.out_indices
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        outputs: list[Tensor] = []
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
             if index in self.out_indices:
                 outputs.append(x)
         return outputs

@@ -323,6 +323,10 @@ class RepVGGBlock(nn.Module):
         self.rbr_reparam = fused
         self.deploy = True
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in this block's place: its layers, spelled for TorchScript."""
+        return ScriptableBlock(self)
+
     # -- the authors' block API, so that code written against their repvgg.py runs unchanged ------------
 
     def switch_to_deploy(self) -> None:
@@ -342,6 +346,45 @@ class RepVGGBlock(nn.Module):
         if self.block != "repvgg":
             options.append(f"block={self.block!r}")
         return ", ".join(options)
+
+
+class ScriptableBlock(nn.Module):
+    """A :class:`RepVGGBlock` (either form) as TorchScript compiles it: it shares the block's layers, every
+    branch is an attribute (None when absent), and the sum is written without a generator."""
+
+    __constants__ = ("relu_in_branches",)
+
+    def __init__(self, block: RepVGGBlock) -> None:
+        super().__init__()
+        deployed = block.deploy
+        self.reparam = block.rbr_reparam if deployed else None
+        self.dense = None if deployed else block.rbr_dense
+        self.asymmetric = None if deployed else block.rbr_asymmetric
+        self.one_by_one = None if deployed else block.rbr_1x1
+        self.identity = None if deployed else block.rbr_identity
+        self.bn = None if deployed else block.bn
+        self.se, self.nonlinearity = block.se, block.nonlinearity
+        self.relu_in_branches = not deployed and block.relu_in_branches
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.reparam is not None:
+            return self.nonlinearity(self.se(self.reparam(inputs)))
+        outputs: list[Tensor] = []
+        if self.dense is not None:
+            outputs.append(self.dense(inputs))
+        if self.asymmetric is not None:
+            for branch in self.asymmetric:
+                outputs.append(branch(inputs))
+        if self.one_by_one is not None:
+            outputs.append(self.one_by_one(inputs))
+        if self.identity is not None:
+            outputs.append(self.identity(inputs))
+        out = torch.relu(outputs[0]) if self.relu_in_branches else outputs[0]
+        for output in outputs[1:]:
+            out = out + (torch.relu(output) if self.relu_in_branches else output)
+        if self.bn is not None:
+            out = self.bn(out)
+        return self.nonlinearity(self.se(out))
 
 
 def _conv_of(branch: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ checkpoints and code port unchanged. Every named model is one configuration of :
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -205,6 +206,11 @@ class RepVGG(nn.Module):
                 x = block(x)
         return x
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles for this model: a copy spelled for TorchScript (gradient
+        checkpointing left out), so that scripting never changes the model itself."""
+        return ScriptableRepVGG(copy.deepcopy(self))
+
     def forward_features(self, x: Tensor) -> Tensor:
         for stage in self.stages():
             x = self.run_stage(stage, x)
@@ -305,3 +311,16 @@ def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
         return weight.sum(dim=1, keepdim=True)
     repeats = math.ceil(in_chans / old)
     return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (old / in_chans)
+
+
+class ScriptableRepVGG(nn.Module):
+    """A :class:`RepVGG` (a copy) as TorchScript compiles it: stage by stage, then the head."""
+
+    def __init__(self, model: RepVGG) -> None:
+        super().__init__()
+        self.stage0, self.stage1, self.stage2 = model.stage0, model.stage1, model.stage2
+        self.stage3, self.stage4, self.gap, self.linear = model.stage3, model.stage4, model.gap, model.linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stage4(self.stage3(self.stage2(self.stage1(self.stage0(x)))))
+        return self.linear(torch.flatten(self.gap(x), 1))
