@@ -192,3 +192,39 @@ def test_torch_jit_script_compiles_a_backbone() -> None:
         scripted = torch.jit.script(backbone)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(scripted(inputs), backbone(inputs), strict=True))
+
+
+def test_mmpretrain_s_backbone_options(tmp_path: Path) -> None:
+    model = repvgg.create_model(
+        "repvgg_b0", num_classes=10, strides=(2, 2, 2, 1, 1), dilations=(1, 1, 1, 2, 4), base_channels=32
+    )
+    assert model.stage3[0].rbr_dense.conv.dilation == (2, 2) and model.stage4[0].rbr_dense.conv.dilation == (
+        4,
+        4,
+    )
+    assert model.stage1[0].out_channels == 32 and model.stage4[0].out_channels == 8 * 32 * 2.5
+    se = repvgg.create_model("repvgg_d2se", se_reduction=4, num_classes=10)
+    assert se.stage1[0].se.down.out_channels == se.stage1[0].out_channels // 4
+    for network in (model, se):  # the options are part of the record: the file rebuilds the same network
+        repvgg.randomize_batchnorm_(network, seed=6).eval()
+        loaded = repvgg.load_checkpoint(repvgg.save_checkpoint(network, tmp_path / "m.safetensors"))
+        assert loaded.config == network.config
+        assert repvgg.verify_equivalence(network).passed
+    backbone = repvgg.create_model("repvgg_a0", features_only=True, base_channels=32, out_indices=(4,))
+    assert backbone.feature_info.channels() == [int(8 * 32 * 2.5)]
+    with pytest.raises(ModelConfigError, match="without output_stride"):
+        repvgg.create_model("repvgg_a0", dilations=(1, 1, 1, 2, 4), output_stride=8)
+    with pytest.raises(ModelConfigError, match="five stages"):
+        repvgg.create_model("repvgg_a0", dilations=(1, 2))
+
+
+def test_timm_s_reparameterize_model_converts_ours() -> None:
+    from timm.utils.model import reparameterize_model
+
+    model = repvgg.randomize_batchnorm_(repvgg.create_model("repvgg_a0", num_classes=10), seed=7).eval()
+    converted = reparameterize_model(model)
+    inputs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (
+            converted.deploy and not model.deploy and relative_error(converted(inputs), model(inputs)) < 1e-5
+        )

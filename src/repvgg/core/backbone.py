@@ -61,7 +61,7 @@ class RepVGGFeatures(RepVGG):
         self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        widths = stage_widths(self.width_multiplier)
+        widths = stage_widths(self.width_multiplier, self.base_channels)
         strides, _ = dilated_strides(self.strides, self.output_stride, self.dilation_mode)
         reductions = [math.prod(strides[: stage + 1]) for stage in range(5)]
         self.feature_info = FeatureInfo(

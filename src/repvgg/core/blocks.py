@@ -100,6 +100,7 @@ class RepVGGBlock(nn.Module):
         deploy: bool = False,
         use_se: bool = False,
         block: str = "repvgg",
+        se_reduction: int = 16,
     ) -> None:
         super().__init__()
         design = block_design(block)
@@ -128,7 +129,9 @@ class RepVGGBlock(nn.Module):
         self.block = block
 
         self.se: nn.Module = (
-            SEBlock(out_channels, internal_neurons=max(1, out_channels // 16)) if use_se else nn.Identity()
+            SEBlock(out_channels, internal_neurons=max(1, out_channels // se_reduction))
+            if use_se
+            else nn.Identity()
         )
         self.nonlinearity = nn.ReLU(inplace=True)  # its input, a fresh sum, is needed by no one else
 

@@ -41,6 +41,13 @@ class RepVGG(nn.Module):
             stride 32. Small images (28-32 px) keep more resolution with e.g. ``(1, 1, 2, 2, 2)``.
         block: the training-time block design, a key of :data:`repvgg.blocks.BLOCK_DESIGNS` (e.g.
             ``"qarepvgg"`` or a Table 6/7 ablation); every design deploys to the same plain network.
+        output_stride, dilation_mode: dilate the last stages instead of striding them (8 or 16; ``"fast"``
+            dilates only the last 5 layers, the paper's PSPNet "-fast" backbones).
+        dilations: the dilation of every 3x3 layer of each of stages 0-4, as mmpretrain's ``dilations``
+            (an alternative to ``output_stride``, which sets them from the strides given up).
+        base_channels: the channels ``64`` of the width formula (mmpretrain's ``base_channels``): stage
+            widths are ``int(base*a), int(2*base*a), int(4*base*a), int(8*base*b)``.
+        se_reduction: the SE block's reduction, ``internal = out // se_reduction`` (the authors' 16).
     """
 
     def __init__(
@@ -58,6 +65,9 @@ class RepVGG(nn.Module):
         block: str = "repvgg",
         output_stride: int | None = None,
         dilation_mode: str = "full",
+        dilations: Sequence[int] | None = None,
+        base_channels: int = 64,
+        se_reduction: int = 16,
     ) -> None:
         super().__init__()
         block_design(block)  # an unknown design fails here, before any layer is built
@@ -86,6 +96,19 @@ class RepVGG(nn.Module):
         self.strides = tuple(int(s) for s in strides)
         self.output_stride = output_stride
         self.dilation_mode = dilation_mode
+        if dilations is not None and (
+            output_stride is not None or len(dilations) != 5 or any(int(d) < 1 for d in dilations)
+        ):
+            raise ModelConfigError(
+                f"dilations must give a dilation of at least 1 for each of the five stages, without "
+                f"output_stride (which sets them itself); got {dilations} and output_stride {output_stride}."
+            )
+        if base_channels < 1 or se_reduction < 1:
+            raise ModelConfigError(
+                f"base_channels and se_reduction must be at least 1, got {base_channels} and {se_reduction}."
+            )
+        self.dilations = tuple(int(d) for d in dilations) if dilations is not None else None
+        self.base_channels, self.se_reduction = int(base_channels), int(se_reduction)
         stage_strides, stage_dilations = dilated_strides(self.strides, output_stride, dilation_mode)
         self.block = block
         # What the model's record holds besides its architecture and form (see :attr:`info`).
@@ -93,11 +116,14 @@ class RepVGG(nn.Module):
         self.class_names: list[str] | None = None
         self.preprocessing: Preprocessing | None = None  # how images were prepared in training
 
-        widths = stage_widths(self.width_multiplier)
+        widths = stage_widths(self.width_multiplier, self.base_channels)
         self._layer_index = 0
         depths = (1, *self.num_blocks)
-        dilations = [stage_dilations[i](depths[i]) for i in range(5)]
-        self.stage0 = self._make_block(in_chans, widths[0], stage_strides[0])
+        if self.dilations is not None:
+            dilations = [[self.dilations[i]] * depths[i] for i in range(5)]
+        else:
+            dilations = [stage_dilations[i](depths[i]) for i in range(5)]
+        self.stage0 = self._make_block(in_chans, widths[0], stage_strides[0], dilations[0][0])
         self.stage1 = self._make_stage(widths[0], widths[1], stage_strides[1], dilations[1])
         self.stage2 = self._make_stage(widths[1], widths[2], stage_strides[2], dilations[2])
         self.stage3 = self._make_stage(widths[2], widths[3], stage_strides[3], dilations[3])
@@ -120,6 +146,7 @@ class RepVGG(nn.Module):
             deploy=self._build_deployed,
             use_se=self.use_se,
             block=self.block,
+            se_reduction=self.se_reduction,
         )
         self._layer_index += 1
         return block
@@ -151,6 +178,9 @@ class RepVGG(nn.Module):
             "block": self.block,
             "output_stride": self.output_stride,
             "dilation_mode": self.dilation_mode,
+            "dilations": list(self.dilations) if self.dilations is not None else None,
+            "base_channels": self.base_channels,
+            "se_reduction": self.se_reduction,
         }
 
     @property
@@ -295,10 +325,16 @@ def dilated_strides(
     return new_strides, [layers(stage) for stage in range(5)]
 
 
-def stage_widths(width_multiplier: Sequence[float]) -> tuple[int, int, int, int, int]:
-    """Output channels of stages 0-4 for ``width_multiplier = [a, a, a, b]``."""
+def stage_widths(width_multiplier: Sequence[float], base: int = 64) -> tuple[int, int, int, int, int]:
+    """Output channels of stages 0-4 for ``width_multiplier = [a, a, a, b]`` (``base`` is the paper's 64)."""
     a1, a2, a3, b = width_multiplier
-    return (min(64, int(64 * a1)), int(64 * a1), int(128 * a2), int(256 * a3), int(512 * b))
+    return (
+        min(base, int(base * a1)),
+        int(base * a1),
+        int(2 * base * a2),
+        int(4 * base * a3),
+        int(8 * base * b),
+    )
 
 
 def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
