@@ -237,9 +237,14 @@ class TrainConfig:
             )
 
     def changes_from(self, saved: dict[str, Any]) -> list[str]:
-        """The fields that differ from a saved run's ``config.json`` and may not change on resume."""
+        """The fields that differ from a saved run's ``config.json`` and may not change on resume (a value
+        left to the run, None, takes the run's own)."""
         current = self.as_saved()
-        return [k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
+        return [
+            k
+            for k in current
+            if k not in RESUMABLE_CHANGES and k in saved and current[k] is not None and saved[k] != current[k]
+        ]
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -14,6 +14,7 @@ same, and saves both forms in this package's checkpoint format.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -48,6 +49,7 @@ from repvgg.engine.distributed import (
     ranks_agree,
     shutdown,
 )
+from repvgg.engine.environment import device_name, environment
 from repvgg.engine.evaluation import AMP_DTYPES, EvalResult, eval_loader, evaluate
 from repvgg.exceptions import CheckpointError, DataError, ModelConfigError, TrainingError
 from repvgg.io.checkpoints import (
@@ -560,6 +562,7 @@ class ClassificationRun:
         )
         self.model = self._build_model(build_network)
         workers = config.workers if config.workers is not None else default_workers(self.data)
+        self.workers = workers
         loader = self._train_loader(workers)
         global_batch = config.batch_size * context.world_size
         self.lr = config.lr if config.lr is not None else 0.1 * global_batch / 256
@@ -677,15 +680,53 @@ class ClassificationRun:
     def resume(self) -> None:
         self.trainer.resume()
 
+    def _best_epoch(self) -> int | None:
+        """The epoch with the best validation top-1, from the whole run's metrics (a resumed run too)."""
+        path = self.output / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        scored = [r for r in records if isinstance(r.get("val_top1"), int | float)]
+        return max(scored, key=lambda r: r["val_top1"])["epoch"] if scored else None
+
+    def resolved_config(self) -> TrainConfig:
+        """The configuration with every value the run chose filled in (learning rate, strides, image size,
+        device, workers): what ``config.json`` holds, so that it repeats this very run."""
+        config = self.config
+        return dataclasses.replace(
+            config,
+            lr=self.lr,
+            strides=list(config.strides or strides_for_image_size(self.data.image_size)),
+            image_size=self.data.image_size,
+            device=str(self.context.device.type),
+            workers=self.workers,
+        )
+
+    def header(self) -> str:
+        """What the run is about to do, in a few lines (printed at the start)."""
+        config, resolved, data = self.config, self.resolved_config(), self.data
+        parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return (
+            f"{config.model} ({config.block} blocks, {parameters:,} trainable parameters) on {config.data}: "
+            f"{len(data.train):,} training / {len(data.val):,} validation images, "  # type: ignore[arg-type]
+            f"{data.image_size} px, {data.num_classes} classes, strides {tuple(resolved.strides or ())}\n"
+            f"{config.epochs} epochs, batch {config.batch_size} x {self.context.world_size} process(es), lr "
+            f"{self.lr:g}{' (0.1 x global batch / 256)' if config.lr is None else ''}, device "
+            f"{device_name(self.context.device)}, {self.workers} data workers; writing to {self.output}"
+        )
+
     def run(self) -> dict[str, Any]:
         """Train, then evaluate the final model in both forms, check they agree, and save both."""
+        started = time.perf_counter()
         if self.context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            write_json(self.output / "config.json", self.config.as_saved(), what="the run's configuration")
+            saved = self.resolved_config().as_saved()
+            write_json(self.output / "config.json", saved, what="the run's configuration")
+            print(self.header(), flush=True)
         self.trainer.fit()
-        return self._finish()
+        return self._finish(time.perf_counter() - started)
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, seconds: float) -> dict[str, Any]:
         trainer, task = self.trainer, self.task
         task.on_bad_images = None  # the validation set's unreadable images were counted in every epoch
         final: nn.Module = trainer.ema.module if trainer.ema is not None else self.model
@@ -706,6 +747,9 @@ class ClassificationRun:
             "bad_images_skipped": trainer.bad_images,
             "processes": self.context.world_size,
             "ranks_hold_identical_weights": identical,
+            "best_epoch": self._best_epoch(),
+            "wall_seconds": seconds,
+            "environment": environment(self.context.device),
         }
         deployed_model = reparameterize(final) if is_convertible(final) else None
         if deployed_model is not None:  # the relu_in_branch block and the residual layout have no plain form
@@ -768,6 +812,8 @@ def train(
     if resume:
         saved = load_run_config(Path(config.output) / "config.json")
         changed = config.changes_from(saved)
+        left_to_the_run = {k: saved[k] for k in saved if hasattr(config, k) and getattr(config, k) is None}
+        config = dataclasses.replace(config, **left_to_the_run)  # the run's own values, as config.json says
         if changed:
             names = ", ".join(f"`{name}` ({saved[name]!r} -> {getattr(config, name)!r})" for name in changed)
             raise TrainingError(

@@ -1,0 +1,51 @@
+"""Where and how a run ran: versions, device, CPU capability, command line, source revision. Written into
+every run's ``summary.json`` so that a figure can be traced to the machine and code that produced it."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import repvgg
+
+
+def _git_revision() -> str | None:
+    """The commit of the source tree this package runs from, when it is a git checkout (else None)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(repvgg.__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    return {
+        "repvgg": repvgg.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": device_name(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "command": sys.argv,
+        "git_revision": _git_revision(),
+    }

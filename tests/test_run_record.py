@@ -1,0 +1,46 @@
+"""A run says what it does: a start-up header, a resolved config.json, a summary with its environment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from repvgg.engine.config import TrainConfig
+from repvgg.engine.training import train
+from tests.test_data import fake_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fashion"), train=128, test=64)
+
+
+def test_a_run_prints_a_header_resolves_its_config_and_records_its_environment(
+    fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    config = TrainConfig(data_dir=str(fashion), output=str(run), epochs=2, batch_size=32, progress=False)
+    summary = train(config)
+    header = capsys.readouterr().out.splitlines()[:2]
+    assert (
+        header[0].startswith("repvgg_a0 (repvgg blocks, ")
+        and "128 training / 64 validation images" in header[0]
+    )
+    assert "28 px, 10 classes, strides (1, 2, 2, 2, 2)" in header[0]
+    assert "lr 0.0125 (0.1 x global batch / 256)" in header[1] and "0 data workers" in header[1]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["lr"] == 0.0125 and saved["strides"] == [1, 2, 2, 2, 2] and saved["image_size"] == 28
+    assert saved["device"] == "cpu" and saved["workers"] == 0, "no nulls: config.json repeats this very run"
+    environment = summary["environment"]
+    assert {"repvgg", "python", "torch", "torchvision", "device", "cpu_capability", "command"} <= set(
+        environment
+    )
+    assert summary["best_epoch"] in (1, 2) and summary["wall_seconds"] > 0
+    again = TrainConfig.from_dict({**saved, "output": str(tmp_path / "again")})
+    repeated = train(again)["train_form"]
+    assert (repeated["top1"], repeated["loss"]) == (
+        summary["train_form"]["top1"],
+        summary["train_form"]["loss"],
+    )
