@@ -44,3 +44,31 @@ def test_a_run_prints_a_header_resolves_its_config_and_records_its_environment(
         summary["train_form"]["top1"],
         summary["train_form"]["loss"],
     )
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_eval_writes_a_results_file_with_per_class_figures_and_a_confusion_matrix(
+    fashion: Path, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import repvgg
+    from repvgg.cli import main
+    from tests.helpers import small_model
+
+    checkpoint = repvgg.save_checkpoint(small_model(), tmp_path / "m.safetensors")
+    results = tmp_path / f"results{suffix}"
+    argv = ["eval", str(checkpoint), "--data-dir", str(fashion), "--results-file", str(results)]
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 per class: T-shirt/top " in out and f"wrote {results}" in out
+    assert (tmp_path / "results_confusion.png").read_bytes()[:4] == b"\x89PNG"
+    if suffix == ".json":
+        record = json.loads(results.read_text())
+        assert len(record["per_class"]) == 10 and sum(r["images"] for r in record["per_class"]) == 64
+        assert sum(map(sum, record["confusion"])) == 64 and record["class_names"][0] == "T-shirt/top"
+        diagonal = sum(record["confusion"][i][i] for i in range(10))
+        assert abs(100 * diagonal / 64 - record["top1"]) < 1e-9, "the matrix and top-1 agree"
+    else:
+        lines = results.read_text().splitlines()
+        assert lines[0] == "class,images,top1" and lines[1].startswith("T-shirt/top,") and len(lines) == 12
+        assert lines[-1].startswith("all,64,")
+    assert main(["eval", str(checkpoint), "--data-dir", str(fashion), "--results-file", "x.txt"]) == 2

@@ -194,9 +194,16 @@ def _eval(args: argparse.Namespace) -> int:
         amp=args.amp,
         backend=args.backend,
         image_size=args.image_size,
+        results_file=args.results_file,
+        progress=not args.no_progress,
     )
     for note in result.notes:
         print(f"note: {note}")
+    per_class = result.per_class_top1()
+    if per_class and len(per_class) <= 30:  # a longer list belongs in the results file
+        names = result.class_names or tuple(str(i) for i in range(len(per_class)))
+        shown = [f"{n} {'-' if v is None else f'{v:.1f}'}" for n, v in zip(names, per_class, strict=False)]
+        print(f"top-1 per class: {', '.join(shown)}")
     print(
         f"{args.checkpoint}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f} "
         f"on {result.images} {args.data} validation images, {result.images_per_s:.0f} img/s"
@@ -556,6 +563,13 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     evaluation.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
     _add_data_arguments(evaluation)
     evaluation.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
+    evaluation.add_argument(
+        "--results-file",
+        default=None,
+        help="write the figures with each class's top-1 to this .json or .csv (and the confusion matrix "
+        "as a PNG beside it)",
+    )
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluation.add_argument(
         "--val-subset", type=positive_int, default=None, help="evaluate on this many images (default: all)"
     )

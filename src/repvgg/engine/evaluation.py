@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from repvgg.engine.data import build_data, collate_reporting_bad, default_worker
 from repvgg.engine.distributed import DistContext, all_reduce_sum, init_distributed
 from repvgg.exceptions import DataError, InferenceError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint
+from repvgg.io.files import atomic_write, writable_or_raise
 from repvgg.io.images import BadImage
+from repvgg.io.jsonfile import write_json
 from repvgg.runtime.optimize import optimize
 
 #: Mixed-precision choices of training and evaluation (``autocast`` dtypes).
@@ -37,6 +40,13 @@ class EvalResult:
     images: int
     seconds: float
     notes: tuple[str, ...] = ()  # what the user should know about how the figures were made
+    #: images per (true class, predicted class); row sums are each class's images
+    confusion: tuple[tuple[int, ...], ...] = ()
+    class_names: tuple[str, ...] = ()  # of the dataset, where known
+
+    def per_class_top1(self) -> list[float | None]:
+        """Top-1 of each class in percent (None for a class with no images)."""
+        return [100.0 * row[i] / sum(row) if sum(row) else None for i, row in enumerate(self.confusion)]
 
     @property
     def images_per_s(self) -> float:
@@ -80,13 +90,19 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     on_bad_images: Callable[[list[BadImage]], None] | None = None,
+    progress: bool = False,
 ) -> EvalResult:
-    """Top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+    """Top-1 and top-5 accuracy (percent), mean cross-entropy and the confusion matrix of ``model`` over
+    ``loader`` (summed over all processes)."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    confusion: torch.Tensor | None = None
     start = time.perf_counter()
-    for images, labels, bad in loader:
+    bar = tqdm(loader, desc="eval", unit="batch", disable=not progress or not context.is_main, leave=False)
+    for images, labels, bad in bar:
         if bad and on_bad_images is not None:
             on_bad_images(bad)
         if len(labels) == 0:
@@ -98,6 +114,9 @@ def evaluate(
         with torch.autocast(context.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         logits = logits.float()
+        classes = logits.shape[1]
+        pairs = torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes).cpu()
+        confusion = pairs if confusion is None else confusion + pairs
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(labels[:, None])
@@ -112,6 +131,11 @@ def evaluate(
         )
     seconds = time.perf_counter() - start
     totals = all_reduce_sum(totals, context)
+    matrix: tuple[tuple[int, ...], ...] = ()
+    if confusion is not None:
+        summed = all_reduce_sum(confusion.double(), context).long()
+        size = math.isqrt(len(summed))
+        matrix = tuple(tuple(int(v) for v in row) for row in summed.reshape(size, size).tolist())
     model.train(was_training)
     count = max(float(totals[3]), 1.0)
     return EvalResult(
@@ -120,7 +144,74 @@ def evaluate(
         loss=float(totals[2]) / count,
         images=int(totals[3]),
         seconds=seconds,
+        confusion=matrix,
     )
+
+
+def write_results(
+    result: EvalResult, path: Path, *, class_names: list[str], about: dict[str, Any]
+) -> list[Path]:
+    """The figures of an evaluation as ``.json`` (everything: totals, per class, confusion matrix) or ``.csv``
+    (one row per class, then ``all``), by ``path``'s suffix; and the confusion matrix as a PNG beside it."""
+    _check_results_file(path)
+    per_class = [
+        {"class": name, "images": sum(row), "top1": top1}
+        for name, row, top1 in zip(class_names, result.confusion, result.per_class_top1(), strict=True)
+    ]
+    what = "the evaluation results"
+    if path.suffix == ".json":
+        record = {**about, **result.as_dict(), "images": result.images, "notes": list(result.notes)}
+        confusion = [list(row) for row in result.confusion]
+        record.update(class_names=class_names, per_class=per_class, confusion=confusion)
+        write_json(path, record, what=what, error_type=DataError)
+    else:
+        lines = ["class,images,top1"]
+        for row in per_class:
+            top1 = "" if row["top1"] is None else f"{row['top1']:.4f}"
+            lines.append(f"{_csv(row['class'])},{row['images']},{top1}")
+        lines.append(f"all,{result.images},{result.top1:.4f}")
+        text = "\n".join(lines) + "\n"
+        atomic_write(path, lambda target: target.write_text(text), what=what, error_type=DataError)
+    picture = path.with_name(path.stem + "_confusion.png")
+    _confusion_png(result, class_names, picture)
+    return [path, picture]
+
+
+def _check_results_file(path: Path) -> None:
+    if path.suffix not in (".json", ".csv"):
+        raise DataError(f"`results_file` must end in .json or .csv, got {path.name}.")
+
+
+def _csv(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def _confusion_png(result: EvalResult, class_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = torch.tensor(result.confusion, dtype=torch.float64)
+    rows = matrix / matrix.sum(1, keepdim=True).clamp_min(1)  # each true class's share of predictions
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    axes.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(
+        f"top-1 {result.top1:.2f}% on {result.images} images (rows: share of each true class)", fontsize=9
+    )
+    figure.tight_layout()
+    atomic_write(
+        path,
+        lambda target: figure.savefig(target, dpi=110, format="png"),
+        what="the confusion matrix",
+        error_type=DataError,
+    )
+    plt.close(figure)
 
 
 def evaluate_checkpoint(
@@ -135,14 +226,20 @@ def evaluate_checkpoint(
     amp: str = "none",
     backend: str | None = None,
     image_size: int | None = None,
+    results_file: str | Path | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Top-1/top-5 of a checkpoint (any format :func:`repvgg.load_checkpoint` reads) on a validation set.
 
     Images are prepared at the size the checkpoint records (its training size) unless ``image_size`` says
     otherwise, which the result's notes then say. Without ``backend`` the checkpoint is evaluated as stored,
     in eager PyTorch; with one, it is first converted and run by :func:`optimize` (timed on one batch of the
-    validation set). Weights that are not finite are refused.
+    validation set). Weights that are not finite are refused. ``results_file`` (``.json`` or ``.csv``) gets
+    the figures with each class's top-1 (and a PNG of the confusion matrix beside it).
     """
+    if results_file is not None:
+        _check_results_file(Path(results_file))
+        writable_or_raise(results_file, DataError)
     if amp not in AMP_DTYPES:
         raise TrainingError(f"`amp` must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")
     model = load_checkpoint(checkpoint)
@@ -183,5 +280,11 @@ def evaluate_checkpoint(
         if bad:
             refuse(bad)
         runner = optimize(model, backend, example_input=images.to(context.device))
-    result = evaluate(runner, loader, context, amp_dtype=AMP_DTYPES[amp], on_bad_images=refuse)
-    return dataclasses.replace(result, notes=notes)
+    result = evaluate(
+        runner, loader, context, amp_dtype=AMP_DTYPES[amp], on_bad_images=refuse, progress=progress
+    )
+    if results_file is not None and context.is_main:
+        about = {"checkpoint": str(checkpoint), "data": data, "image_size": bundle.image_size}
+        written = write_results(result, Path(results_file), class_names=bundle.class_names, about=about)
+        notes = (*notes, f"wrote {' and '.join(str(p) for p in written)}")
+    return dataclasses.replace(result, notes=notes, class_names=tuple(bundle.class_names))
