@@ -18,7 +18,7 @@ def _git_revision() -> str | None:
     """The commit of the source tree this package runs from, when it is a git checkout (else None)."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "rev-parse", "HEAD"],
             cwd=Path(repvgg.__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -26,7 +26,7 @@ def _git_revision() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    return result.stdout.strip()[:12] or None if result.returncode == 0 else None
 
 
 def device_name(device: torch.device) -> str:
