@@ -72,3 +72,39 @@ def test_eval_writes_a_results_file_with_per_class_figures_and_a_confusion_matri
         assert lines[0] == "class,images,top1" and lines[1].startswith("T-shirt/top,") and len(lines) == 12
         assert lines[-1].startswith("all,64,")
     assert main(["eval", str(checkpoint), "--data-dir", str(fashion), "--results-file", "x.txt"]) == 2
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_predict_over_a_folder_and_a_glob_writes_a_results_file(
+    fashion: Path, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    import repvgg
+    from repvgg.cli import main
+    from repvgg.engine.data import build_data, write_sample_images
+    from tests.helpers import small_model
+
+    checkpoint = repvgg.save_checkpoint(small_model(), tmp_path / "m.safetensors")
+    images = write_sample_images(build_data("fashion-mnist", fashion), tmp_path / "images" / "nested", 5)
+    output = tmp_path / f"predictions{suffix}"
+    argv = ["predict", str(checkpoint), str(tmp_path / "images"), "--topk", "2", "--output", str(output)]
+    assert main(argv) == 0
+    if suffix == ".csv":
+        rows = list(csv.DictReader(output.open()))
+        assert [row["path"] for row in rows] == [str(p) for p in images]
+        assert set(rows[0]) == {"path", "class_1", "probability_1", "class_2", "probability_2"}
+        assert float(rows[0]["probability_1"]) >= float(rows[0]["probability_2"])
+    else:
+        record = json.loads(output.read_text())
+        assert (
+            len(record) == 5
+            and len(record[0]["top"]) == 2
+            and record[0]["top"][0]["class"].startswith("class")
+        )
+    capsys.readouterr()
+    assert main(["predict", str(checkpoint), str(tmp_path / "images" / "nested" / "*.png")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5, "a glob names the files it matches"
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(checkpoint), str(tmp_path / "empty")]) == 2
+    assert main(["predict", str(checkpoint), str(images[0]), "--output", str(tmp_path / "p.txt")]) == 2

@@ -251,12 +251,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from repvgg.runtime.predict import predict
+    from repvgg.io.images import image_files
+    from repvgg.runtime.predict import check_predictions_file, predict, write_predictions
 
     _note_guesses(args.checkpoint)
+    if args.output is not None:  # before the work: a wrong name or place is said at once
+        check_predictions_file(args.output)
     predictions, bad = predict(
         args.checkpoint,
-        args.images,
+        image_files(args.images),
         topk=args.topk,
         batch_size=args.batch_size,
         backend=args.backend,
@@ -268,6 +271,8 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"{prediction.path}: {labels}")
     for image in bad:
         print(f"repvgg predict: error: {image.error('it was skipped')}", file=sys.stderr)
+    if args.output is not None:
+        print(f"wrote {write_predictions(predictions, args.output)}")
     return 1 if bad else 0
 
 
@@ -618,7 +623,12 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
 
     predict = command("predict", _predict, "top-k classes of image files")
     predict.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument(
+        "images", nargs="+", help="image files, folders (searched recursively) or glob patterns"
+    )
+    predict.add_argument(
+        "--output", default=None, help="also write the predictions to this .csv or .json file"
+    )
     predict.add_argument("--topk", type=positive_int, default=5, help="classes to show per image")
     predict.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
     predict.add_argument(

@@ -3,10 +3,13 @@ from deep inside a data loader."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,3 +100,28 @@ def _reason(path: PathLike, error: Exception) -> str:
         return "empty file" if empty else "not an image file that Pillow can read"
     message = " ".join(f"{type(error).__name__}: {error}".split())
     return message if len(message) <= MAX_REASON else message[: MAX_REASON - 3] + "..."
+
+
+#: The suffixes of the image files a folder is searched for (as torchvision's ImageFolder reads them).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def image_files(sources: Sequence[PathLike]) -> list[Path]:
+    """The image files that ``sources`` name: files as given (a missing one is kept, to be reported as
+    unreadable), folders searched recursively for :data:`IMAGE_SUFFIXES`, and glob patterns expanded."""
+    found: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise DataError(f"The folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+            found += inside
+        elif not path.exists() and glob.has_magic(str(source)):
+            matches = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"The pattern {source} matches no file.")
+            found += matches
+        else:
+            found.append(path)
+    return found

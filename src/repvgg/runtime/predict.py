@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,8 +16,9 @@ from repvgg.core.int8 import QuantizedRepVGG
 from repvgg.core.reparam import refuse_nonfinite
 from repvgg.exceptions import DataError, InferenceError
 from repvgg.io.checkpoints import load_checkpoint
-from repvgg.io.files import PathLike
+from repvgg.io.files import PathLike, atomic_write, writable_or_raise
 from repvgg.io.images import BadImage, open_image
+from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import resolve_device
 from repvgg.runtime.optimize import optimize
 
@@ -90,3 +94,40 @@ def predict(
             top = [(names[int(i)], float(v)) for v, i in zip(row_values, row_indices, strict=True)]
             predictions.append(Prediction(path, top))
     return predictions, bad
+
+
+def write_predictions(predictions: Sequence[Prediction], path: PathLike) -> Path:
+    """The predictions as ``.csv`` (one row per image: path, then class and probability for each rank) or
+    ``.json`` (a list of ``{"path", "top": [{"class", "probability"}]}``), by suffix; written atomically."""
+    target = Path(path)
+    if target.suffix == ".json":
+        rows = [
+            {"path": p.path, "top": [{"class": label, "probability": prob} for label, prob in p.top]}
+            for p in predictions
+        ]
+        write_json(target, rows, what="the predictions", error_type=InferenceError)
+        return target
+    if target.suffix != ".csv":
+        raise InferenceError(f"`output` must end in .csv or .json, got {target.name}.")
+    ranks = max((len(p.top) for p in predictions), default=0)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(
+        ["path", *(f"{name}_{k}" for k in range(1, ranks + 1) for name in ("class", "probability"))]
+    )
+    for prediction in predictions:
+        writer.writerow(
+            [prediction.path, *(v for label, prob in prediction.top for v in (label, f"{prob:.6f}"))]
+        )
+    text = buffer.getvalue()
+    atomic_write(
+        target, lambda file: file.write_text(text), what="the predictions", error_type=InferenceError
+    )
+    return target
+
+
+def check_predictions_file(path: PathLike) -> None:
+    """Refuse, before any work, a predictions file that :func:`write_predictions` could not write."""
+    if Path(path).suffix not in (".csv", ".json"):
+        raise InferenceError(f"`output` must end in .csv or .json, got {Path(path).name}.")
+    writable_or_raise(path, InferenceError)
