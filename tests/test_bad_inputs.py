@@ -405,7 +405,7 @@ CONFIGS = args(
 BAD_DATA_DIRS = args("data_missing data_empty text data_corrupt data_truncated data_mismatch")
 DATA_DIR_COMMANDS = args("eval quantize train train-seg ablate demo")
 
-BAD_IMAGES = args("missing text empty folder ckpt truncated")  # predict skips them, says so, exits 1
+BAD_IMAGES = args("missing text empty ckpt truncated")  # predict skips them, says so, exits 1
 
 ARGPARSE: dict[str, tuple[str, ...]] = {
     "no-command": (),
@@ -455,6 +455,8 @@ def _cases() -> Iterator[Case]:
             yield Case(f"data-dir-{command}-{bad}", (*BASE[command], "--data-dir", "{" + bad + "}"))
     for bad in BAD_IMAGES:
         yield Case(f"image-{bad}", (*BASE["predict"], "{" + bad + "}"), code=1)
+    yield Case("image-folder-without-images", (*BASE["predict"], "{folder}"))  # searched: none there
+    yield Case("image-pattern-matching-nothing", (*BASE["predict"], "{tmp}/nothing-*.png"))
 
 
 def _param(case: Case) -> object:
