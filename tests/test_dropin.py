@@ -228,3 +228,8 @@ def test_timm_s_reparameterize_model_converts_ours() -> None:
         assert (
             converted.deploy and not model.deploy and relative_error(converted(inputs), model(inputs)) < 1e-5
         )
+
+
+def test_list_models_takes_timm_s_patterns() -> None:
+    assert repvgg.list_models("*b1*") == ["repvgg_b1", "repvgg_b1g2", "repvgg_b1g4"]
+    assert repvgg.list_models() == list(repvgg.MODEL_SPECS) and repvgg.list_models("resnet*") == []

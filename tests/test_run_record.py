@@ -108,3 +108,12 @@ def test_predict_over_a_folder_and_a_glob_writes_a_results_file(
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(checkpoint), str(tmp_path / "empty")]) == 2
     assert main(["predict", str(checkpoint), str(images[0]), "--output", str(tmp_path / "p.txt")]) == 2
+
+
+def test_the_models_table_keeps_whole_names_when_piped() -> None:
+    import subprocess
+    import sys
+
+    code = "from repvgg.cli import main; main(['models'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "repvgg_b1g2" in result.stdout and "repvgg_b1g4" in result.stdout and "…" not in result.stdout

@@ -117,6 +117,7 @@ def _models_table(args: argparse.Namespace) -> int:
     for line in cells:
         table.add_row(*line)
     console = Console()
+    console = Console(width=max(console.width, 120))  # piped, rich would cut names to fit 80 columns
     console.print(table)
     console.print(f"Paper top-1 (ImageNet) from: {sources}.")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,9 +100,10 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
-def list_models() -> list[str]:
-    """Names of every registered model, in the paper's order."""
-    return list(MODEL_SPECS)
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the registered models matching a shell-style ``pattern`` (timm's ``list_models("*b1*")``),
+    in the paper's order."""
+    return [name for name in MODEL_SPECS if fnmatch.fnmatchcase(name, pattern.lower())]
 
 
 def canonical_name(name: str) -> str:
