@@ -96,3 +96,31 @@ def test_train_seg_starts_the_backbone_from_a_classification_checkpoint(
         assert main([*arguments, "--backbone-weights", str(rgb), "--output", str(tmp_path / "run2")]) == 0
     stem = load_file(tmp_path / "run2" / "pspnet_train.safetensors")["backbone.stage0.rbr_dense.conv.weight"]
     assert torch.equal(stem, rgb_model.stage0.rbr_dense.conv.weight.sum(1, keepdim=True))
+
+
+def test_train_seg_follows_the_run_folder_rules_of_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    root = fake_fashion_mnist(tmp_path / "fashion", train=32, test=16)
+    run = tmp_path / "run"
+    arguments = ["train-seg", "--data-dir", str(root), "--batch-size", "4", "--head-channels", "16"]
+    arguments += ["--output", str(run), "--no-progress"]
+    assert main([*arguments, "--epochs", "1"]) == 0
+    for name in ("last.pt", "metrics.jsonl", "config.json", "summary.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    def digest() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
+
+    before = digest()
+    capsys.readouterr()
+    assert main([*arguments, "--epochs", "1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err and digest() == before
+    assert main([*arguments, "--epochs", "1", "--lr", "0.5", "--resume"]) == 2
+    assert main([*arguments, "--epochs", "2", "--resume"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2] and "overwrite" not in json.loads((run / "config.json").read_text())
+    assert main([*arguments, "--epochs", "1", "--overwrite"]) == 0

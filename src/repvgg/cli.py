@@ -307,8 +307,8 @@ def _quantize(args: argparse.Namespace) -> int:
 def _train_seg(args: argparse.Namespace) -> int:
     from repvgg.studies.segmentation import SegTrainConfig, train_segmentation
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress")}
-    summary = train_segmentation(SegTrainConfig(**options, progress=not args.no_progress))
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress", "resume")}
+    summary = train_segmentation(SegTrainConfig(**options, progress=not args.no_progress), resume=args.resume)
     speed = summary["speed"]
     for form in ("train_form", "deploy_form"):
         result = summary[form]
@@ -678,6 +678,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     seg.add_argument("--seed", type=seed, default=0, help="random seed")
     seg.add_argument("--output", default="runs/pspnet", help="run folder")
     seg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    seg.add_argument("--resume", action="store_true", help="continue the run in --output")
+    seg.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
 
     ablate = command(
         "ablate", _ablate, "train block variants with identical settings and seeds: Tables 6 and 7"

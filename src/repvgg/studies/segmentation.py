@@ -22,8 +22,9 @@ from repvgg.core.backbone import RepVGGFeatures
 from repvgg.core.fusion import conv_bn_relu
 from repvgg.core.registry import create_model
 from repvgg.core.reparam import reparameterize
+from repvgg.engine.config import load_run_config
 from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
-from repvgg.engine.training import LRSchedule, Task, Trainer
+from repvgg.engine.training import LRSchedule, Task, Trainer, check_run_folder
 from repvgg.exceptions import ModelConfigError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
 from repvgg.io.files import output_folder
@@ -171,6 +172,14 @@ class SegTrainConfig:
     seed: int = 0
     output: str = "runs/pspnet"
     progress: bool = True
+    overwrite: bool = False  # replace a run already in ``output``; never saved in config.json
+
+    def as_saved(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "overwrite"}
+
+
+#: What may change when a segmentation run is resumed (more epochs re-stretch the poly schedule).
+RESUMABLE = ("epochs", "progress", "output", "data_dir")
 
 
 @torch.inference_mode()
@@ -245,10 +254,18 @@ class Segmentation(Task):
         )
 
 
-def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
+def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train PSPNet-RepVGG with SGD and the poly schedule (the one Trainer), then convert it and evaluate
     both forms."""
     output = output_folder(config.output, TrainingError)
+    check_run_folder(output, resume=resume, overwrite=config.overwrite)  # the rules of `repvgg train`
+    if resume:
+        saved = load_run_config(output / "config.json")
+        current = config.as_saved()
+        changed = [k for k in current if k not in RESUMABLE and k in saved and saved[k] != current[k]]
+        if changed:
+            names = ", ".join(f"`{k}`" for k in changed)
+            raise TrainingError(f"Resuming cannot change {names}: drop those options, or start a new run.")
     torch.manual_seed(config.seed)
     bundle = build_segmentation_data(
         config.data,
@@ -270,7 +287,7 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
     )
     if config.backbone_weights is not None:
         load_checkpoint(config.backbone_weights, model.backbone, adapt_in_chans=True)
-    write_json(output / "config.json", dataclasses.asdict(config), what="the run's configuration")
+    write_json(output / "config.json", config.as_saved(), what="the run's configuration")
     train_loader = DataLoader(
         bundle.train, config.batch_size, shuffle=True, drop_last=True, generator=torch.Generator()
     )
@@ -291,6 +308,8 @@ def train_segmentation(config: SegTrainConfig) -> dict[str, Any]:
         seed=config.seed,
         progress=config.progress,
     )
+    if resume:
+        trainer.resume()
     trainer.fit()
     deployed_model = reparameterize(model.eval())
     forms, changed = evaluate_forms(
