@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -200,3 +201,14 @@ def test_export_that_disagrees_with_pytorch_is_not_written(
     with pytest.raises(ExportError, match=r"differs from PyTorch .* not written"):
         export_model(small_model(), tmp_path / "model.pt", to="torchscript")
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_onnx_files_carry_the_class_names_and_preprocessing(tmp_path: Path) -> None:
+    import onnxruntime
+
+    model = small_model()
+    result = export_model(model, tmp_path / "model.onnx", to="onnx")
+    metadata = onnxruntime.InferenceSession(str(result.path)).get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["class_names"]) == model.class_names
+    assert json.loads(metadata["preprocessing"]) == model.preprocessing.as_dict()
+    assert metadata["form"] == "deploy", "the file holds the converted network"

@@ -140,7 +140,18 @@ def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
     assert program is not None
     proto = program.model_proto
     _name_dynamic_axes(proto)
+    _record_model_info(proto, model)
     return proto.SerializeToString()
+
+
+def _record_model_info(proto: Any, model: nn.Module) -> None:
+    """The model's record as ONNX metadata (``metadata_props``): class names, preprocessing (size, resize,
+    mean, std), name and config, as JSON strings, so that a runtime without this package can label outputs
+    and prepare inputs (onnxruntime: ``session.get_modelmeta().custom_metadata_map``)."""
+    for key, value in model_info(model).to_metadata().items():
+        if value:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
 
 
 def _name_dynamic_axes(proto: Any) -> None:
