@@ -117,3 +117,17 @@ def test_the_models_table_keeps_whole_names_when_piped() -> None:
     code = "from repvgg.cli import main; main(['models'])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "repvgg_b1g2" in result.stdout and "repvgg_b1g4" in result.stdout and "…" not in result.stdout
+
+
+def test_predict_says_which_backend_auto_chose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    import repvgg
+    from repvgg.cli import main
+    from tests.helpers import small_model
+
+    checkpoint = repvgg.save_checkpoint(small_model(), tmp_path / "m.safetensors")
+    Image.new("L", (28, 28)).save(tmp_path / "x.png")
+    assert main(["predict", str(checkpoint), str(tmp_path / "x.png"), "--backend", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("note: backend ") and err.split()[2] in ("eager", "inductor", "onnxruntime")

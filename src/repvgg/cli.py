@@ -251,6 +251,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_backend(runner: Any) -> None:
+    """Which backend ``--backend auto`` chose, and the timings it chose by (to stderr: stdout is results)."""
+    message = f"note: backend {runner.backend}"
+    if runner.timings:
+        message += (
+            " (per batch: " + ", ".join(f"{n} {s * 1000:.1f} ms" for n, s in runner.timings.items()) + ")"
+        )
+    if runner.skipped:
+        message += "; " + "; ".join(f"{name} not used: {why}" for name, why in runner.skipped.items())
+    print(message, file=sys.stderr)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from repvgg.io.images import image_files
     from repvgg.runtime.predict import check_predictions_file, predict, write_predictions
@@ -266,6 +278,7 @@ def _predict(args: argparse.Namespace) -> int:
         backend=args.backend,
         preprocessing=args.preprocessing,
         device=args.device,
+        on_backend=_say_backend if args.backend == "auto" else None,
     )
     for prediction in predictions:
         labels = ", ".join(f"{label} {probability:.1%}" for label, probability in prediction.top)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from repvgg.io.files import PathLike, atomic_write, writable_or_raise
 from repvgg.io.images import BadImage, open_image
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import resolve_device
-from repvgg.runtime.optimize import optimize
+from repvgg.runtime.optimize import OptimizedModel, optimize
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,13 @@ def predict(
     backend: str = "eager",
     preprocessing: str | None = None,
     device: str | None = None,
+    on_backend: Callable[[OptimizedModel], None] | None = None,
 ) -> tuple[list[Prediction], list[BadImage]]:
     """Top-k classes of each readable image, in batches; unreadable images are returned, not raised.
 
     ``source`` is a checkpoint (any format the package reads) or a model. Class names and the
     preprocessing come from the checkpoint; ``preprocessing`` names a preset to use instead.
+    ``on_backend`` is told which backend runs the model (with the timings ``auto`` compared) once it is built.
     """
     if topk < 1 or batch_size < 1:
         raise InferenceError("`topk` and `batch_size` must be at least 1.")
@@ -86,6 +88,8 @@ def predict(
         batch = torch.stack([item for _, item in good]).to(target)
         if runner is None:
             runner = optimize(model, backend, example_input=batch, device=target)
+            if on_backend is not None:
+                on_backend(runner)
         with torch.inference_mode():
             probabilities = runner(batch).softmax(dim=1).cpu()
         names = info.class_names or [str(i) for i in range(probabilities.shape[1])]
