@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,6 @@ from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_dat
 from repvgg.engine.training import LRSchedule, Task, Trainer, check_run_folder
 from repvgg.exceptions import ModelConfigError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
-from repvgg.io.files import output_folder
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.measure import time_interleaved
 
@@ -257,7 +257,7 @@ class Segmentation(Task):
 def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train PSPNet-RepVGG with SGD and the poly schedule (the one Trainer), then convert it and evaluate
     both forms."""
-    output = output_folder(config.output, TrainingError)
+    output = Path(config.output)
     check_run_folder(output, resume=resume, overwrite=config.overwrite)  # the rules of `repvgg train`
     if resume:
         saved = load_run_config(output / "config.json")
