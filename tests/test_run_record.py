@@ -131,3 +131,15 @@ def test_predict_says_which_backend_auto_chose(tmp_path: Path, capsys: pytest.Ca
     assert main(["predict", str(checkpoint), str(tmp_path / "x.png"), "--backend", "auto"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("note: backend ") and err.split()[2] in ("eager", "inductor", "onnxruntime")
+
+
+def test_tensorboard_has_grouped_tags_per_step_points_and_hparams(fashion: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(TrainConfig(data_dir=str(fashion), output=str(run), epochs=1, batch_size=8, progress=False))
+    epochs = EventAccumulator(str(run / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/top1", "train/lr", "val/top1", "val/loss"} <= set(epochs)
+    steps = EventAccumulator(str(run / "tensorboard" / "steps")).Reload()
+    assert [event.step for event in steps.Scalars("train/loss")] == [0, 10], "16 steps, a point every 10"
+    assert list((run / "tensorboard" / "hparams").glob("events.out.tfevents.*")), "the HPARAMS tab's run"

@@ -136,12 +136,19 @@ def _seed_everything(seed: int) -> None:
 
 
 class RunLog:
-    """Per-epoch metrics as JSON lines and TensorBoard events (written by rank 0 only)."""
+    """Per-epoch metrics as JSON lines and TensorBoard events (written by rank 0 only).
 
-    def __init__(self, output: Path, enabled: bool, keep_through_epoch: int) -> None:
+    TensorBoard tags are grouped (``train/loss``, ``val/top1``, ``ema_val/top1``); the loss and learning rate
+    of every :data:`STEP_LOG_INTERVAL`-th step go to a second run, ``tensorboard/steps``, counted in steps.
+    """
+
+    def __init__(
+        self, output: Path, enabled: bool, keep_through_epoch: int, steps_per_epoch: int = 0
+    ) -> None:
         self.enabled = enabled
         self.path = output / "metrics.jsonl"
         self.writer = None
+        self.step_writer = None
         if not enabled:
             return
         if self.path.exists():  # a resumed run: drop epochs that the checkpoint does not cover
@@ -155,6 +162,8 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=keep_through_epoch + 1)
+        purge = keep_through_epoch * steps_per_epoch
+        self.step_writer = SummaryWriter(str(output / "tensorboard" / "steps"), purge_step=purge)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -163,13 +172,41 @@ class RunLog:
             handle.write(json_text(record) + "\n")
         assert self.writer is not None
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, int | float):
-                self.writer.add_scalar(key, value, record["epoch"])
+            if key != "epoch" and isinstance(value, int | float) and math.isfinite(value):
+                self.writer.add_scalar(tensorboard_tag(key), value, record["epoch"])
         self.writer.flush()
 
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if self.step_writer is not None and step % STEP_LOG_INTERVAL == 0:
+            self.step_writer.add_scalar("train/loss", loss, step)
+            self.step_writer.add_scalar("train/lr", lr, step)
+
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in (self.writer, self.step_writer):
+            if writer is not None:
+                writer.close()
+
+
+def write_hparams(output: Path, values: dict[str, Any], metrics: dict[str, float]) -> None:
+    """A run's settings beside its final figures, for TensorBoard's HPARAMS tab (``tensorboard/hparams``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    settings = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
+    finite = {f"hparam/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
+    with SummaryWriter(str(output / "tensorboard")) as writer:
+        writer.add_hparams(settings, finite, run_name="hparams")
+
+
+STEP_LOG_INTERVAL = 10  # steps between the per-step TensorBoard points
+_TAG_GROUPS = ("ema_val_", "train_", "val_")
+
+
+def tensorboard_tag(key: str) -> str:
+    """``train_loss`` -> ``train/loss``, ``val_top1`` -> ``val/top1``; other keys go under ``run/``."""
+    for prefix in _TAG_GROUPS:
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key[len(prefix) :]}"
+    return f"train/{key}" if key == "lr" else f"run/{key}"
 
 
 def _progress(total: int, description: str, enabled: bool) -> Any:
@@ -271,6 +308,7 @@ class Trainer:
         self.best = -math.inf
         self.bad_images = 0
         self.records: list[dict[str, Any]] = []
+        self.log: RunLog | None = None  # open while fit() runs
 
     # -- the training state ----------------------------------------------------------------------
 
@@ -369,6 +407,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.log is not None:
+                self.log.step(global_step, float(loss.detach()), self.optimizer.param_groups[0]["lr"])
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
@@ -435,7 +475,10 @@ class Trainer:
         """Train from :attr:`start_epoch` to ``epochs``; returns the records of the epochs trained now."""
         context = self.context
         writing = context.is_main and self.output is not None
-        log = RunLog(self.output, writing, keep_through_epoch=self.start_epoch - 1) if self.output else None
+        log = (
+            RunLog(self.output, writing, self.start_epoch - 1, self.steps_per_epoch) if self.output else None
+        )
+        self.log = log
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
                 record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -764,6 +807,9 @@ class ClassificationRun:
             if deployed_model is not None:
                 save_checkpoint(deployed_model, self.output / "model_deploy.safetensors")
             write_json(self.output / "summary.json", summary, what="the run's summary")
+            final = {f"train_form_{k}": v for k, v in summary["train_form"].items()}
+            final.update({f"deploy_form_{k}": v for k, v in (summary["deploy_form"] or {}).items()})
+            write_hparams(self.output, self.resolved_config().as_saved(), final)
         return summary
 
 
