@@ -30,9 +30,16 @@ def _git_revision() -> str | None:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model (``/proc/cpuinfo``) with the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = (line for line in handle if line.startswith("model name"))
+            model = next((line.split(":", 1)[1].strip() for line in lines), None)
+    except OSError:
+        model = None
+    return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def evaluate(
             logits = model(images)
         logits = logits.float()
         classes = logits.shape[1]
-        pairs = torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes).cpu()
+        pairs = torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes)
         confusion = pairs if confusion is None else confusion + pairs
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -133,7 +133,7 @@ def evaluate(
     totals = all_reduce_sum(totals, context)
     matrix: tuple[tuple[int, ...], ...] = ()
     if confusion is not None:
-        summed = all_reduce_sum(confusion.double(), context).long()
+        summed = all_reduce_sum(confusion.double(), context).long()  # on the CPU from here
         size = math.isqrt(len(summed))
         matrix = tuple(tuple(int(v) for v in row) for row in summed.reshape(size, size).tolist())
     model.train(was_training)

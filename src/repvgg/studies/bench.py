@@ -25,6 +25,7 @@ from repvgg.core.info import model_info
 from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
 from repvgg.core.registry import MODEL_SPECS, canonical_name, create_model
 from repvgg.core.reparam import reparameterize
+from repvgg.engine.environment import device_name
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint
 from repvgg.io.files import atomic_write
@@ -296,19 +297,6 @@ class BenchResult:
         }
 
 
-def machine_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(
-                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "CPU"
-            )
-    except OSError:
-        model = "CPU"
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
 def run_bench(
     chosen: Iterable[Candidate],
     protocol: Protocol,
@@ -371,7 +359,9 @@ def run_bench(
         chosen_baseline = reference.label
         for row in rows:
             row.speed_ratio = row.examples_per_s / reference.examples_per_s
-    return BenchResult(protocol, rows, chosen_baseline, machine_name(protocol.device), torch.__version__)
+    return BenchResult(
+        protocol, rows, chosen_baseline, device_name(torch.device(protocol.device)), torch.__version__
+    )
 
 
 class _ConvReLUStack(nn.Module):
