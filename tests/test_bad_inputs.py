@@ -217,7 +217,12 @@ NUMERIC: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
         "--workers": WORKERS,
         "--image-size": IMAGE_SIZE,
     },
-    "predict": {"--topk": POSITIVE_INT, "--batch-size": POSITIVE_INT},
+    "predict": {
+        "--topk": POSITIVE_INT,
+        "--batch-size": POSITIVE_INT,
+        "--workers": WORKERS,
+        "--image-size": IMAGE_SIZE,
+    },
     "quantize": {
         "--calib": POSITIVE_INT,
         "--qat-epochs": NON_NEGATIVE_INT,
@@ -298,13 +303,20 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
         "--layout": ("x",),
         "--model": ("repvgg_z9", ""),
     },
-    "quantize": {"--data": ("x",), "--weights": ("x",)},
-    "ablate": {"--data": ("x",), "--model": ("repvgg_z9",), "--variants": ("foo",)},
+    "quantize": {"--data": ("x",), "--weights": ("x",), "--device": BAD_DEVICES},
+    "ablate": {
+        "--data": ("x",),
+        "--model": ("repvgg_z9",),
+        "--variants": ("foo",),
+        "--device": BAD_DEVICES,
+    },
+    "demo": {"--device": BAD_DEVICES, "--backend": ("x",)},
     "train-seg": {
         "--data": ("x",),
         "--model": ("repvgg_z9",),
         "--output-stride": ("5", "x"),
         "--dilation-mode": ("x",),
+        "--device": BAD_DEVICES,
     },
     "export": {"--to": ("x", "")},
     "convert": {"--format": ("x",)},
@@ -317,6 +329,9 @@ CUDA_ONLY = {  # right on a GPU machine, a mistake on this one
     "predict": [("--device", "cuda")],
     "bench": [("--device", "cuda")],
     "train": [("--device", "cuda"), ("--amp", "fp16")],
+    "train-seg": [("--device", "cuda")],
+    "ablate": [("--device", "cuda")],
+    "demo": [("--device", "cuda")],
 }
 
 BAD_CHECKPOINTS = args(
@@ -372,6 +387,10 @@ COMBINATIONS: dict[str, tuple[str, ...]] = {  # values each fine alone, wrong to
         *args("--data folder --data-dir {data_empty} --num-classes 3 --image-size 32"),
     ),
     "ablate-one-unknown-variant": (*BASE["ablate"], "--variants", "repvgg", "repvgg_z9"),
+    "export-name-without-format": args("export {ckpt} {tmp}/model.txt"),
+    "export-onnx-to-a-torchscript-name": args("export {ckpt} --to onnx {tmp}/model.pt"),
+    "export-torchscript-to-an-onnx-name": args("export {ckpt} --to torchscript {tmp}/model.onnx"),
+    "quantize-on-cuda": (*BASE["quantize"], "--device", "cuda"),
 }
 
 IN = {"in.safetensors": "ckpt"}  # the checkpoint copied into the case's folder first
@@ -412,7 +431,8 @@ ARGPARSE: dict[str, tuple[str, ...]] = {
     "unknown-command": args("frobnicate"),
     "eval-no-checkpoint": args("eval"),
     "convert-no-output": args("convert {ckpt}"),
-    "export-no-target": args("export {ckpt} {tmp}/model.pt"),
+    "export-two-outputs": args("export {ckpt} {tmp}/a.onnx --output {tmp}/b.onnx"),
+    "quantize-no-output": args("quantize {ckpt} --data-dir {data}"),
     "predict-no-images": args("predict {ckpt}"),
     "eval-unknown-option": (*BASE["eval"], "--frobnicate"),
     "verify-three-checkpoints": args("verify {ckpt} {deploy} {deploy}"),

@@ -172,7 +172,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fashion: Path,
 def test_checkpoint_for_other_classes_is_refused_or_finetuned(fashion: Path, tmp_path: Path) -> None:
     imagenet = repvgg.create_model("repvgg_a0", num_classes=1000, in_chans=1)
     path = repvgg.save_checkpoint(imagenet, tmp_path / "in1k.safetensors")
-    with pytest.raises(CheckpointError, match=r"1000 classes .* has 10: add `finetune`"):
+    with pytest.raises(
+        CheckpointError, match=r"1000 classes but the model 10: replace its classifier head \(`finetune`\)"
+    ):
         ClassificationRun(small_config(fashion, tmp_path / "a", init=str(path)), DistContext())
     trainer = ClassificationRun(
         small_config(fashion, tmp_path / "b", init=str(path), finetune=True), DistContext()
@@ -182,7 +184,7 @@ def test_checkpoint_for_other_classes_is_refused_or_finetuned(fashion: Path, tmp
         trainer.model.stage1[0].rbr_dense.conv.weight, imagenet.stage1[0].rbr_dense.conv.weight
     )
     deployed = repvgg.save_checkpoint(repvgg.reparameterize(imagenet.eval()), tmp_path / "d.safetensors")
-    with pytest.raises(CheckpointError, match="training-form checkpoint"):
+    with pytest.raises(CheckpointError, match=r"deploy-form model .* start from the training-form"):
         ClassificationRun(
             small_config(fashion, tmp_path / "c", init=str(deployed), finetune=True), DistContext()
         )

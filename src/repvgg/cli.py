@@ -196,7 +196,7 @@ def _eval(args: argparse.Namespace) -> int:
         backend=args.backend,
         image_size=args.image_size,
         results_file=args.results_file,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     for note in result.notes:
         print(f"note: {note}")
@@ -238,16 +238,17 @@ def _export(args: argparse.Namespace) -> int:
     from repvgg.exceptions import ExportError
     from repvgg.io.checkpoints import load_checkpoint
     from repvgg.io.files import refuse_same_file, writable_or_raise
-    from repvgg.runtime.export import export_model
+    from repvgg.runtime.export import export_model, export_target
 
     writable_or_raise(args.output, ExportError)
     refuse_same_file(args.checkpoint, args.output, ExportError)
+    to = export_target(args.output, args.to)  # a name that does not fit the format: before any work
     _note_guesses(args.checkpoint)
     model = load_checkpoint(args.checkpoint)
     if model_info(model).form == "train":
         print(f"note: {args.checkpoint} is in training form; converting it before the export")
     shape = (args.batch_size, model.in_chans, args.image_size, args.image_size) if args.image_size else None
-    print(export_model(model, args.output, to=args.to, input_shape=shape))
+    print(export_model(model, args.output, to=to, input_shape=shape))
     return 0
 
 
@@ -277,7 +278,10 @@ def _predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         backend=args.backend,
         preprocessing=args.preprocessing,
+        image_size=args.image_size,
         device=args.device,
+        workers=args.workers,
+        progress=args.progress,
         on_backend=_say_backend if args.backend == "auto" else None,
     )
     for prediction in predictions:
@@ -305,7 +309,11 @@ def _quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         weights=args.weights,
         seed=args.seed,
-        progress=not args.no_progress,
+        image_size=args.image_size,
+        device=args.device,
+        workers=args.workers,
+        progress=args.progress,
+        log_interval=args.log_interval,
     )
     for note in notes:
         print(f"note: {note}")
@@ -320,8 +328,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def _train_seg(args: argparse.Namespace) -> int:
     from repvgg.studies.segmentation import SegTrainConfig, train_segmentation
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress", "resume")}
-    summary = train_segmentation(SegTrainConfig(**options, progress=not args.no_progress), resume=args.resume)
+    summary = train_segmentation(SegTrainConfig(**_options(args, "resume")), resume=args.resume)
     speed = summary["speed"]
     for form in ("train_form", "deploy_form"):
         result = summary[form]
@@ -344,8 +351,7 @@ def _train_seg(args: argparse.Namespace) -> int:
 def _ablate(args: argparse.Namespace) -> int:
     from repvgg.studies.ablation import AblationConfig, run_ablation
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress")}
-    report = run_ablation(AblationConfig(**options, progress=not args.no_progress))
+    report = run_ablation(AblationConfig(**_options(args)))
     from repvgg.studies.ablation import markdown_table
 
     print(markdown_table(report), end="")
@@ -388,7 +394,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise ModelConfigError("INT8 models run on the CPU: drop the int8 form or pass --device cpu.")
     print(f"Measuring {len(chosen)} networks: {protocol.describe()} ...")
     baseline = args.baseline if any(args.baseline in c.spec for c in chosen) else None
-    result = run_bench(chosen, protocol, baseline=baseline, measure_memory=not args.no_memory)
+    result = run_bench(
+        chosen, protocol, baseline=baseline, measure_memory=not args.no_memory, progress=args.progress
+    )
     if not args.no_extras:
         result.extras["conv_density"] = conv_density(protocol)
         result.extras["residual_vs_plain"] = memory_of_residual_vs_plain(protocol)
@@ -402,8 +410,12 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from repvgg.studies.demo import DemoOptions, run_demo
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
-    return 0 if run_demo(DemoOptions(**options)) else 1
+    return 0 if run_demo(DemoOptions(**_options(args))) else 1
+
+
+def _options(args: argparse.Namespace, *leave_out: str) -> dict[str, Any]:
+    """A command's options as the keyword arguments of the library's configuration for it."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "run", *leave_out)}
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -444,6 +456,32 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)"
+WORKERS_HELP = "data-loading processes (default: 0 for in-memory datasets, else up to 8)"
+
+
+def _output_file(parser: argparse.ArgumentParser, help: str) -> None:
+    """The output file of a command that writes one: after the checkpoint, or as --output (the shared
+    name); :func:`main` takes whichever is given."""
+    parser.add_argument("output_file", nargs="?", default=None, metavar="output", help=help)
+    _shared(parser, "output", help="the same, as an option")
+
+
+def _take_output_file(args: argparse.Namespace, parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """``args.output`` from the positional output or --output: one of them, or both alike.
+
+    argparse leaves an optional positional empty once an option stands between it and the checkpoint
+    (``export m.safetensors --to onnx m.onnx``); the one word left over is then that output."""
+    if args.output_file is None and len(unknown) == 1 and not unknown[0].startswith("-"):
+        args.output_file = unknown.pop()
+    given = [value for value in (args.output_file, args.output) if value is not None]
+    if not given:
+        parser.error("give the file to write, after the checkpoint or as --output")
+    if len(set(given)) > 1:
+        parser.error(f"two output files were given ({given[0]} and {given[1]}): give one")
+    args.output = given[0]
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
@@ -466,6 +504,53 @@ def _without_none(hint: Any) -> Any:
     return hint
 
 
+def _field_option(name: str) -> tuple[list[str], dict[str, Any]]:
+    """The flags and argparse options of :class:`TrainConfig`'s field ``name``: its type, choices and help,
+    and the default shown in the help."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    meta, kind = field.metadata, _without_none(typing.get_type_hints(TrainConfig)[name])
+    shown = meta.get("default", field.default)
+    options: dict[str, Any] = {"dest": name, "help": f"{meta['help']} (default: {shown})"}
+    if kind is bool:
+        options["action"] = "store_false" if field.default else "store_true"
+    elif typing.get_origin(kind) is list:
+        options.update(type=typing.get_args(kind)[0], nargs=meta.get("nargs", "+"))
+    elif kind is not str:
+        options["type"] = kind
+    if "choices" in meta:
+        options["choices"] = meta["choices"]
+    flags = [meta.get("flag", name.replace("_", "-")), *meta.get("aliases", ())]
+    return ["--" + flag for flag in flags], options
+
+
+#: The options every command that has them shares: a training run's fields, with one flag, type and
+#: meaning each, the default (and its help) given per command.
+SHARED_OPTIONS = ("device", "workers", "batch_size", "image_size", "progress", "log_interval", "output")
+
+
+def _shared(
+    parser: argparse.ArgumentParser,
+    name: str,
+    default: Any = None,
+    help: str | None = None,
+    flags: Sequence[str] = (),
+    dest: str | None = None,
+) -> None:
+    """Add the shared option ``name`` (one of :data:`SHARED_OPTIONS`) to a command, range-checked, with the
+    command's default and help (``help`` replaces the training run's; a None default must say in the help
+    what it means), extra ``flags`` and another ``dest``."""
+    names, options = _field_option(name)
+    if name in RANGES:
+        options["type"] = _number(options["type"], *RANGES[name])
+    if name == "device":
+        options["type"] = device
+    options["help"] = help if help is not None else options["help"].rsplit(" (default:", 1)[0]
+    if options.get("action") is None:
+        options["default"] = default
+    options["dest"] = dest or options["dest"]
+    parser.add_argument(*names, *flags, **options)
+
+
 def _add_train_parser(commands: Any) -> argparse.ArgumentParser:
     """One flag per :class:`~repvgg.engine.config.TrainConfig` field, with the type, choices, help and
     shown default of the field. Flags default to 'not given', so that --config and --resume values are
@@ -478,20 +563,9 @@ def _add_train_parser(commands: Any) -> argparse.ArgumentParser:
     )
     train.add_argument("--config", default=None, help="a JSON configuration (e.g. a run's config.json)")
     train.add_argument("--resume", action="store_true", default=False, help="continue the run in --output")
-    hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
-        meta, kind = field.metadata, _without_none(hints[field.name])
-        shown = meta.get("default", field.default)
-        options: dict[str, Any] = {"dest": field.name, "help": f"{meta['help']} (default: {shown})"}
-        if kind is bool:
-            options["action"] = "store_false" if field.default else "store_true"
-        elif typing.get_origin(kind) is list:
-            options.update(type=typing.get_args(kind)[0], nargs=meta.get("nargs", "+"))
-        elif kind is not str:
-            options["type"] = kind
-        if "choices" in meta:
-            options["choices"] = meta["choices"]
-        train.add_argument("--" + meta.get("flag", field.name.replace("_", "-")), **options)
+        flags, options = _field_option(field.name)
+        train.add_argument(*flags, **options)
     for action in train._actions:  # the fields' help names parameters; argparse reads help as %-format
         if action.help:
             action.help = parameters_as_flags(action.help, train).replace("%", "%%")
@@ -531,13 +605,16 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     demo.add_argument("--epochs", type=positive_int, default=2, help="training epochs")
     demo.add_argument("--train-subset", type=positive_int, default=10000, help="train on this many images")
     demo.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
-    demo.add_argument("--output", default="runs/demo", help="run folder")
-    demo.add_argument(
-        "--batch-size", type=positive_int, default=256, help="batch size of the speed measurement"
-    )
     demo.add_argument("--repeats", type=positive_int, default=10, help="rounds of the speed measurement")
     demo.add_argument("--images", type=positive_int, default=8, help="test images to write and predict")
     demo.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="the fast backend to time")
+    _shared(demo, "batch_size", 256, "batch size of the speed measurement")
+    _shared(demo, "image_size", help="train and time at this size (default: Fashion-MNIST's 28)")
+    _shared(demo, "device", help=DEVICE_HELP)
+    _shared(demo, "workers", help=WORKERS_HELP)
+    _shared(demo, "progress")
+    _shared(demo, "log_interval", 50)
+    _shared(demo, "output", "runs/demo", "run folder (replaced on every run)")
 
     _add_train_parser(commands)
 
@@ -563,12 +640,10 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     bench.add_argument("--no-timm", action="store_true", help="leave out timm's re-parameterized RepVGG")
     bench.add_argument("--baseline", default="resnet18", help="speed ratios are relative to this network")
-    bench.add_argument(
-        "--device", type=device, default=None, help="cpu or cuda (default: cuda when available)"
-    )
+    _shared(bench, "device", help=DEVICE_HELP)
+    _shared(bench, "batch_size", help="images per timed batch (default: the protocol's)")
+    _shared(bench, "image_size", help="timed image size (default: the protocol's, 224)")
     for flag, kind in (
-        ("--batch-size", positive_int),
-        ("--image-size", image_size),
         ("--warmup", non_negative_int),
         ("--batches", positive_int),
         ("--rounds", positive_int),
@@ -576,45 +651,36 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         bench.add_argument(flag, type=kind, default=None, help="override the protocol")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     bench.add_argument("--no-extras", action="store_true", help="skip Table 1, Figure 3 and the figures")
-    bench.add_argument("--output", default="runs/bench", help="folder for bench.json, bench.md, PNGs")
+    _shared(bench, "progress")
+    _shared(bench, "output", "runs/bench", "folder for bench.json, bench.md and the figures")
 
     evaluation = command("eval", _eval, "top-1/top-5 and speed of any checkpoint on a dataset")
     evaluation.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
     _add_data_arguments(evaluation)
-    evaluation.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
-    evaluation.add_argument(
-        "--results-file",
-        default=None,
-        help="write the figures with each class's top-1 to this .json or .csv (and the confusion matrix "
-        "as a PNG beside it)",
-    )
-    evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluation.add_argument(
         "--val-subset", type=positive_int, default=None, help="evaluate on this many images (default: all)"
     )
-    evaluation.add_argument(
-        "--workers",
-        type=workers,
-        default=None,
-        help="data-loading processes (default: 0 for in-memory sets, else up to 8)",
-    )
-    evaluation.add_argument(
-        "--device", type=device, default=None, help="cpu or cuda (default: cuda when available)"
-    )
     evaluation.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision")
     evaluation.add_argument(
-        "--image-size",
-        type=image_size,
-        default=None,
-        help="evaluate at this size (default: the checkpoint's)",
-    )
-    evaluation.add_argument(
         "--backend", choices=BACKEND_CHOICES, default=None, help="convert, then run with this backend"
+    )
+    _shared(evaluation, "batch_size", 256, "images per batch")
+    _shared(evaluation, "image_size", help="evaluate at this size (default: the checkpoint's)")
+    _shared(evaluation, "device", help=DEVICE_HELP)
+    _shared(evaluation, "workers", help=WORKERS_HELP)
+    _shared(evaluation, "progress")
+    _shared(
+        evaluation,
+        "output",
+        help="write the figures with each class's top-1 to this .json or .csv, and the confusion matrix as "
+        "a PNG beside it (timm's --results-file)",
+        flags=("--results-file",),
+        dest="results_file",
     )
 
     convert = command("convert", _convert, "convert a training-form checkpoint to deploy form, verified")
     convert.add_argument("checkpoint", help="a training-form checkpoint in any format repvgg reads")
-    convert.add_argument("output", help="where to write the deploy-form checkpoint")
+    _output_file(convert, "where to write the deploy-form checkpoint")
     convert.add_argument(
         "--format",
         choices=OUTPUT_FORMATS,
@@ -628,23 +694,19 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
 
     export = command("export", _export, "export to ONNX or TorchScript, checked against PyTorch")
     export.add_argument("checkpoint", help="a checkpoint in any format repvgg reads (converted if needed)")
-    export.add_argument("--to", choices=EXPORT_TARGETS, required=True, help="the format")
-    export.add_argument("output", help="the file to write (.onnx or .pt)")
+    _output_file(export, "the file to write: .onnx (ONNX) or .pt/.ts (TorchScript)")
     export.add_argument(
-        "--image-size", type=image_size, default=None, help="example size (default: the training size)"
+        "--to", choices=EXPORT_TARGETS, default=None, help="the format (default: from the output's suffix)"
     )
-    export.add_argument("--batch-size", type=positive_int, default=2, help="with --image-size: example batch")
+    _shared(export, "image_size", help="example input size (default: the training size)")
+    _shared(export, "batch_size", 2, "with --image-size: the example batch")
 
     predict = command("predict", _predict, "top-k classes of image files")
     predict.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
     predict.add_argument(
         "images", nargs="+", help="image files, folders (searched recursively) or glob patterns"
     )
-    predict.add_argument(
-        "--output", default=None, help="also write the predictions to this .csv or .json file"
-    )
     predict.add_argument("--topk", type=positive_int, default=5, help="classes to show per image")
-    predict.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
     predict.add_argument(
         "--backend", choices=BACKEND_CHOICES, default="eager", help="run the model with this"
     )
@@ -654,9 +716,12 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         default=None,
         help="use a dataset's preprocessing instead of the one saved in the checkpoint",
     )
-    predict.add_argument(
-        "--device", type=device, default=None, help="cpu or cuda (default: cuda when available)"
-    )
+    _shared(predict, "batch_size", 32, "images per batch")
+    _shared(predict, "image_size", help="predict at this size (default: the checkpoint's)")
+    _shared(predict, "device", help=DEVICE_HELP)
+    _shared(predict, "workers", 0, "processes that read and prepare the images")
+    _shared(predict, "progress")
+    _shared(predict, "output", help="also write the predictions to this .csv or .json file")
 
     seg = command(
         "train-seg", _train_seg, "train PSPNet over a RepVGG backbone, convert it, evaluate both forms (mIoU)"
@@ -667,9 +732,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     seg.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files, or the folder dataset")
     seg.add_argument("--num-classes", type=positive_int, default=None, help="classes of a folder dataset")
-    seg.add_argument("--image-size", type=image_size, default=None, help="crop size of a folder dataset")
     seg.add_argument("--epochs", type=positive_int, default=2, help="training epochs")
-    seg.add_argument("--batch-size", type=positive_int, default=16, help="images per step")
     seg.add_argument("--lr", type=non_negative_float, default=0.01, help="SGD, poly schedule (power 0.9)")
     seg.add_argument(
         "--output-stride", type=int, choices=(8, 16, 32), default=8, help="input size / feature-map size"
@@ -689,8 +752,13 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     seg.add_argument("--train-subset", type=positive_int, default=None, help="train on this many images")
     seg.add_argument("--val-subset", type=positive_int, default=None, help="evaluate on this many images")
     seg.add_argument("--seed", type=seed, default=0, help="random seed")
-    seg.add_argument("--output", default="runs/pspnet", help="run folder")
-    seg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _shared(seg, "batch_size", 16, "images per step")
+    _shared(seg, "image_size", help="crop size of a folder dataset (default: its images' size)")
+    _shared(seg, "device", help=DEVICE_HELP)
+    _shared(seg, "workers", 0, "data-loading processes")
+    _shared(seg, "progress")
+    _shared(seg, "log_interval", 50)
+    _shared(seg, "output", "runs/pspnet", "run folder")
     seg.add_argument("--resume", action="store_true", help="continue the run in --output")
     seg.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
 
@@ -707,21 +775,25 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     ablate.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..K-1 for every variant")
     _add_data_arguments(ablate)
     ablate.add_argument("--epochs", type=positive_int, default=1, help="training epochs of every run")
-    ablate.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     ablate.add_argument(
         "--lr", type=positive_float, default=None, help="learning rate (default: 0.1 x batch / 256)"
     )
     ablate.add_argument("--train-subset", type=positive_int, default=None, help="train on this many images")
     ablate.add_argument("--val-subset", type=positive_int, default=None, help="evaluate on this many images")
     ablate.add_argument("--speed-batch", type=positive_int, default=64, help="batch for the speed columns")
-    ablate.add_argument("--output", default="runs/ablate", help="study folder (resumed if it exists)")
-    ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _shared(ablate, "batch_size", 128, "images per step")
+    _shared(ablate, "image_size", help="training image size (default: the dataset's native size)")
+    _shared(ablate, "device", help=DEVICE_HELP)
+    _shared(ablate, "workers", help=WORKERS_HELP)
+    _shared(ablate, "progress")
+    _shared(ablate, "log_interval", 50)
+    _shared(ablate, "output", "runs/ablate", "study folder (resumed if it exists)")
 
     quantize = command(
         "quantize", _quantize, "INT8 for the CPU: post-training calibration, or quantization-aware training"
     )
     quantize.add_argument("checkpoint", help="a float checkpoint (training form is converted first)")
-    quantize.add_argument("output", help="where to write the INT8 checkpoint (.safetensors)")
+    _output_file(quantize, "where to write the INT8 checkpoint (.safetensors)")
     _add_data_arguments(quantize)
     quantize.add_argument("--calib", type=non_negative_int, default=512, help="calibration images")
     quantize.add_argument(
@@ -736,7 +808,6 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     quantize.add_argument(
         "--qat-subset", type=positive_int, default=None, help="QAT on this many training images"
     )
-    quantize.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
     quantize.add_argument(
         "--weights",
         choices=("per-channel", "per-tensor"),
@@ -744,13 +815,20 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         help="weight scales: one per output channel, or one per layer",
     )
     quantize.add_argument("--seed", type=seed, default=0, help="random seed")
-    quantize.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _shared(quantize, "batch_size", 64, "images per batch")
+    _shared(quantize, "image_size", help="calibrate at this size (default: the checkpoint's)")
+    _shared(quantize, "device", "cpu", "INT8 runs on the CPU, so only cpu")
+    _shared(quantize, "workers", 0, "data-loading processes")
+    _shared(quantize, "progress")
+    _shared(quantize, "log_interval", 50)
     return parser, dict(commands.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = _build_parsers()
     args, unknown = parser.parse_known_args(argv)
+    if hasattr(args, "output_file"):
+        _take_output_file(args, commands[args.command], unknown)
     if unknown:  # said by the command's parser, so that its usage and name come with the error
         commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from repvgg.exceptions import RepVGGError

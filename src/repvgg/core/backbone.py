@@ -38,7 +38,6 @@ class RepVGGFeatures(RepVGG):
 
     Args (besides :class:`RepVGG`'s):
         out_indices: the stages whose outputs ``forward`` returns, in order.
-        frozen_stages: stages 0..k are frozen (no gradients, BatchNorm in eval mode); -1 freezes none.
         norm_eval: keep every BatchNorm in eval mode while training (for small per-GPU batches).
 
     ``feature_info`` lists ``{"num_chs", "reduction", "module"}`` per returned stage (timm's convention).
@@ -48,7 +47,6 @@ class RepVGGFeatures(RepVGG):
         self,
         *args: Any,
         out_indices: Sequence[int] = (1, 2, 3, 4),
-        frozen_stages: int = -1,
         norm_eval: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -56,10 +54,7 @@ class RepVGGFeatures(RepVGG):
         super().__init__(*args, **kwargs)
         if not out_indices or any(i not in range(5) for i in out_indices):
             raise ModelConfigError(f"out_indices must name stages 0-4, got {tuple(out_indices)}.")
-        if frozen_stages not in range(-1, 5):
-            raise ModelConfigError(f"frozen_stages must be -1 (none) or 0-4, got {frozen_stages}.")
         self.out_indices = tuple(out_indices)
-        self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         widths = stage_widths(self.width_multiplier, self.base_channels)
         strides, _ = dilated_strides(self.strides, self.output_stride, self.dilation_mode)
@@ -68,22 +63,13 @@ class RepVGGFeatures(RepVGG):
             {"num_chs": widths[i], "reduction": reductions[i], "module": f"stage{i}"}
             for i in self.out_indices
         )
-        self._freeze()
-
-    def _freeze(self) -> None:
-        for stage in self.stages()[: self.frozen_stages + 1]:
-            for parameter in stage.parameters():
-                parameter.requires_grad_(False)
 
     def train(self, mode: bool = True) -> RepVGGFeatures:
         super().train(mode)
-        if mode:
-            for stage in self.stages()[: self.frozen_stages + 1]:
-                stage.eval()
-            if self.norm_eval:
-                for module in self.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def __prepare_scriptable__(self) -> nn.Module:

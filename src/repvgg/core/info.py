@@ -71,6 +71,11 @@ class Preprocessing:
             ]
         )
 
+    def at_size(self, image_size: int) -> Preprocessing:
+        """The same preprocessing for another crop size, keeping the ratio of resize to crop (256/224)."""
+        resize = max(image_size, round(image_size * self.resize / self.image_size))
+        return dataclasses.replace(self, image_size=image_size, resize=resize)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "image_size": self.image_size,

@@ -48,6 +48,8 @@ class RepVGG(nn.Module):
         base_channels: the channels ``64`` of the width formula (mmpretrain's ``base_channels``): stage
             widths are ``int(base*a), int(2*base*a), int(4*base*a), int(8*base*b)``.
         se_reduction: the SE block's reduction, ``internal = out // se_reduction`` (the authors' 16).
+        frozen_stages: stages 0..k are frozen while training (no gradients, BatchNorm statistics kept), as
+            mmpretrain's ``frozen_stages``; -1 freezes none. Fine-tuning on few images often freezes 0-1.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class RepVGG(nn.Module):
         dilations: Sequence[int] | None = None,
         base_channels: int = 64,
         se_reduction: int = 16,
+        frozen_stages: int = -1,
     ) -> None:
         super().__init__()
         block_design(block)  # an unknown design fails here, before any layer is built
@@ -133,6 +136,7 @@ class RepVGG(nn.Module):
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.num_classes = num_classes
         self.linear: nn.Module = self._make_head(num_classes)
+        self.freeze_stages(frozen_stages)
 
     def _make_block(self, in_planes: int, planes: int, stride: int, dilation: int = 1) -> nn.Module:
         """The next 3x3 layer; its groups come from ``override_groups_map`` by global layer index."""
@@ -210,6 +214,23 @@ class RepVGG(nn.Module):
         for block in self.modules():
             if isinstance(block, RepVGGBlock):
                 block.reparameterize()
+
+    def freeze_stages(self, last: int) -> None:
+        """Freeze stages 0..``last`` (-1: none): no gradients, and :meth:`train` keeps them in eval mode so
+        their BatchNorm statistics stay those of the loaded weights."""
+        if not isinstance(last, int) or last not in range(-1, 5):
+            raise ModelConfigError(f"frozen_stages must be -1 (none) or 0-4, got {last!r}.")
+        self.frozen_stages = last
+        for stage in self.stages()[: last + 1]:
+            for parameter in stage.parameters():
+                parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> RepVGG:
+        super().train(mode)
+        if mode:
+            for stage in self.stages()[: self.frozen_stages + 1]:
+                stage.eval()
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.use_checkpoint = enable

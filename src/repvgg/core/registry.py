@@ -130,8 +130,8 @@ def create_model(
 
     ``options`` are the other keyword arguments of :class:`RepVGG`: ``strides``, ``use_checkpoint``,
     ``block`` (e.g. ``create_model("a0", block="qarepvgg")``),
-    ``output_stride`` and ``dilation_mode``. ``features_only=True`` builds the headless
-    :class:`repvgg.core.backbone.RepVGGFeatures` (options ``out_indices``, ``frozen_stages``, ``norm_eval``).
+    ``output_stride``, ``dilation_mode`` and ``frozen_stages``. ``features_only=True`` builds the headless
+    :class:`repvgg.core.backbone.RepVGGFeatures` (options ``out_indices``, ``norm_eval``).
     """
     if not isinstance(name, str):
         raise ModelConfigError(
@@ -142,10 +142,8 @@ def create_model(
     architecture: type[RepVGG] = RepVGG
     if features_only:
         architecture = RepVGGFeatures
-    elif {"out_indices", "frozen_stages", "norm_eval"} & set(options):
-        raise ModelConfigError(
-            "out_indices, frozen_stages and norm_eval are backbone options: add features_only=True."
-        )
+    elif {"out_indices", "norm_eval"} & set(options):
+        raise ModelConfigError("out_indices and norm_eval are backbone options: add features_only=True.")
     model = architecture(
         **MODEL_SPECS[key].constructor_kwargs(),
         num_classes=num_classes,

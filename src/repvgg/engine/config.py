@@ -10,6 +10,8 @@ Plain data without torch: the command line builds its ``train`` flags from these
 ``flag``
     the flag's name without its dashes, where it is not the field's name with dashes (``ema_decay``:
     ``ema``). A bool field is a switch that sets True, or False (``no-progress``) when it defaults to True.
+``aliases``
+    other flag names (without dashes) for the field, e.g. timm's ``pretrained`` for ``init``.
 ``choices``, ``nargs``
     as argparse's; a ``list[int]`` field takes ``nargs`` values (one or more when not given).
 """
@@ -35,11 +37,20 @@ DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 LAYOUTS = ("repvgg", "residual_reorg")
 #: Fields that may change when a run is resumed: ``epochs`` extends (or shortens) the schedule; the others
 #: do not change what is computed. Every other field must be the run's own.
-RESUMABLE_CHANGES = ("epochs", "workers", "device", "progress", "data_dir", "output", "overwrite")
+RESUMABLE_CHANGES = (
+    "epochs",
+    "workers",
+    "device",
+    "progress",
+    "log_interval",
+    "data_dir",
+    "output",
+    "overwrite",
+)
 #: Never saved in ``config.json``: how a run was started, not what it is.
 NOT_SAVED = ("overwrite",)
 
-#: Inclusive ranges of numeric fields (None: unbounded); ``lr`` and ``ema_decay`` must also be above 0.
+#: Inclusive ranges of numeric fields (None: unbounded); those in :data:`POSITIVE` must also be above 0.
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "epochs": (1, None),
     "batch_size": (1, None),
@@ -53,10 +64,13 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "image_size": (8, 4096),
     "seed": (0, 2**63 - 1),
     "workers": (0, 256),
+    "frozen_stages": (-1, 4),
+    "head_lr_mult": (0, None),
+    "log_interval": (0, None),
     "train_subset": (1, None),
     "val_subset": (1, None),
 }
-POSITIVE = ("lr", "ema_decay")
+POSITIVE = ("lr", "ema_decay", "head_lr_mult")
 
 
 @dataclass
@@ -152,10 +166,34 @@ class TrainConfig:
     )
     output: str = field(default="runs/train", metadata={"help": "run folder", "default": "runs/MODEL-DATA"})
     init: str | None = field(
-        default=None, metadata={"help": "start from this training-form checkpoint", "default": "none"}
+        default=None,
+        metadata={
+            "help": "start from this training-form checkpoint: one of this package's, or the authors', "
+            "timm's or mmpretrain's (ImageNet) file; its stem is adapted to the data's channels",
+            "default": "none",
+            "aliases": ("pretrained",),
+        },
     )
     finetune: bool = field(
-        default=False, metadata={"help": "with `init`: replace its classifier head", "default": "off"}
+        default=False,
+        metadata={
+            "help": "with `init`: replace its classifier head for the data's classes",
+            "default": "off",
+        },
+    )
+    frozen_stages: int = field(
+        default=-1,
+        metadata={
+            "help": "freeze stages 0 to this one (no gradients, BatchNorm statistics kept), as mmpretrain's "
+            "frozen_stages; -1 freezes none",
+            "flag": "freeze-stages",
+        },
+    )
+    head_lr_mult: float = field(
+        default=1.0,
+        metadata={
+            "help": "the classifier head's learning rate is `lr` times this (e.g. 10 when fine-tuning)"
+        },
     )
     sync_bn: bool = field(
         default=False, metadata={"help": "SyncBatchNorm across processes, on CUDA", "default": "off"}
@@ -169,6 +207,13 @@ class TrainConfig:
     progress: bool = field(
         default=True,
         metadata={"help": "no progress bar", "flag": "no-progress", "default": "a progress bar"},
+    )
+    log_interval: int = field(
+        default=50,
+        metadata={
+            "help": "without a progress bar (`progress`, or output not a terminal): a line every this many "
+            "steps, 0 for none"
+        },
     )
     overwrite: bool = field(
         default=False,

@@ -27,6 +27,7 @@ from repvgg.io.files import atomic_write, writable_or_raise
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.optimize import optimize
+from repvgg.runtime.progress import progress_bar
 
 #: Mixed-precision choices of training and evaluation (``autocast`` dtypes).
 AMP_DTYPES = dict(zip(AMP_CHOICES, (None, torch.bfloat16, torch.float16), strict=True))
@@ -94,14 +95,12 @@ def evaluate(
 ) -> EvalResult:
     """Top-1 and top-5 accuracy (percent), mean cross-entropy and the confusion matrix of ``model`` over
     ``loader`` (summed over all processes)."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
     confusion: torch.Tensor | None = None
     start = time.perf_counter()
-    bar = tqdm(loader, desc="eval", unit="batch", disable=not progress or not context.is_main, leave=False)
+    bar = progress_bar(loader, desc="eval", enabled=progress and context.is_main)
     for images, labels, bad in bar:
         if bad and on_bad_images is not None:
             on_bad_images(bad)

@@ -51,17 +51,18 @@ from repvgg.engine.distributed import (
 )
 from repvgg.engine.environment import device_name, environment
 from repvgg.engine.evaluation import AMP_DTYPES, EvalResult, eval_loader, evaluate
-from repvgg.exceptions import CheckpointError, DataError, ModelConfigError, TrainingError
+from repvgg.exceptions import DataError, ModelConfigError, TrainingError
 from repvgg.io.checkpoints import (
     load_checkpoint,
     load_training_state,
-    read_checkpoint,
     save_checkpoint,
     save_training_state,
 )
 from repvgg.io.files import atomic_write, output_folder
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import json_text, write_json
+from repvgg.io.pretrained import load_pretrained
+from repvgg.runtime.progress import progress_bar
 
 STATE_FILE = "last.pt"
 
@@ -84,24 +85,33 @@ class LRSchedule:
         return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, custom_l2: bool) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, weight_decay: float, custom_l2: bool, head_lr: float | None = None
+) -> list[dict[str, Any]]:
     """The authors' weight-decay exclusions: none on biases and on the 3x3/1x1 branches' BN weights.
 
     The identity branch's BN weight keeps its decay. With ``custom_l2`` the two branch kernels are
-    regularised through the loss instead, so they get no decay here either.
+    regularised through the loss instead, so they get no decay here either. With ``head_lr`` the classifier
+    head (``linear``) gets groups of its own at that learning rate (fine-tuning often trains a new head
+    faster than the pretrained body). Frozen parameters are left out.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         branch_kernel = name.endswith(("rbr_dense.conv.weight", "rbr_1x1.conv.weight"))
-        if name.endswith("bias") or ".bn." in name or (custom_l2 and branch_kernel):
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
+        decays = not (name.endswith("bias") or ".bn." in name or (custom_l2 and branch_kernel))
+        head = head_lr is not None and name.startswith("linear.")
+        groups.setdefault((head, decays), []).append(parameter)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": groups.get((head, decays), []),
+            "weight_decay": weight_decay if decays else 0.0,
+            **({"lr": head_lr} if head else {}),
+        }
+        for head in ((False, True) if head_lr is not None else (False,))
+        for decays in (True, False)
+        if groups.get((head, decays)) or not head  # the body's two groups always, as before
     ]
 
 
@@ -209,12 +219,6 @@ def tensorboard_tag(key: str) -> str:
     return f"train/{key}" if key == "lr" else f"run/{key}"
 
 
-def _progress(total: int, description: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, disable=not enabled, unit="batch", dynamic_ncols=True)
-
-
 class Task:
     """What a :class:`Trainer` optimises and how it scores: the hooks that differ between uses.
 
@@ -277,6 +281,7 @@ class Trainer:
         skip_bad_images: bool = False,
         seed: int = 0,
         progress: bool = True,
+        log_interval: int = 0,
     ) -> None:
         self.context = context or DistContext()
         if amp == "fp16" and self.context.device.type != "cuda":
@@ -291,6 +296,7 @@ class Trainer:
             on_step,
         )
         self.skip_bad_images, self.seed, self.progress = skip_bad_images, seed, progress
+        self.log_interval = log_interval
         self.steps_per_epoch = len(loader)
         self.schedule = schedule  # kept apart: loading a scheduler's state rewrites its schedule objects
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, copy.copy(schedule))
@@ -383,8 +389,11 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
         counted = True
         start = time.perf_counter()
-        bar = _progress(
-            self.steps_per_epoch, f"epoch {epoch}/{self.epochs}", self.context.is_main and self.progress
+        bar = progress_bar(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch}/{self.epochs}",
+            enabled=self.context.is_main and self.progress,
+            leave=True,
         )
         for step, (inputs, targets) in enumerate(self._batches(epoch)):
             global_step = (epoch - 1) * self.steps_per_epoch + step
@@ -422,9 +431,16 @@ class Trainer:
             postfix = {"loss": f"{totals[0] / totals[2]:.3f}"}
             if counted:
                 postfix["acc"] = f"{100 * totals[1] / totals[2]:.1f}"
-            bar.set_postfix(
-                img_s=f"{totals[2] * self.context.world_size / elapsed:.0f}", refresh=False, **postfix
-            )
+            speed = f"{totals[2] * self.context.world_size / elapsed:.0f}"
+            bar.set_postfix(img_s=speed, refresh=False, **postfix)
+            if bar.disable and self._logs_step(step):
+                shown = f"loss {postfix['loss']}" + (f", top-1 {postfix['acc']}%" if counted else "")
+                lr = self.optimizer.param_groups[0]["lr"]
+                where = f"epoch {epoch}/{self.epochs} step {step + 1}/{self.steps_per_epoch}"
+                print(
+                    f"{where}: {shown}, lr {lr:.4g}, {speed} img/s",
+                    flush=True,
+                )
         bar.close()
         seconds = time.perf_counter() - start
         totals = all_reduce_sum(totals, self.context)
@@ -438,6 +454,13 @@ class Trainer:
         if counted:
             record["train_top1"] = 100.0 * float(totals[1]) / count
         return {**record, "train_images_per_s": count / seconds, "epoch_seconds": seconds}
+
+    def _logs_step(self, step: int) -> bool:
+        """Whether a line is printed after ``step`` (0-based) when no bar is drawn: every ``log_interval``
+        steps and the last step of the epoch, on the main process."""
+        if self.log_interval <= 0 or not self.context.is_main:
+            return False
+        return (step + 1) % self.log_interval == 0 or step + 1 == self.steps_per_epoch
 
     def _stop_if_not_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
@@ -603,6 +626,7 @@ class ClassificationRun:
             val_subset=config.val_subset,
             seed=config.seed,
         )
+        self.loaded: str | None = None  # what the `init` checkpoint gave, said in the header
         self.model = self._build_model(build_network)
         workers = config.workers if config.workers is not None else default_workers(self.data)
         self.workers = workers
@@ -610,7 +634,12 @@ class ClassificationRun:
         global_batch = config.batch_size * context.world_size
         self.lr = config.lr if config.lr is not None else 0.1 * global_batch / 256
         optimizer = torch.optim.SGD(
-            parameter_groups(self.model, config.weight_decay, config.custom_l2),
+            parameter_groups(
+                self.model,
+                config.weight_decay,
+                config.custom_l2,
+                head_lr=self.lr * config.head_lr_mult if config.head_lr_mult != 1 else None,
+            ),
             lr=self.lr,
             momentum=config.momentum,
             nesterov=config.nesterov,
@@ -647,6 +676,7 @@ class ClassificationRun:
             skip_bad_images=config.skip_bad_images,
             seed=config.seed,
             progress=config.progress,
+            log_interval=config.log_interval,
         )
         self.task.on_bad_images = (
             self.trainer.report_bad
@@ -662,7 +692,9 @@ class ClassificationRun:
             model.class_names = self.data.class_names
             model.preprocessing = self.data.preprocessing
         if config.init:
-            self._load_initial_weights(model)
+            self.loaded = self._load_initial_weights(model)
+        if isinstance(model, RepVGG):
+            model.freeze_stages(config.frozen_stages)
         if config.sync_bn and self.context.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.context.device)
@@ -670,25 +702,12 @@ class ClassificationRun:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def _load_initial_weights(self, model: nn.Module) -> None:
-        checkpoint = read_checkpoint(self.config.init)  # type: ignore[arg-type]
-        if checkpoint.form != "train":
-            raise CheckpointError(
-                "`init` needs a training-form checkpoint (a converted model cannot be trained as RepVGG); "
-                "use the *_train checkpoint of the run."
-            )
-        if isinstance(model, RepVGG) and checkpoint.num_classes != model.num_classes:
-            if not self.config.finetune:
-                raise CheckpointError(
-                    f"The `init` checkpoint has {checkpoint.num_classes} classes but {self.config.data} has "
-                    f"{model.num_classes}: add `finetune` to replace its classifier head."
-                )
-            state = {k: v for k, v in checkpoint.state_dict.items() if not k.startswith("linear.")}
-            checkpoint.state_dict = {
-                **state,
-                **{f"linear.{k}": v for k, v in model.linear.state_dict().items()},
-            }
-        load_checkpoint(checkpoint.state_dict, model=model, adapt_in_chans=True)
+    def _load_initial_weights(self, model: nn.Module) -> str:
+        """Start from the `init` checkpoint; returns what was loaded and replaced (for the header)."""
+        if isinstance(model, RepVGG):
+            return load_pretrained(self.config.init, model, replace_head=self.config.finetune)  # type: ignore[arg-type]
+        load_checkpoint(self.config.init, model=model, adapt_in_chans=True)  # type: ignore[arg-type]
+        return f"loaded {self.config.init}"
 
     def _train_loader(self, workers: int) -> DataLoader[Any]:
         config, context = self.config, self.context
@@ -749,6 +768,12 @@ class ClassificationRun:
         """What the run is about to do, in a few lines (printed at the start)."""
         config, resolved, data = self.config, self.resolved_config(), self.data
         parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        start = [self.loaded] if self.loaded else []
+        if config.frozen_stages >= 0:
+            start.append(f"stages 0-{config.frozen_stages} frozen")
+        if config.head_lr_mult != 1:
+            start.append(f"head learning rate x{config.head_lr_mult:g}")
+        fine_tuning = "\n" + "; ".join(start) if start else ""
         return (
             f"{config.model} ({config.block} blocks, {parameters:,} trainable parameters) on {config.data}: "
             f"{len(data.train):,} training / {len(data.val):,} validation images, "  # type: ignore[arg-type]
@@ -756,6 +781,7 @@ class ClassificationRun:
             f"{config.epochs} epochs, batch {config.batch_size} x {self.context.world_size} process(es), lr "
             f"{self.lr:g}{' (0.1 x global batch / 256)' if config.lr is None else ''}, device "
             f"{device_name(self.context.device)}, {self.workers} data workers; writing to {self.output}"
+            f"{fine_tuning}"
         )
 
     def run(self) -> dict[str, Any]:

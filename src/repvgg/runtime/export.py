@@ -21,7 +21,7 @@ from repvgg.core.info import model_info
 from repvgg.core.reparam import refuse_nonfinite, relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import ExportError
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
-from repvgg.runtime.names import EXPORT_TARGETS
+from repvgg.runtime.names import EXPORT_SUFFIXES, EXPORT_TARGETS
 
 ONNX_OPSET = 18
 
@@ -55,30 +55,54 @@ def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (batch + 1, channels, height + 8, width + 16)
 
 
+def export_target(path: PathLike, to: str | None = None) -> str:
+    """The export format for ``path``: ``to`` when given, else the one its suffix names. A file name that
+    does not fit the format (``to="onnx"`` with ``model.pt``; ``model.txt``) is refused, so that nobody
+    opens an ONNX file as TorchScript."""
+    suffix = Path(path).suffix.lower()
+    named = next((target for target, suffixes in EXPORT_SUFFIXES.items() if suffix in suffixes), None)
+    if to is not None and to not in EXPORT_TARGETS:
+        raise ExportError(f"Unknown export target {to!r}: choose one of {', '.join(EXPORT_TARGETS)}.")
+    if to is None and named is None:
+        raise ExportError(
+            f"{Path(path).name} does not say the format: end it in .onnx (ONNX) or .pt (TorchScript), or "
+            "give `to`."
+        )
+    chosen = to or named
+    assert chosen is not None
+    if named != chosen:
+        usual = EXPORT_SUFFIXES[chosen][0]
+        raise ExportError(
+            f"{Path(path).name} is not a {chosen} file name: name it {Path(path).with_suffix(usual).name} "
+            f"(or choose the format its suffix names)."
+        )
+    return chosen
+
+
 def export_model(
     model: nn.Module,
     path: PathLike,
     *,
-    to: str,
+    to: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     tolerance: float | None = None,
 ) -> ExportResult:
     """Export ``model`` (converted first if it is in training form) to ONNX or TorchScript.
 
+    ``to`` is ``onnx`` or ``torchscript``; by default the suffix of ``path`` says (:func:`export_target`).
     ONNX: one self-contained file (weights inside), opset 18, dynamic batch, height and width, checked
     with onnxruntime. TorchScript: traced and frozen, checked with ``torch.jit.load``. Either runs
     without this package. The check uses an input of another batch and spatial size than the export's, and
     must agree within ``tolerance`` (default: the float32 entry of the one tolerance table).
     """
-    if to not in EXPORT_TARGETS:
-        raise ExportError(f"Unknown export target {to!r}: choose one of {', '.join(EXPORT_TARGETS)}.")
+    writable_or_raise(path, ExportError)
+    to = export_target(path, to)
     refuse_nonfinite(model, "The model", ExportError)
     if model_info(model).precision == "int8":
         raise ExportError(
             "INT8 models run with PyTorch's x86 quantized engine and are not exported; export the float "
             "checkpoint they were quantized from."
         )
-    writable_or_raise(path, ExportError)
     if tolerance is None:
         tolerance = tolerance_for(torch.float32)
     deployed, converted = to_deploy_form(model)

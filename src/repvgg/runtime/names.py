@@ -7,5 +7,7 @@ import re
 BACKENDS = ("eager", "inductor", "onnxruntime")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 EXPORT_TARGETS = ("onnx", "torchscript")
+#: The file suffixes of each export target; the first is the usual one.
+EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".pth", ".torchscript")}
 OUTPUT_FORMATS = ("repvgg", "official", "timm")  # key names a converted checkpoint can be written in
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")  # what a `device` parameter may say

@@ -7,11 +7,13 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from repvgg.core.info import PREPROCESSING_PRESETS, Preprocessing, model_info
+from repvgg.core.info import MAX_IMAGE_SIZE, PREPROCESSING_PRESETS, Preprocessing, model_info
 from repvgg.core.int8 import QuantizedRepVGG
 from repvgg.core.reparam import refuse_nonfinite
 from repvgg.exceptions import DataError, InferenceError
@@ -21,6 +23,7 @@ from repvgg.io.images import BadImage, open_image
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import resolve_device
 from repvgg.runtime.optimize import OptimizedModel, optimize
+from repvgg.runtime.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,20 @@ def resolve_preprocessing(model: nn.Module, preset: str | None = None) -> Prepro
     return chosen
 
 
+class _ImageFiles(Dataset[tuple[str, Any]]):
+    """Image files as model inputs, read in the loader's workers; an unreadable one is its BadImage."""
+
+    def __init__(self, paths: Sequence[PathLike], in_chans: int, transform: Callable[[Any], Any]) -> None:
+        self.paths, self.in_chans, self.transform = [str(p) for p in paths], in_chans, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[str, Any]:
+        image = open_image(self.paths[index], self.in_chans)
+        return self.paths[index], image if isinstance(image, BadImage) else self.transform(image)
+
+
 def predict(
     source: PathLike | nn.Module,
     images: Sequence[PathLike],
@@ -59,30 +76,43 @@ def predict(
     batch_size: int = 32,
     backend: str = "eager",
     preprocessing: str | None = None,
+    image_size: int | None = None,
     device: str | None = None,
+    workers: int = 0,
+    progress: bool = False,
     on_backend: Callable[[OptimizedModel], None] | None = None,
 ) -> tuple[list[Prediction], list[BadImage]]:
     """Top-k classes of each readable image, in batches; unreadable images are returned, not raised.
 
     ``source`` is a checkpoint (any format the package reads) or a model. Class names and the
-    preprocessing come from the checkpoint; ``preprocessing`` names a preset to use instead.
+    preprocessing come from the checkpoint; ``preprocessing`` names a preset to use instead, and
+    ``image_size`` another crop size. ``workers`` processes read and prepare the images.
     ``on_backend`` is told which backend runs the model (with the timings ``auto`` compared) once it is built.
     """
-    if topk < 1 or batch_size < 1:
-        raise InferenceError("`topk` and `batch_size` must be at least 1.")
+    if topk < 1 or batch_size < 1 or workers < 0:
+        raise InferenceError("`topk` and `batch_size` must be at least 1, and `workers` at least 0.")
     model = load_checkpoint(source) if not isinstance(source, nn.Module) else source
     refuse_nonfinite(model, str(source) if not isinstance(source, nn.Module) else "The model", InferenceError)
     info = model_info(model)
-    transform = resolve_preprocessing(model, preprocessing).transform()
+    chosen = resolve_preprocessing(model, preprocessing)
+    if image_size is not None:
+        if not 8 <= image_size <= MAX_IMAGE_SIZE:
+            raise InferenceError(f"`image_size` must be from 8 to {MAX_IMAGE_SIZE}, got {image_size}.")
+        chosen = chosen.at_size(image_size)
     default = "cuda" if torch.cuda.is_available() and not isinstance(model, QuantizedRepVGG) else "cpu"
     target = resolve_device(device or default)
+    loader = DataLoader(
+        _ImageFiles(images, info.in_chans, chosen.transform()),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=list,
+    )
     runner: nn.Module | None = None
     predictions: list[Prediction] = []
     bad: list[BadImage] = []
-    for start in range(0, len(images), batch_size):
-        chunk = [(str(p), open_image(p, info.in_chans)) for p in images[start : start + batch_size]]
+    for chunk in progress_bar(loader, desc="predict", enabled=progress):
         bad += [item for _, item in chunk if isinstance(item, BadImage)]
-        good = [(path, transform(item)) for path, item in chunk if not isinstance(item, BadImage)]
+        good = [(path, item) for path, item in chunk if not isinstance(item, BadImage)]
         if not good:
             continue
         batch = torch.stack([item for _, item in good]).to(target)

@@ -28,11 +28,13 @@ from repvgg.core.registry import MODEL_SPECS, canonical_name
 from repvgg.core.reparam import is_convertible, reparameterize
 from repvgg.engine.config import LAYOUTS, TrainConfig
 from repvgg.engine.data import DataBundle, strides_for_image_size
+from repvgg.engine.environment import device_name
 from repvgg.engine.training import STATE_FILE, build_repvgg, train
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint, read_checkpoint
 from repvgg.io.files import atomic_write, output_folder
 from repvgg.io.jsonfile import write_json
+from repvgg.runtime.device import resolve_device
 from repvgg.runtime.measure import time_interleaved
 
 LAYOUT_VARIANTS = tuple(layout for layout in LAYOUTS if layout != "repvgg")  # the non-RepVGG baselines
@@ -56,9 +58,14 @@ class AblationConfig:
     val_subset: int | None = None
     output: str = "runs/ablate"
     speed_batch: int = 64
+    image_size: int | None = None  # None: the dataset's native size
+    device: str | None = None  # None: CUDA when available
+    workers: int | None = None
     progress: bool = True
+    log_interval: int = 50
 
     def validate(self) -> None:
+        resolve_device(self.device, ModelConfigError)  # before the study's folder is made
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ModelConfigError(f"Unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}.")
@@ -80,7 +87,11 @@ class AblationConfig:
             train_subset=self.train_subset,
             val_subset=self.val_subset,
             output=str(Path(self.output) / variant / f"seed{seed}"),
+            image_size=self.image_size,
+            device=self.device,
+            workers=self.workers,
             progress=self.progress,
+            log_interval=self.log_interval,
         )
 
 
@@ -177,18 +188,25 @@ def run_folder_state(folder: Path) -> str:
     return "new"
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean, and the sample standard deviation (None for one value: one seed has no spread)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _mean_pm_std(mean: float, std: float | None, sign: str = "") -> str:
+    """``84.12 +- 0.35``; a mean alone where there is no spread (one seed)."""
+    return f"{mean:{sign}.2f}" + (f" +- {std:.2f}" if std is not None else "")
 
 
 @torch.inference_mode()
-def time_forms(model: nn.Module, batch: int) -> dict[str, float | None]:
+def time_forms(model: nn.Module, batch: int, device: torch.device | None = None) -> dict[str, Any]:
     """Examples/s of a trained model as trained and, where it converts, as converted (interleaved), at
-    the image size it was trained on."""
-    model = model.eval()
+    the image size it was trained on, on ``device`` (the CPU by default)."""
+    device = device or torch.device("cpu")
+    model = model.eval().to(device)
     info = model_info(model)
     image_size = info.preprocessing.image_size if info.preprocessing else 224
-    inputs = torch.randn(batch, info.in_chans, image_size, image_size)
+    inputs = torch.randn(batch, info.in_chans, image_size, image_size, device=device)
     forms = {"train": model}
     if is_convertible(model):
         forms["deploy"] = reparameterize(model)
@@ -196,11 +214,12 @@ def time_forms(model: nn.Module, batch: int) -> dict[str, float | None]:
     return {
         "train_examples_per_s": measured["train"].images_per_s,
         "deploy_examples_per_s": measured["deploy"].images_per_s if "deploy" in measured else None,
+        "speed_device": device_name(device),
     }
 
 
 #: Settings a study may change when it goes on in its folder: more variants, more seeds, the progress bar.
-EXTENSIBLE = ("variants", "seeds", "output", "progress")
+EXTENSIBLE = ("variants", "seeds", "output", "progress", "log_interval", "device", "workers")
 
 
 def refuse_other_settings(config: AblationConfig, saved_file: Path) -> None:
@@ -244,7 +263,7 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
         if not speed_file.is_file():
             first = config.train_config(variant, 0)
             trained = load_trained(Path(first.output) / "model_train.safetensors", first)
-            speed = time_forms(trained, config.speed_batch)
+            speed = time_forms(trained, config.speed_batch, resolve_device(config.device, ModelConfigError))
             write_json(speed_file, speed, what="the variant's speed")
         rows.append(_row(variant, summaries, json.loads(speed_file.read_text())))
     for row in rows:
@@ -284,11 +303,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     config = report["config"]
     reference = report["rows"][0]["variant"]
     epochs = f"{config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}"
+    seeds = config["seeds"]
+    spread = "mean +- std over seeds" if seeds > 1 else "one seed, so no spread is shown"
+    where = report["rows"][0].get("speed_device")
     lines = [
         f"{config['model']} on {config['data']}, {epochs}, batch {config['batch_size']}, "
-        f"{config['seeds']} seeds (0..{config['seeds'] - 1}); top-1 as mean +- std over seeds; "
-        f"'vs {reference}': the per-seed difference from {reference} (same seed, same data order), mean +- "
-        f"std; speed in examples/s at batch {config['speed_batch']} (seed 0's model, interleaved).",
+        f"{seeds} seed{'s' if seeds > 1 else ''} (0..{seeds - 1}); top-1 as {spread}; "
+        f"'vs {reference}': the per-seed difference from {reference} (same seed, same data order); speed in "
+        f"examples/s at batch {config['speed_batch']}{f' on {where}' if where else ''} (seed 0's model, "
+        "interleaved).",
         "",
         f"| variant | top-1 as trained | per seed | vs {reference} | top-1 converted | examples/s as trained "
         "| examples/s converted |",
@@ -296,14 +319,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     for row in sorted(report["rows"], key=lambda r: -r["train_top1_mean"]):
         converted = (
-            f"{row['deploy_top1_mean']:.2f} +- {row['deploy_top1_std']:.2f}"
+            _mean_pm_std(row["deploy_top1_mean"], row["deploy_top1_std"])
             if row["deploy_top1_mean"] is not None
             else "not convertible"
         )
         deploy_speed = row["deploy_examples_per_s"]
-        trained = f"{row['train_top1_mean']:.2f} +- {row['train_top1_std']:.2f}"
+        trained = _mean_pm_std(row["train_top1_mean"], row["train_top1_std"])
         per_seed = ", ".join(f"{top1:.2f}" for top1 in row["train_top1"])
-        versus = f"{row['vs_reference_mean']:+.2f} +- {row['vs_reference_std']:.2f}"
+        versus = _mean_pm_std(row["vs_reference_mean"], row["vs_reference_std"], sign="+")
         lines.append(
             f"| {row['variant']} | {trained} | {per_seed} | {versus} | {converted} | "
             f"{row['train_examples_per_s']:.0f} | {f'{deploy_speed:.0f}' if deploy_speed else '-'} |"

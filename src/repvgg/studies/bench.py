@@ -31,6 +31,7 @@ from repvgg.io.checkpoints import load_checkpoint
 from repvgg.io.files import atomic_write
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.measure import count_macs, count_parameters, time_interleaved
+from repvgg.runtime.progress import progress_bar
 
 # torchvision baselines of the paper's Table 4: (top-1, examples/s on a GTX 1080Ti at batch 128).
 TORCHVISION_BASELINES: dict[str, tuple[float, float]] = {
@@ -307,13 +308,11 @@ def run_bench(
 ) -> BenchResult:
     """Build every candidate, count it, time them interleaved, measure peak memory; ratios to ``baseline``
     (a candidate's label or spec)."""
-    from tqdm import tqdm
-
     chosen = list(chosen)
     # Built before the progress bar starts, so that a bad checkpoint is reported on a line of its own.
     models = {candidate.spec: build(candidate.spec).to(protocol.device) for candidate in chosen}
     steps = len(chosen) * (1 + protocol.rounds) + (len(chosen) if measure_memory else 0)
-    bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc="bench", unit="step", enabled=progress)
     with torch.inference_mode():
         inputs = {spec: example_batch(model, protocol) for spec, model in models.items()}
         measured = time_interleaved(

@@ -13,9 +13,12 @@ import torch
 
 from repvgg.engine.config import TrainConfig
 from repvgg.engine.data import build_data, write_sample_images
+from repvgg.engine.environment import device_name
 from repvgg.engine.training import train
+from repvgg.exceptions import TrainingError
 from repvgg.io.checkpoints import load_checkpoint
 from repvgg.runtime.convert import convert_checkpoint, verify_checkpoints
+from repvgg.runtime.device import resolve_device
 from repvgg.runtime.export import export_model
 from repvgg.runtime.measure import count_parameters, time_interleaved
 from repvgg.runtime.optimize import optimize
@@ -33,6 +36,11 @@ class DemoOptions:
     repeats: int = 10
     images: int = 8
     backend: str = "auto"
+    image_size: int | None = None  # None: Fashion-MNIST's 28 px
+    device: str | None = None  # None: CUDA when available
+    workers: int | None = None
+    progress: bool = True
+    log_interval: int = 50
 
 
 def run_demo(options: DemoOptions) -> bool:
@@ -51,6 +59,11 @@ def run_demo(options: DemoOptions) -> bool:
             train_subset=options.train_subset,
             output=str(output),
             warmup_epochs=0.2,
+            image_size=options.image_size,
+            device=options.device,
+            workers=options.workers,
+            progress=options.progress,
+            log_interval=options.log_interval,
             overwrite=True,  # the demo's folder is replaced on every run
         )
     )
@@ -79,7 +92,8 @@ def run_demo(options: DemoOptions) -> bool:
 
     bundle = build_data("fashion-mnist", options.data_dir)
     images = write_sample_images(bundle, output / "images", options.images)
-    predictions, _ = predict(deploy_file, images, topk=1)
+    device = resolve_device(options.device, TrainingError)
+    predictions, _ = predict(deploy_file, images, topk=1, device=str(device))
     correct = 0
     print(f"5. predict {len(images)} test images (true class in the file name):")
     for prediction in predictions:
@@ -90,12 +104,14 @@ def run_demo(options: DemoOptions) -> bool:
         print(f"   {Path(prediction.path).name:28s} -> {label} ({probability:.0%}){verdict}")
     print(f"   {correct} of {len(predictions)} right")
 
-    inputs = torch.randn(options.batch_size, trained.in_chans, 28, 28)
+    size = options.image_size or 28
+    inputs = torch.randn(options.batch_size, trained.in_chans, size, size, device=device)
+    trained, deployed = trained.to(device), deployed.to(device)
     print(
-        f"6. inference speed on the CPU ({torch.get_num_threads()} threads, batch {options.batch_size}, "
-        f"28x28, float32), choosing a backend ({options.backend}) ..."
+        f"6. inference speed on {device_name(device)} ({torch.get_num_threads()} CPU threads, batch "
+        f"{options.batch_size}, {size}x{size}, float32), choosing a backend ({options.backend}) ..."
     )
-    fastest = optimize(deployed, options.backend, example_input=inputs)
+    fastest = optimize(deployed, options.backend, example_input=inputs, device=device)
     for name, reason in fastest.skipped.items():
         print(f"   ({name} not used: {reason})")
     speeds = time_interleaved(

@@ -41,6 +41,7 @@ def quantize_qat(
     weights: str = "per-channel",
     seed: int = 0,
     progress: bool = False,
+    log_interval: int = 0,
 ) -> QuantizedRepVGG:
     """Quantization-aware fine-tuning of the deployed network, then conversion to INT8.
 
@@ -73,6 +74,7 @@ def quantize_qat(
         on_step=freeze_observers,
         seed=seed,
         progress=progress,
+        log_interval=log_interval,
     )
     with x86_engine():
         trainer.fit()
@@ -92,14 +94,24 @@ def quantize_checkpoint(
     batch_size: int = 64,
     weights: str = "per-channel",
     seed: int = 0,
+    image_size: int | None = None,
+    device: str | None = None,
+    workers: int = 0,
     progress: bool = True,
+    log_interval: int = 50,
 ) -> tuple[QuantizedRepVGG, list[str]]:
     """Quantize a float checkpoint to INT8 and save it: PTQ on ``calib`` training images, or QAT.
 
+    Images are prepared at ``image_size`` (default: the size the checkpoint was trained at) and read by
+    ``workers`` processes. INT8 kernels are x86 CPU kernels, so ``device`` may only be the CPU.
     Returns the model and notes for the user (e.g. that a training-form checkpoint was converted).
     """
     from torch.utils.data import DataLoader
 
+    if device is not None and device != "cpu":
+        raise QuantizationError(
+            f"`device` {device}: INT8 quantization and its kernels run on the CPU (x86 engine); give cpu."
+        )
     writable_or_raise(output, QuantizationError)
     refuse_same_file(checkpoint, output, QuantizationError)
     if calib < 1:
@@ -121,7 +133,7 @@ def quantize_checkpoint(
     if not is_deployed(model):
         notes.append(f"{checkpoint} is in training form; it was converted to its deploy form first")
     recorded = model.info.preprocessing.image_size if model.info.preprocessing else None
-    size = recorded if data == "imagefolder" else None  # the small sets have one native size
+    size = image_size or (recorded if data == "imagefolder" else None)  # small sets: one native size
     bundle = build_data(data, data_dir, image_size=size, train_subset=qat_subset, seed=seed)
     if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
         raise QuantizationError(
@@ -132,14 +144,26 @@ def quantize_checkpoint(
     def batches(dataset: Any, shuffle: bool) -> DataLoader[Any]:
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(
-            dataset, batch_size, shuffle=shuffle, generator=generator, collate_fn=_refuse_bad_images
+            dataset,
+            batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=_refuse_bad_images,
+            num_workers=workers,
         )
 
     if qat_epochs > 0:
         torch.manual_seed(seed)
         loader = batches(bundle.train, shuffle=True)
         quantized = quantize_qat(
-            model, loader, epochs=qat_epochs, lr=qat_lr, weights=weights, seed=seed, progress=progress
+            model,
+            loader,
+            epochs=qat_epochs,
+            lr=qat_lr,
+            weights=weights,
+            seed=seed,
+            progress=progress,
+            log_interval=log_interval,
         )
     else:
         calibration = calibration_images(bundle, calib, seed)

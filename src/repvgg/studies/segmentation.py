@@ -24,11 +24,13 @@ from repvgg.core.fusion import conv_bn_relu
 from repvgg.core.registry import create_model
 from repvgg.core.reparam import reparameterize
 from repvgg.engine.config import load_run_config
+from repvgg.engine.distributed import DistContext
 from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
 from repvgg.engine.training import LRSchedule, Task, Trainer, check_run_folder
 from repvgg.exceptions import ModelConfigError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
 from repvgg.io.jsonfile import write_json
+from repvgg.runtime.device import resolve_device
 from repvgg.runtime.measure import time_interleaved
 
 
@@ -171,7 +173,10 @@ class SegTrainConfig:
     val_subset: int | None = None
     seed: int = 0
     output: str = "runs/pspnet"
+    device: str | None = None  # None: CUDA when available
+    workers: int = 0
     progress: bool = True
+    log_interval: int = 50
     overwrite: bool = False  # replace a run already in ``output``; never saved in config.json
 
     def as_saved(self) -> dict[str, Any]:
@@ -179,7 +184,7 @@ class SegTrainConfig:
 
 
 #: What may change when a segmentation run is resumed (more epochs re-stretch the poly schedule).
-RESUMABLE = ("epochs", "progress", "output", "data_dir")
+RESUMABLE = ("epochs", "progress", "log_interval", "output", "data_dir", "device", "workers")
 
 
 @torch.inference_mode()
@@ -190,8 +195,12 @@ def evaluate_forms(
     over ``loader``; and how many pixels the models do not all label alike (0 for exact conversions)."""
     confusions = {name: torch.zeros(num_classes, num_classes, dtype=torch.long) for name in forms}
     disagreeing = 0
+    weight = next(next(iter(forms.values())).parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
     for images, masks in loader:
-        predictions = {name: model.eval()(images).argmax(1) for name, model in forms.items()}
+        images, masks = images.to(device), masks.to(device)
+        predictions = {name: model.eval()(images).argmax(1).cpu() for name, model in forms.items()}
+        masks = masks.cpu()
         first = next(iter(predictions.values()))
         disagreeing += int(torch.stack([p != first for p in predictions.values()]).any(0).sum())
         for name, predicted in predictions.items():
@@ -266,6 +275,7 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
         if changed:
             names = ", ".join(f"`{k}`" for k in changed)
             raise TrainingError(f"Resuming cannot change {names}: drop those options, or start a new run.")
+    device = resolve_device(config.device, TrainingError)
     torch.manual_seed(config.seed)
     bundle = build_segmentation_data(
         config.data,
@@ -288,10 +298,16 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
     if config.backbone_weights is not None:
         load_checkpoint(config.backbone_weights, model.backbone, adapt_in_chans=True)
     write_json(output / "config.json", config.as_saved(), what="the run's configuration")
+    model = model.to(device)
     train_loader = DataLoader(
-        bundle.train, config.batch_size, shuffle=True, drop_last=True, generator=torch.Generator()
+        bundle.train,
+        config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator(),
+        num_workers=config.workers,
     )
-    val_loader = DataLoader(bundle.val, config.batch_size)
+    val_loader = DataLoader(bundle.val, config.batch_size, num_workers=config.workers)
     if len(train_loader) == 0:
         raise TrainingError(f"The training set has fewer images than one batch ({config.batch_size}).")
     optimizer = torch.optim.SGD(
@@ -304,9 +320,11 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
         optimizer,
         LRSchedule(config.epochs * len(train_loader), shape="poly"),
         epochs=config.epochs,
+        context=DistContext(device=device),
         output=output,
         seed=config.seed,
         progress=config.progress,
+        log_interval=config.log_interval,
     )
     if resume:
         trainer.resume()
@@ -325,7 +343,7 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
         "deploy_form": deployed,
         "miou_identical": trained["miou"] == deployed["miou"],
         "changed_pixels": changed,
-        "speed": time_both_forms(model, deployed_model, next(iter(val_loader))[0]),
+        "speed": time_both_forms(model, deployed_model, next(iter(val_loader))[0].to(device)),
     }
     save_checkpoint(model, output / "pspnet_train.safetensors", class_names=bundle.class_names)
     save_checkpoint(deployed_model, output / "pspnet_deploy.safetensors", class_names=bundle.class_names)
