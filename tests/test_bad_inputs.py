@@ -310,7 +310,6 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
         "--variants": ("foo",),
         "--device": BAD_DEVICES,
     },
-    "demo": {"--device": BAD_DEVICES, "--backend": ("x",)},
     "train-seg": {
         "--data": ("x",),
         "--model": ("repvgg_z9",),
@@ -321,7 +320,7 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
     "export": {"--to": ("x", "")},
     "convert": {"--format": ("x",)},
     "models": {"--format": ("x",)},
-    "demo": {"--backend": ("x",), "--model": ("repvgg_z9",)},
+    "demo": {"--backend": ("x",), "--model": ("repvgg_z9",), "--device": BAD_DEVICES},
 }
 
 CUDA_ONLY = {  # right on a GPU machine, a mistake on this one
