@@ -52,7 +52,7 @@ def test_run_bench_reports_every_measure_and_ratios(tmp_path: Path) -> None:
     rows = {row.spec: row for row in result.rows}
     assert set(rows) == {"repvgg_a0:train", "repvgg_a0:deploy", "torchvision:resnet18"}
     assert rows["repvgg_a0:deploy"].params == 8_309_384 and rows["repvgg_a0:train"].params == 9_108_968
-    assert rows["repvgg_a0:deploy"].gflops == pytest.approx(2 * 1.361e9 * (32 / 224) ** 2 / 1e9, rel=0.05)
+    assert rows["repvgg_a0:deploy"].gmacs == pytest.approx(1.361e9 * (32 / 224) ** 2 / 1e9, rel=0.05)
     assert all(row.examples_per_s > 0 and row.latency_ms > 0 and row.spread >= 0 for row in rows.values())
     assert rows["torchvision:resnet18"].speed_ratio == 1.0 and result.baseline == "resnet18 (BN fused)"
     text = markdown_report(result)
@@ -77,12 +77,12 @@ def test_every_torchvision_baseline_is_built_counted_and_timed() -> None:
     assert set(rows) == set(TORCHVISION_BASELINES)
     assert all(row.examples_per_s > 0 for row in rows.values())
     assert (
-        rows["resnet152"].gflops
-        > rows["resnet101"].gflops
-        > rows["resnet50"].gflops
-        > rows["resnet18"].gflops
+        rows["resnet152"].gmacs
+        > rows["resnet101"].gmacs
+        > rows["resnet50"].gmacs
+        > rows["resnet18"].gmacs
     )
-    assert rows["regnet_x_3_2gf"].gflops > rows["efficientnet_b0"].gflops > 0
+    assert rows["regnet_x_3_2gf"].gmacs > rows["efficientnet_b0"].gmacs > 0
 
 
 @pytest.mark.slow

@@ -153,6 +153,7 @@ def test_every_command_s_help_shows_its_defaults(
             main([command, "--help"])
         text = capsys.readouterr().out
         assert "SUPPRESS" not in text and "(default: None)" not in text and "(default: False)" not in text
+        assert "(default: True)" not in text, "a switch's help says what not giving it means"
         if command == "eval":
             assert "images per batch (default: 256)" in text and "mixed precision (default: none)" in text
 

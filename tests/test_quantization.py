@@ -141,7 +141,7 @@ def test_quantize_command_then_eval_predict_and_bench(
         progress=False,
     )
     row = bench.rows[0]
-    assert row.label == "int8.safetensors" and row.gflops > 0 and row.examples_per_s > 0
+    assert row.label == "int8.safetensors" and row.gmacs > 0 and row.examples_per_s > 0
     assert row.peak_memory_mib is not None
 
 

@@ -26,7 +26,7 @@ _EXPORTS = {
     "repvgg.core.fusion": ("ConvBN",),
     "repvgg.core.info": ("ModelInfo", "Preprocessing", "model_info"),
     "repvgg.core.models": ("RepVGG",),
-    "repvgg.core.registry": ("MODEL_SPECS", "create_model", "list_models"),
+    "repvgg.core.registry": ("MODEL_SPECS", "list_models"),
     "repvgg.core.reparam": (
         "EquivalenceReport",
         "is_deployed",
@@ -45,6 +45,7 @@ _EXPORTS = {
     ),
     "repvgg.io.checkpoints": ("Checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"),
     "repvgg.io.formats": ("convert_state_dict", "detect_format"),
+    "repvgg.io.pretrained": ("create_model", "load_pretrained"),
     "repvgg.runtime.convert": ("convert_checkpoint", "repvgg_model_convert", "verify_checkpoints"),
     "repvgg.runtime.export": ("export_model",),
     "repvgg.runtime.optimize": ("OptimizedModel", "optimize"),
@@ -79,6 +80,7 @@ __all__ = [
     "is_deployed",
     "list_models",
     "load_checkpoint",
+    "load_pretrained",
     "model_info",
     "optimize",
     "predict",
@@ -111,7 +113,7 @@ if TYPE_CHECKING:
     from repvgg.core.fusion import ConvBN
     from repvgg.core.info import ModelInfo, Preprocessing, model_info
     from repvgg.core.models import RepVGG
-    from repvgg.core.registry import MODEL_SPECS, create_model, list_models
+    from repvgg.core.registry import MODEL_SPECS, list_models
     from repvgg.core.reparam import (
         EquivalenceReport,
         is_deployed,
@@ -130,6 +132,7 @@ if TYPE_CHECKING:
     )
     from repvgg.io.checkpoints import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
     from repvgg.io.formats import convert_state_dict, detect_format
+    from repvgg.io.pretrained import create_model, load_pretrained
     from repvgg.runtime.convert import convert_checkpoint, repvgg_model_convert, verify_checkpoints
     from repvgg.runtime.export import export_model
     from repvgg.runtime.optimize import OptimizedModel, optimize

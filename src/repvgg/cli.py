@@ -544,8 +544,8 @@ def _shared(
         options["type"] = _number(options["type"], *RANGES[name])
     if name == "device":
         options["type"] = device
-    options["help"] = help if help is not None else options["help"].rsplit(" (default:", 1)[0]
-    if options.get("action") is None:
+    if options.get("action") is None:  # a switch keeps its help, which says what its absence means
+        options["help"] = help if help is not None else options["help"].rsplit(" (default:", 1)[0]
         options["default"] = default
     options["dest"] = dest or options["dest"]
     parser.add_argument(*names, *flags, **options)

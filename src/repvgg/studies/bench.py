@@ -184,7 +184,7 @@ class Row:
     spec: str
     family: str
     params: int
-    gflops: float
+    gmacs: float  # multiply-accumulates of one example: the paper's "FLOPs" column counts these
     examples_per_s: float
     latency_ms: float
     spread: float
@@ -328,7 +328,7 @@ def run_bench(
         # Counted on the built network at batch 1 (the meta device cannot build every torchvision model).
         counted = counted_model(models[candidate.spec])
         size = protocol.image_size
-        flops = 2 * count_macs(counted, (1, input_channels(counted), size, size))
+        macs = count_macs(counted, (1, input_channels(counted), size, size))
         timing = measured[candidate.spec]
         memory = None
         if measure_memory:
@@ -340,7 +340,7 @@ def run_bench(
                 spec=candidate.spec,
                 family=candidate.family,
                 params=count_parameters(counted),
-                gflops=flops / 1e9,
+                gmacs=macs / 1e9,
                 examples_per_s=timing.images_per_s,
                 latency_ms=timing.median_s * 1000,
                 spread=timing.spread,
@@ -399,11 +399,19 @@ def memory_of_residual_vs_plain(protocol: Protocol, width: int = 64, depth: int 
     peaks = {
         spec.split(":")[1]: peak_memory_mib(f"{spec}:{width}:{depth}", protocol) for spec in FIGURE3_SPECS
     }
-    return {"width": width, "depth": depth, "peak_memory_mib": peaks}
+    return {
+        "width": width,
+        "depth": depth,
+        "batch": protocol.batch_size,
+        "image_size": protocol.image_size,
+        "device": protocol.device,
+        "peak_memory_mib": peaks,
+    }
 
 
 def conv_density(protocol: Protocol, kernel_sizes: Sequence[int] = (1, 3, 5, 7)) -> list[dict[str, float]]:
-    """Speed and TFLOP/s of single convolutions by kernel size (the paper's Table 1).
+    """Speed and TFLOP/s (2 floating-point operations per multiply-accumulate) of single convolutions by
+    kernel size (the paper's Table 1).
 
     The paper's shape on CUDA (batch 32, 2048 -> 2048 channels, 56x56); a smaller one on the CPU
     (batch 1, 256 channels, 28x28), stated in the result.
@@ -482,10 +490,16 @@ def figure3(memory: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     peaks = memory["peak_memory_mib"]
-    figure, axes = plt.subplots(figsize=(5, 4))
-    axes.bar(list(peaks), [peaks[k] or 0 for k in peaks], color=["tab:blue", "tab:red"])
+    figure, axes = plt.subplots(figsize=(5.5, 4.2))
+    bars = axes.bar(list(peaks), [peaks[k] or 0 for k in peaks], color=["tab:blue", "tab:red"])
+    axes.bar_label(bars, labels=[f"{peaks[k]:.1f} MiB" if peaks[k] is not None else "n/a" for k in peaks])
     axes.set_ylabel("peak extra memory of one batch (MiB)")
-    axes.set_title(f"{memory['depth']} blocks of 2 conv3x3, width {memory['width']}", fontsize=10)
+    shape = f"{memory['depth']} blocks of 2 conv3x3, width {memory['width']}"
+    if "batch" in memory:  # bench.json files of earlier releases do not say
+        size = memory["image_size"]
+        shape += f"\nbatch {memory['batch']}, {size}x{size}, float32, {memory['device']}"
+    axes.set_title(shape, fontsize=10)
+    axes.margins(y=0.15)  # room for the labels above the bars
     figure.tight_layout()
     atomic_write(path, lambda target: figure.savefig(target, dpi=120, format="png"), what="the figure")
     plt.close(figure)
@@ -495,7 +509,7 @@ def figure3(memory: dict[str, Any], path: Path) -> Path:
 TABLE_HEADER = (
     "network",
     "params (M)",
-    "GFLOPs",
+    "GMACs",
     "examples/s",
     "ms/batch",
     "spread",
@@ -512,7 +526,7 @@ def table_rows(result: BenchResult) -> list[list[str]]:
         [
             r.label,
             f"{r.params / 1e6:.2f}",
-            f"{r.gflops:.2f}",
+            f"{r.gmacs:.2f}",
             f"{r.examples_per_s:.1f}",
             f"{r.latency_ms:.0f}",
             f"{r.spread:.0%}",
