@@ -64,6 +64,7 @@ class DataBundle:
     image_size: int
     in_memory: bool
     preprocessing: Preprocessing
+    notes: tuple[str, ...] = ()  # what the user should know about how the images are prepared
 
 
 class TensorImages(Dataset[tuple[torch.Tensor, int]]):
@@ -219,6 +220,20 @@ class ImageFiles(Dataset[Any]):
     def __len__(self) -> int:
         return len(self.folder.samples)
 
+    def largest_side(self, sample: int = 32) -> int | None:
+        """The largest side of ``sample`` files spread over the split (headers only); None if none opens."""
+        from PIL import Image, UnidentifiedImageError
+
+        step = max(1, len(self.folder.samples) // sample)
+        sides = []
+        for path, _ in self.folder.samples[::step][:sample]:
+            try:
+                with Image.open(path) as image:
+                    sides.append(max(image.size))
+            except (OSError, UnidentifiedImageError, ValueError):
+                continue  # an unreadable file is reported where it is read for training
+        return max(sides, default=None)
+
     def __getitem__(self, index: int) -> Any:
         path, label = self.folder.samples[index]
         image = open_image(path, in_chans=3)
@@ -342,6 +357,13 @@ def _image_folder_bundle(
         raise DataError(
             f"train/ and val/ in {root} have different class folders; both need the same class names."
         )
+    notes = []
+    largest = train.largest_side() if image_size is None else None
+    if largest is not None and largest < size:
+        notes.append(
+            f"the images are at most {largest} px, so they are enlarged to the default {size} px; set the "
+            f"image size to {largest} to train at their own size ({(size / largest) ** 2:.0f}x less work)"
+        )
     return DataBundle(
         train=seeded_subset(train, train_subset, seed),
         val=seeded_subset(val, val_subset, seed),
@@ -351,6 +373,7 @@ def _image_folder_bundle(
         image_size=size,
         in_memory=False,
         preprocessing=imagenet_preprocessing(size),
+        notes=tuple(notes),
     )
 
 

@@ -774,6 +774,7 @@ class ClassificationRun:
         if config.head_lr_mult != 1:
             start.append(f"head learning rate x{config.head_lr_mult:g}")
         fine_tuning = "\n" + "; ".join(start) if start else ""
+        fine_tuning += "".join(f"\nnote: {note}" for note in data.notes)
         return (
             f"{config.model} ({config.block} blocks, {parameters:,} trainable parameters) on {config.data}: "
             f"{len(data.train):,} training / {len(data.val):,} validation images, "  # type: ignore[arg-type]
