@@ -50,7 +50,7 @@ _EXPORTS = {
     "repvgg.runtime.export": ("export_model",),
     "repvgg.runtime.optimize": ("OptimizedModel", "optimize"),
     "repvgg.runtime.predict": ("predict",),
-    "repvgg.studies.segmentation": ("pspnet",),
+    "repvgg.core.segmentation": ("PSPNet", "pspnet"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "ModelConfigError",
     "ModelInfo",
     "OptimizedModel",
+    "PSPNet",
     "Preprocessing",
     "RepVGG",
     "RepVGGBlock",
@@ -121,6 +122,7 @@ if TYPE_CHECKING:
         reparameterize,
         verify_equivalence,
     )
+    from repvgg.core.segmentation import PSPNet, pspnet
     from repvgg.exceptions import (
         CheckpointError,
         ConversionError,
@@ -137,4 +139,3 @@ if TYPE_CHECKING:
     from repvgg.runtime.export import export_model
     from repvgg.runtime.optimize import OptimizedModel, optimize
     from repvgg.runtime.predict import predict
-    from repvgg.studies.segmentation import pspnet

@@ -11,9 +11,10 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from repvgg.engine.config import AMP_CHOICES, DATASETS, RANGES, TrainConfig
+from repvgg.engine.config import AMP_CHOICES, DATASETS, RANGES, SEG_DATASETS, TrainConfig
 from repvgg.runtime.names import BACKEND_CHOICES, DEVICE_PATTERN, EXPORT_TARGETS, OUTPUT_FORMATS
 
 
@@ -182,11 +183,15 @@ def _note_guesses(checkpoint: str) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from repvgg.engine.evaluation import evaluate_checkpoint
+    from repvgg.io.checkpoints import is_segmenter
 
+    if is_segmenter(args.checkpoint) or args.data in SEG_DATASETS:  # a classifier there is refused
+        return _eval_segmenter(args)
+    data = args.data or "fashion-mnist"
     _note_guesses(args.checkpoint)
     result = evaluate_checkpoint(
         args.checkpoint,
-        data=args.data,
+        data=data,
         data_dir=args.data_dir,
         batch_size=args.batch_size,
         val_subset=args.val_subset,
@@ -207,8 +212,41 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"top-1 per class: {', '.join(shown)}")
     print(
         f"{args.checkpoint}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f} "
-        f"on {result.images} {args.data} validation images, {result.images_per_s:.0f} img/s"
+        f"on {result.images} {data} validation images, {result.images_per_s:.0f} img/s"
     )
+    return 0
+
+
+def _eval_segmenter(args: argparse.Namespace) -> int:
+    """``eval`` of a PSPNet checkpoint: mIoU, pixel accuracy and each class's IoU."""
+    from repvgg.exceptions import InferenceError
+    from repvgg.studies.segmentation import evaluate_segmentation_checkpoint
+
+    if args.backend is not None or args.amp != "none":
+        raise InferenceError(
+            f"{args.checkpoint} is a PSPNet, evaluated in PyTorch in float32: drop `backend` and `amp`."
+        )
+    data = args.data or "fashion-mnist-seg"
+    result = evaluate_segmentation_checkpoint(
+        args.checkpoint,
+        data=data,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        val_subset=args.val_subset,
+        image_size=args.image_size,
+        device=args.device,
+        workers=args.workers or 0,
+        results_file=args.results_file,
+        progress=args.progress,
+    )
+    ious = zip(result["class_names"], result["class_iou"], strict=True)
+    print("IoU per class: " + ", ".join(f"{n} {'-' if v is None else f'{v:.1f}'}" for n, v in ious))
+    print(
+        f"{args.checkpoint}: mIoU {result['miou']:.2f}%, pixel accuracy {result['pixel_accuracy']:.2f}% on "
+        f"{result['images']} {data} validation images, {result['images_per_s']:.0f} img/s"
+    )
+    if args.results_file:
+        print(f"wrote {args.results_file}")
     return 0
 
 
@@ -265,9 +303,12 @@ def _say_backend(runner: Any) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from repvgg.io.checkpoints import is_segmenter
     from repvgg.io.images import image_files
     from repvgg.runtime.predict import check_predictions_file, predict, write_predictions
 
+    if is_segmenter(args.checkpoint):
+        return _segment(args)
     _note_guesses(args.checkpoint)
     if args.output is not None:  # before the work: a wrong name or place is said at once
         check_predictions_file(args.output)
@@ -291,6 +332,37 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"repvgg predict: error: {image.error('it was skipped')}", file=sys.stderr)
     if args.output is not None:
         print(f"wrote {write_predictions(predictions, args.output)}")
+    return 1 if bad else 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    """``predict`` with a PSPNet checkpoint: a mask PNG per image in --output, each class's share printed."""
+    from repvgg.exceptions import InferenceError
+    from repvgg.io.images import image_files
+    from repvgg.runtime.predict import segment
+
+    if args.output is None or Path(args.output).suffix in (".csv", ".json"):
+        raise InferenceError(
+            f"{args.checkpoint} is a PSPNet: its predictions are masks, written as PNGs into a folder; give "
+            "that folder as `output`."
+        )
+    if args.backend != "eager" or args.preprocessing is not None:
+        raise InferenceError(
+            f"{args.checkpoint} is a PSPNet, run eagerly: drop `backend` and `preprocessing`."
+        )
+    masks, bad = segment(
+        args.checkpoint,
+        image_files(args.images),
+        args.output,
+        image_size=args.image_size,
+        device=args.device,
+        progress=args.progress,
+    )
+    for result in masks:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in result.shares[: args.topk])
+        print(f"{result.path}: {shares} -> {result.mask}")
+    for image in bad:
+        print(f"repvgg predict: error: {image.error('it was skipped')}", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -482,12 +554,14 @@ def _take_output_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
     args.output = given[0]
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser, segmentation: bool = False) -> None:
+    """--data and --data-dir; with ``segmentation`` (eval) the segmentation sets too, for PSPNet files."""
     parser.add_argument(
         "--data",
-        choices=DATASETS,
-        default="fashion-mnist",
-        help="dataset; fashion-mnist comes from the Debian package dataset-fashion-mnist",
+        choices=(*DATASETS, *SEG_DATASETS) if segmentation else DATASETS,
+        default=None if segmentation else "fashion-mnist",
+        help="dataset; fashion-mnist comes from the Debian package dataset-fashion-mnist"
+        + (" (default: fashion-mnist, or fashion-mnist-seg for a PSPNet checkpoint)" if segmentation else ""),
     )
     parser.add_argument(
         "--data-dir",
@@ -655,8 +729,10 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _shared(bench, "output", "runs/bench", "folder for bench.json, bench.md and the figures")
 
     evaluation = command("eval", _eval, "top-1/top-5 and speed of any checkpoint on a dataset")
-    evaluation.add_argument("checkpoint", help="a checkpoint in any format repvgg reads")
-    _add_data_arguments(evaluation)
+    evaluation.add_argument(
+        "checkpoint", help="a checkpoint in any format repvgg reads (a PSPNet's: mIoU on a segmentation set)"
+    )
+    _add_data_arguments(evaluation, segmentation=True)
     evaluation.add_argument(
         "--val-subset", type=positive_int, default=None, help="evaluate on this many images (default: all)"
     )
@@ -721,7 +797,11 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _shared(predict, "device", help=DEVICE_HELP)
     _shared(predict, "workers", 0, "processes that read and prepare the images")
     _shared(predict, "progress")
-    _shared(predict, "output", help="also write the predictions to this .csv or .json file")
+    _shared(
+        predict,
+        "output",
+        help="also write the predictions to this .csv or .json file (a PSPNet's: the folder for its masks)",
+    )
 
     seg = command(
         "train-seg", _train_seg, "train PSPNet over a RepVGG backbone, convert it, evaluate both forms (mIoU)"

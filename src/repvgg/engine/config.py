@@ -33,6 +33,7 @@ from repvgg.runtime.names import DEVICE_PATTERN
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+SEG_DATASETS = ("fashion-mnist-seg", "folder")  # segmentation sets (repvgg.engine.segmentation_data)
 #: RepVGG, and the residual baseline of repvgg.studies.ablation (its LAYOUT_VARIANTS)
 LAYOUTS = ("repvgg", "residual_reorg")
 #: Fields that may change when a run is resumed: ``epochs`` extends (or shortens) the schedule; the others

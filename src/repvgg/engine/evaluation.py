@@ -152,7 +152,7 @@ def write_results(
 ) -> list[Path]:
     """The figures of an evaluation as ``.json`` (everything: totals, per class, confusion matrix) or ``.csv``
     (one row per class, then ``all``), by ``path``'s suffix; and the confusion matrix as a PNG beside it."""
-    _check_results_file(path)
+    check_results_file(path)
     per_class = [
         {"class": name, "images": sum(row), "top1": top1}
         for name, row, top1 in zip(class_names, result.confusion, result.per_class_top1(), strict=True)
@@ -167,7 +167,7 @@ def write_results(
         lines = ["class,images,top1"]
         for row in per_class:
             top1 = "" if row["top1"] is None else f"{row['top1']:.4f}"
-            lines.append(f"{_csv(row['class'])},{row['images']},{top1}")
+            lines.append(f"{csv_field(row['class'])},{row['images']},{top1}")
         lines.append(f"all,{result.images},{result.top1:.4f}")
         text = "\n".join(lines) + "\n"
         atomic_write(path, lambda target: target.write_text(text), what=what, error_type=DataError)
@@ -176,12 +176,13 @@ def write_results(
     return [path, picture]
 
 
-def _check_results_file(path: Path) -> None:
+def check_results_file(path: Path) -> None:
     if path.suffix not in (".json", ".csv"):
         raise DataError(f"`results_file` must end in .json or .csv, got {path.name}.")
 
 
-def _csv(text: str) -> str:
+def csv_field(text: str) -> str:
+    """One CSV field: quoted where it holds a comma, a quote or a line break."""
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
@@ -237,7 +238,7 @@ def evaluate_checkpoint(
     the figures with each class's top-1 (and a PNG of the confusion matrix beside it).
     """
     if results_file is not None:
-        _check_results_file(Path(results_file))
+        check_results_file(Path(results_file))
         writable_or_raise(results_file, DataError)
     if amp not in AMP_DTYPES:
         raise TrainingError(f"`amp` must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")

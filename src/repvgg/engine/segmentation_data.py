@@ -20,11 +20,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from repvgg.core.info import FASHION_MNIST_STATS, IMAGENET_STATS
+from repvgg.core.info import FASHION_MNIST_STATS, IMAGENET_STATS, Preprocessing
+from repvgg.engine.config import SEG_DATASETS
 from repvgg.engine.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_split, seeded_subset
 from repvgg.exceptions import DataError
 
-SEG_DATASETS = ("fashion-mnist-seg", "folder")
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -37,6 +37,7 @@ class SegmentationBundle:
     class_names: list[str]
     in_chans: int
     image_size: int
+    preprocessing: Preprocessing  # how an image file becomes an input (saved with the model for predict)
 
 
 class FashionMosaics(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -142,4 +143,5 @@ def build_segmentation_data(
         class_names=classes,
         in_chans=in_chans,
         image_size=size,
+        preprocessing=Preprocessing(size, size, *(FASHION_MNIST_STATS if in_chans == 1 else IMAGENET_STATS)),
     )

@@ -770,7 +770,8 @@ class ClassificationRun:
         parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         start = [self.loaded] if self.loaded else []
         if config.frozen_stages >= 0:
-            start.append(f"stages 0-{config.frozen_stages} frozen")
+            frozen = config.frozen_stages
+            start.append(f"stage{' 0' if frozen == 0 else f's 0-{frozen}'} frozen")
         if config.head_lr_mult != 1:
             start.append(f"head learning rate x{config.head_lr_mult:g}")
         fine_tuning = "\n" + "; ".join(start) if start else ""

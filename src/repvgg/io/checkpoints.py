@@ -25,6 +25,7 @@ from repvgg.core.info import ModelInfo, model_info
 from repvgg.core.int8 import QuantizedRepVGG, convert_int8, example_input, prepare_int8, x86_engine
 from repvgg.core.models import RepVGG, adapt_input_conv
 from repvgg.core.registry import name_for_config
+from repvgg.core.segmentation import PSPNet
 from repvgg.exceptions import CheckpointError, ConversionError, QuantizationError, RepVGGError, RepVGGWarning
 from repvgg.io.files import PathLike, atomic_write
 from repvgg.io.formats import (
@@ -218,6 +219,19 @@ def guessed(checkpoint: Checkpoint) -> str | None:
     )
 
 
+def is_segmenter(source: PathLike) -> bool:
+    """Whether a checkpoint file of this package holds a PSPNet (from its header alone); False for anything
+    else, unreadable files included (the command reading it then says what is wrong)."""
+    path = Path(source)
+    try:
+        if path.is_file() and _is_safetensors(path):
+            with safe_open(str(path), framework="pt") as handle:
+                return (handle.metadata() or {}).get("module_type") == "PSPNet"
+    except (SafetensorError, OSError):
+        pass
+    return False
+
+
 def source_note(source: PathLike) -> str | None:
     """:func:`guessed` for a checkpoint file; this package's own files answer from their header alone."""
     path = Path(source)
@@ -261,32 +275,38 @@ def _check_version(metadata: Mapping[str, str]) -> None:
         )
 
 
-def build_model(checkpoint: Checkpoint) -> RepVGG:
-    """An untrained RepVGG of the checkpoint's architecture and form, carrying its record's labels."""
+def build_model(checkpoint: Checkpoint) -> RepVGG | PSPNet:
+    """An untrained network of the checkpoint's architecture and form (a RepVGG, or a PSPNet over one),
+    carrying its record's labels."""
     info = checkpoint.info
     if info.config is None:
         raise CheckpointError(
-            "This checkpoint holds a network that is not a bare RepVGG, so it cannot rebuild itself; "
-            "build that network and pass it as model=."
+            "This checkpoint holds a network that is neither a RepVGG nor a PSPNet over one, so it cannot "
+            "rebuild itself; build that network and pass it as model=."
         )
     if info.config.get("layout", "repvgg") != "repvgg":
         raise CheckpointError(
             f"This checkpoint holds the {info.config['layout']} baseline, not a RepVGG; build it "
             "(repvgg.studies.ablation.ResidualReorg) and pass it as model=."
         )
+    deploy = info.form == "deploy"
     try:
-        model = RepVGG(**info.config, deploy=info.form == "deploy")
-    except TypeError as error:
+        if info.module_type == "PSPNet":
+            model: RepVGG | PSPNet = PSPNet.from_config(info.config, deploy=deploy)
+        else:
+            model = RepVGG(**info.config, deploy=deploy)
+    except (TypeError, KeyError, AttributeError) as error:
         raise CheckpointError(
-            f"The checkpoint's architecture record is damaged ({error}); save it again."
+            f"The checkpoint's architecture record is damaged ({error!r}); save it again."
         ) from error
     label_model(model, info)
     return model
 
 
-def label_model(model: RepVGG, info: ModelInfo) -> None:
+def label_model(model: RepVGG | PSPNet, info: ModelInfo) -> None:
     """Give ``model`` the name, class names and preprocessing of ``info``, where the record has them."""
-    model.model_name = info.model_name or name_for_config(model.config)
+    if isinstance(model, RepVGG):
+        model.model_name = info.model_name or name_for_config(model.config)
     if info.class_names is not None:
         model.class_names = list(info.class_names)
     if info.preprocessing is not None:
@@ -312,7 +332,7 @@ def load_checkpoint(
     if model is None:
         model = build_model(checkpoint)
     load_state_dict_strict(model, checkpoint, adapt_in_chans=adapt_in_chans)
-    if isinstance(model, RepVGG):
+    if isinstance(model, RepVGG | PSPNet):
         label_model(model, checkpoint.info)
     return model
 

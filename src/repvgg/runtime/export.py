@@ -33,13 +33,21 @@ class ExportResult:
     converted: bool
     max_rel_difference: float
     check_input_shape: tuple[int, ...]
+    fixed_size: tuple[int, int] | None = None  # height and width, where the export cannot vary them
 
     def __str__(self) -> str:
         runner = "onnxruntime" if self.target == "onnx" else "torch.jit.load"
-        return (
+        text = (
             f"wrote {self.path}; {runner} vs PyTorch on input {self.check_input_shape}: "
             f"max relative difference {self.max_rel_difference:.2e}"
         )
+        if self.fixed_size is not None:
+            height, width = self.fixed_size
+            text += (
+                f"; its input is {height}x{width} only (adaptive pooling exports for one size: export "
+                "again at the size you need)"
+            )
+        return text
 
 
 def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, int, int, int]:
@@ -49,10 +57,19 @@ def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, int, int
     return (batch, info.in_chans, size, size)
 
 
-def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Another batch size and spatial size than the export's, to prove the axes are dynamic."""
+def _check_shape(shape: tuple[int, ...], spatial: bool = True) -> tuple[int, ...]:
+    """Another batch size (and, with ``spatial``, spatial size) than the export's: the axes are dynamic."""
     batch, channels, height, width = shape
-    return (batch + 1, channels, height + 8, width + 16)
+    return (batch + 1, channels, height + 8, width + 16) if spatial else (batch + 1, channels, height, width)
+
+
+def has_fixed_pooling(model: nn.Module) -> bool:
+    """Whether ``model`` pools adaptively to more than one cell (PSPNet's pyramid): ONNX exports such pooling
+    for the example's size only, so height and width cannot stay dynamic."""
+    return any(
+        isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d) and m.output_size not in (1, (1, 1))
+        for m in model.modules()
+    )
 
 
 def export_target(path: PathLike, to: str | None = None) -> str:
@@ -109,10 +126,18 @@ def export_model(
     deployed = deployed.float().cpu()
     shape = tuple(input_shape) if input_shape else default_input_shape(deployed)
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    check_input = torch.randn(_check_shape(shape), generator=torch.Generator().manual_seed(1))
+    spatial = not (to == "onnx" and has_fixed_pooling(deployed))
+    check_input = torch.randn(_check_shape(shape, spatial), generator=torch.Generator().manual_seed(1))
     if to == "onnx":
-        payload = onnx_bytes(deployed, example)
-        actual = run_onnx(payload, check_input)
+        payload = onnx_bytes(deployed, example, spatial)
+        try:
+            actual = run_onnx(payload, check_input)
+        except Exception as error:  # onnxruntime's own error types: the check is the boundary
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ExportError(
+                f"onnxruntime could not run the exported model on input {tuple(check_input.shape)} "
+                f"({first}), so it was not written; please report this with the model."
+            ) from error
     else:
         buffer = io.BytesIO()
         with _quietly():
@@ -132,18 +157,20 @@ def export_model(
     atomic_write(
         path, lambda target: target.write_bytes(payload), what=f"the {to} model", error_type=ExportError
     )
-    return ExportResult(path, to, converted, difference, tuple(check_input.shape))
+    fixed = None if spatial else (shape[2], shape[3])
+    return ExportResult(path, to, converted, difference, tuple(check_input.shape), fixed)
 
 
-def onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
-    """A serialized ONNX model with the weights inside and dynamic batch, height and width.
+def onnx_bytes(model: nn.Module, example: Tensor, spatial: bool = True) -> bytes:
+    """A serialized ONNX model with the weights inside and dynamic batch (and, with ``spatial``, height and
+    width).
 
     Uses PyTorch's ``torch.export``-based exporter (the supported one since PyTorch 2.9); the axes get
     readable names (``batch``, ``height``, ``width``) in place of the exporter's symbols.
     """
     from torch.export import Dim
 
-    dynamic = {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}
+    dynamic = {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC} if spatial else {0: Dim.DYNAMIC}
     try:
         with _quietly():
             program = torch.onnx.export(

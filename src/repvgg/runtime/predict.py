@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.core.info import MAX_IMAGE_SIZE, PREPROCESSING_PRESETS, Preprocessing, model_info
 from repvgg.core.int8 import QuantizedRepVGG
 from repvgg.core.reparam import refuse_nonfinite
+from repvgg.core.segmentation import PSPNet
 from repvgg.exceptions import DataError, InferenceError
 from repvgg.io.checkpoints import load_checkpoint
-from repvgg.io.files import PathLike, atomic_write, writable_or_raise
+from repvgg.io.files import PathLike, atomic_write, output_folder, writable_or_raise
 from repvgg.io.images import BadImage, open_image
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import resolve_device
@@ -165,3 +166,92 @@ def check_predictions_file(path: PathLike) -> None:
     if Path(path).suffix not in (".csv", ".json"):
         raise InferenceError(f"`output` must end in .csv or .json, got {Path(path).name}.")
     writable_or_raise(path, InferenceError)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One image's predicted mask (a PNG of class indices, the image's size) and each class's share of it."""
+
+    path: str
+    mask: str
+    shares: list[tuple[str, float]] = field(default_factory=list)
+
+
+def segment(
+    source: PathLike | nn.Module,
+    images: Sequence[PathLike],
+    output: PathLike,
+    *,
+    image_size: int | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> tuple[list[Segmentation], list[BadImage]]:
+    """Per-pixel classes of each readable image with a PSPNet checkpoint (or model), written as masks.
+
+    Each image is resized so its shorter side is the preprocessing's size (``image_size`` to choose
+    another), segmented whole (no crop), and its mask scaled back to the image's own size and saved as
+    ``output/<name>_mask.png``: a palette PNG whose pixel values are the class indices. Unreadable images
+    are returned, not raised.
+    """
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    model = load_checkpoint(source) if not isinstance(source, nn.Module) else source
+    if not isinstance(model, PSPNet):
+        raise InferenceError("`segment` needs a PSPNet checkpoint; classify images with `predict`.")
+    refuse_nonfinite(model, str(source) if not isinstance(source, nn.Module) else "The model", InferenceError)
+    folder = output_folder(output, InferenceError)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = model_info(model)
+    chosen = info.preprocessing or PREPROCESSING_PRESETS["imagenet"]
+    size = image_size or chosen.image_size
+    prepare = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(chosen.mean, chosen.std),
+        ]
+    )
+    target = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.eval().to(target)
+    names = info.class_names or [str(i) for i in range(model.num_classes)]
+    palette = _palette(len(names))
+    results: list[Segmentation] = []
+    bad: list[BadImage] = []
+    for path in progress_bar(images, desc="segment", unit="image", enabled=progress):
+        image = open_image(path, info.in_chans)
+        if isinstance(image, BadImage):
+            bad.append(image)
+            continue
+        with torch.inference_mode():
+            logits = model(prepare(image)[None].to(target))
+        labels = logits.argmax(1, keepdim=True).float()
+        labels = torch.nn.functional.interpolate(labels, size=image.size[::-1], mode="nearest")[0, 0]
+        labels = labels.to(torch.uint8).cpu()
+        counts = torch.bincount(labels.flatten().long(), minlength=len(names)).double()
+        shares = sorted(
+            ((names[i], float(c / counts.sum())) for i, c in enumerate(counts) if c > 0), key=lambda x: -x[1]
+        )
+        mask = Image.frombytes("P", image.size, labels.numpy().tobytes())
+        mask.putpalette(palette)
+        mask_path = folder / f"{Path(path).stem}_mask.png"
+        atomic_write(mask_path, lambda file, mask=mask: mask.save(file, format="PNG"), what="the mask")
+        results.append(Segmentation(str(path), str(mask_path), shares))
+    return results, bad
+
+
+def _palette(classes: int) -> list[int]:
+    """Distinct colours for class indices (class 0 black), as PIL's flat RGB palette."""
+    colours = [0, 0, 0]
+    for index in range(1, classes):
+        hue = (index * 0.618034) % 1.0  # golden-ratio steps spread the hues
+        red, green, blue = (int(255 * _channel(hue, shift)) for shift in (0.0, 1 / 3, 2 / 3))
+        colours += [red, green, blue]
+    return colours + [0] * (768 - len(colours))
+
+
+def _channel(hue: float, shift: float) -> float:
+    """One channel of a fully saturated colour of ``hue`` (a triangle wave)."""
+    position = (hue + shift) % 1.0
+    return max(0.0, min(1.0, abs(position * 6 - 3) - 1))

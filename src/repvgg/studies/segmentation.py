@@ -9,7 +9,8 @@ whole segmenter in one call: only the backbone's blocks change.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,113 +20,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from repvgg.core.backbone import RepVGGFeatures
-from repvgg.core.fusion import conv_bn_relu
-from repvgg.core.registry import create_model
-from repvgg.core.reparam import reparameterize
-from repvgg.engine.config import load_run_config
+from repvgg.core.reparam import refuse_nonfinite, reparameterize
+from repvgg.core.segmentation import PSPNet, pspnet
+from repvgg.engine.config import DATASETS, load_run_config
 from repvgg.engine.distributed import DistContext
+from repvgg.engine.evaluation import check_results_file, csv_field
 from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
 from repvgg.engine.training import LRSchedule, Task, Trainer, check_run_folder
-from repvgg.exceptions import ModelConfigError, TrainingError
+from repvgg.exceptions import DataError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
+from repvgg.io.files import PathLike, atomic_write, writable_or_raise
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import resolve_device
 from repvgg.runtime.measure import time_interleaved
-
-
-class PyramidPooling(nn.Module):
-    """PSPNet's pyramid pooling: the input, plus its average pools at each bin size reduced to
-    ``channels // len(bins)`` channels and upsampled back, concatenated."""
-
-    def __init__(self, channels: int, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
-        super().__init__()
-        reduced = channels // len(bins)
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(size), conv_bn_relu(channels, reduced, 1)) for size in bins
-        )
-        self.out_channels = channels + reduced * len(bins)
-
-    def forward(self, x: Tensor) -> Tensor:
-        size = x.shape[-2:]
-        pooled = [
-            F.interpolate(stage(x), size, mode="bilinear", align_corners=False) for stage in self.stages
-        ]
-        return torch.cat([x, *pooled], dim=1)
-
-
-class PSPNet(nn.Module):
-    """PSPNet: ``backbone`` features -> pyramid pooling -> 3x3 conv -> classifier, upsampled to the input.
-
-    In training mode with ``aux_weight > 0`` the forward pass returns ``(logits, aux_logits)``; in eval
-    mode the logits alone. ``backbone`` must return stage 3 and stage 4 features (``out_indices=(3, 4)``).
-    """
-
-    def __init__(
-        self,
-        backbone: RepVGGFeatures,
-        num_classes: int,
-        *,
-        head_channels: int = 256,
-        aux_weight: float = 0.4,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__()
-        if backbone.out_indices != (3, 4):
-            raise ModelConfigError(
-                "PSPNet needs the backbone's stage 3 and stage 4 outputs: out_indices=(3, 4)."
-            )
-        self.backbone = backbone
-        self.num_classes = num_classes
-        self.aux_weight = aux_weight
-        stage3, stage4 = (info["num_chs"] for info in backbone.feature_info)
-        self.ppm = PyramidPooling(stage4)
-        self.head = nn.Sequential(
-            conv_bn_relu(self.ppm.out_channels, head_channels, 3),
-            nn.Dropout2d(dropout),
-            nn.Conv2d(head_channels, num_classes, 1),
-        )
-        self.aux_head = (
-            nn.Sequential(
-                conv_bn_relu(stage3, head_channels // 2, 3),
-                nn.Dropout2d(dropout),
-                nn.Conv2d(head_channels // 2, num_classes, 1),
-            )
-            if aux_weight > 0
-            else None
-        )
-
-    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        size = images.shape[-2:]
-        stage3, stage4 = self.backbone(images)
-        logits = F.interpolate(self.head(self.ppm(stage4)), size, mode="bilinear", align_corners=False)
-        if self.training and self.aux_head is not None:
-            aux = F.interpolate(self.aux_head(stage3), size, mode="bilinear", align_corners=False)
-            return logits, aux
-        return logits
-
-
-def pspnet(
-    name: str,
-    num_classes: int,
-    *,
-    in_chans: int = 3,
-    output_stride: int = 8,
-    dilation_mode: str = "full",
-    **options: object,
-) -> PSPNet:
-    """A PSPNet over the named RepVGG (e.g. ``"repvgg_b1g2"``, dilation_mode ``"fast"`` for the paper's
-    "-fast" variants). ``options`` go to :class:`PSPNet` (head_channels, aux_weight, dropout)."""
-    backbone = create_model(
-        name,
-        in_chans=in_chans,
-        features_only=True,
-        out_indices=(3, 4),
-        output_stride=output_stride,
-        dilation_mode=dilation_mode,
-    )
-    assert isinstance(backbone, RepVGGFeatures)
-    return PSPNet(backbone, num_classes, **options)  # type: ignore[arg-type]
+from repvgg.runtime.progress import progress_bar
 
 
 def confusion_matrix(
@@ -295,6 +203,7 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
         head_channels=config.head_channels,
         aux_weight=config.aux_weight,
     )
+    model.class_names, model.preprocessing = bundle.class_names, bundle.preprocessing
     if config.backbone_weights is not None:
         load_checkpoint(config.backbone_weights, model.backbone, adapt_in_chans=True)
     write_json(output / "config.json", config.as_saved(), what="the run's configuration")
@@ -345,7 +254,83 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
         "changed_pixels": changed,
         "speed": time_both_forms(model, deployed_model, next(iter(val_loader))[0].to(device)),
     }
-    save_checkpoint(model, output / "pspnet_train.safetensors", class_names=bundle.class_names)
-    save_checkpoint(deployed_model, output / "pspnet_deploy.safetensors", class_names=bundle.class_names)
+    save_checkpoint(model, output / "pspnet_train.safetensors")
+    save_checkpoint(deployed_model, output / "pspnet_deploy.safetensors")
     write_json(output / "summary.json", summary, what="the run's summary")
     return summary
+
+
+def evaluate_segmentation_checkpoint(
+    checkpoint: PathLike,
+    *,
+    data: str = "fashion-mnist-seg",
+    data_dir: str | None = None,
+    batch_size: int = 16,
+    val_subset: int | None = None,
+    image_size: int | None = None,
+    device: str | None = None,
+    workers: int = 0,
+    results_file: PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """mIoU, pixel accuracy and each class's IoU of a saved PSPNet (either form) on a segmentation set's
+    validation split, with images/s; written to ``results_file`` (``.json``, or ``.csv`` with a row per
+    class) when given. Images are prepared at the size the checkpoint records unless ``image_size``."""
+    if results_file is not None:
+        check_results_file(Path(results_file))
+        writable_or_raise(results_file, DataError)
+    model = load_checkpoint(checkpoint)
+    if not isinstance(model, PSPNet):
+        raise DataError(
+            f"{checkpoint} is a classifier, not a PSPNet: evaluate it on a classification dataset "
+            f"(`data` {', '.join(DATASETS)})."
+        )
+    refuse_nonfinite(model, str(checkpoint), DataError)
+    recorded = model.preprocessing.image_size if model.preprocessing else None
+    bundle = build_segmentation_data(
+        data,
+        data_dir,
+        num_classes=model.num_classes if data == "folder" else None,
+        image_size=image_size or recorded,
+        val_subset=val_subset,
+    )
+    if (bundle.num_classes, bundle.in_chans) != (model.num_classes, model.backbone.in_chans):
+        raise DataError(
+            f"{checkpoint} segments {model.num_classes} classes of {model.backbone.in_chans}-channel images "
+            f"but {data} has {bundle.num_classes} classes of {bundle.in_chans}-channel images: evaluate it "
+            "on the dataset it was trained on."
+        )
+    target = resolve_device(device, DataError)
+    model = model.eval().to(target)
+    loader = DataLoader(bundle.val, batch_size, num_workers=workers)
+    start = time.perf_counter()
+    metrics = evaluate_forms(
+        {"model": model}, progress_bar(loader, desc="eval", enabled=progress), bundle.num_classes
+    )[0]["model"]
+    seconds = time.perf_counter() - start
+    images = len(bundle.val)  # type: ignore[arg-type]
+    result = {
+        "checkpoint": str(checkpoint),
+        "data": data,
+        "image_size": bundle.image_size,
+        "images": images,
+        "images_per_s": images / seconds,
+        "class_names": bundle.class_names,
+        **metrics,
+    }
+    if results_file is not None:
+        _write_segmentation_results(result, Path(results_file))
+    return result
+
+
+def _write_segmentation_results(result: dict[str, Any], path: Path) -> None:
+    what = "the evaluation results"
+    if path.suffix == ".json":
+        write_json(path, result, what=what, error_type=DataError)
+        return
+    lines = ["class,iou"]
+    for name, iou in zip(result["class_names"], result["class_iou"], strict=True):
+        lines.append(f"{csv_field(name)},{'' if iou is None else f'{iou:.4f}'}")
+    lines += [f"mean,{result['miou']:.4f}", f"pixel_accuracy,{result['pixel_accuracy']:.4f}"]
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, lambda target: target.write_text(text), what=what, error_type=DataError)
