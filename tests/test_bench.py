@@ -76,12 +76,7 @@ def test_every_torchvision_baseline_is_built_counted_and_timed() -> None:
     }
     assert set(rows) == set(TORCHVISION_BASELINES)
     assert all(row.examples_per_s > 0 for row in rows.values())
-    assert (
-        rows["resnet152"].gmacs
-        > rows["resnet101"].gmacs
-        > rows["resnet50"].gmacs
-        > rows["resnet18"].gmacs
-    )
+    assert rows["resnet152"].gmacs > rows["resnet101"].gmacs > rows["resnet50"].gmacs > rows["resnet18"].gmacs
     assert rows["regnet_x_3_2gf"].gmacs > rows["efficientnet_b0"].gmacs > 0
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import repvgg
 from repvgg.cli import main
+from repvgg.core.reparam import relative_error, tolerance_for
 from repvgg.engine.segmentation_data import build_segmentation_data
 from repvgg.exceptions import DataError, RepVGGWarning
 from tests.test_data import fake_fashion_mnist
@@ -124,3 +125,87 @@ def test_train_seg_follows_the_run_folder_rules_of_train(
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2] and "overwrite" not in json.loads((run / "config.json").read_text())
     assert main([*arguments, "--epochs", "1", "--overwrite"]) == 0
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A trained-looking PSPNet's two checkpoint files as train-seg writes them, and its dataset."""
+    folder = tmp_path_factory.mktemp("segmenter")
+    data = fake_fashion_mnist(folder / "fashion", train=16, test=16)
+    bundle = build_segmentation_data("fashion-mnist-seg", data)
+    model = repvgg.pspnet("repvgg_a0", bundle.num_classes, in_chans=1, head_channels=16)
+    repvgg.randomize_batchnorm_(model)
+    model.class_names, model.preprocessing = bundle.class_names, bundle.preprocessing
+    model.eval()
+    train_file = repvgg.save_checkpoint(model, folder / "pspnet_train.safetensors")
+    deploy_file = repvgg.save_checkpoint(repvgg.reparameterize(model), folder / "pspnet_deploy.safetensors")
+    return train_file, deploy_file, data
+
+
+def test_a_pspnet_checkpoint_rebuilds_itself_in_both_forms(segmenter: tuple[Path, Path, Path]) -> None:
+    train_file, deploy_file, _ = segmenter
+    trained, deployed = repvgg.load_checkpoint(train_file), repvgg.load_checkpoint(deploy_file)
+    assert isinstance(trained, repvgg.PSPNet) and isinstance(deployed, repvgg.PSPNet)
+    assert repvgg.model_info(trained).form == "train" and repvgg.model_info(deployed).form == "deploy"
+    assert deployed.class_names[0] == "background" and deployed.preprocessing.image_size == 56
+    x = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        difference = relative_error(deployed.eval()(x), trained.eval()(x))
+    assert difference <= tolerance_for(torch.float32), "weights saved in float32: that entry of the table"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_eval_scores_a_pspnet_checkpoint_with_miou(
+    segmenter: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str
+) -> None:
+    train_file, deploy_file, data = segmenter
+    scores = []
+    for checkpoint in (train_file, deploy_file):
+        results = tmp_path / f"{checkpoint.stem}{suffix}"
+        argv = ["eval", str(checkpoint), "--data-dir", str(data), "--results-file", str(results)]
+        assert main([*argv, "--no-progress", "--batch-size", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "IoU per class: background " in out and "fashion-mnist-seg validation images" in out
+        scores.append(out.splitlines()[-2].split("mIoU ")[1].split("%")[0])
+        if suffix == ".json":
+            record = json.loads(results.read_text())
+            assert len(record["class_iou"]) == 11 and record["images"] == 4
+        else:
+            rows = results.read_text().splitlines()
+            assert (
+                rows[0] == "class,iou" and rows[1].startswith("background,") and rows[-2].startswith("mean,")
+            )
+    assert scores[0] == scores[1], "both forms of one network score alike"
+
+
+def test_export_and_predict_take_a_pspnet_checkpoint(
+    segmenter: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnxruntime
+
+    _, deploy_file, _ = segmenter
+    assert main(["export", str(deploy_file), str(tmp_path / "p.onnx")]) == 0
+    assert "its input is 56x56 only" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(tmp_path / "p.onnx"))
+    assert session.run(None, {"images": np.zeros((3, 1, 56, 56), np.float32)})[0].shape == (3, 11, 56, 56)
+    picture = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70), dtype=np.uint8)).save(picture)
+    assert main(["predict", str(deploy_file), str(picture), "--output", str(tmp_path / "masks")]) == 0
+    out = capsys.readouterr().out
+    mask_file = tmp_path / "masks" / "photo_mask.png"
+    assert f"-> {mask_file}" in out and "%" in out
+    with Image.open(mask_file) as mask:
+        assert mask.mode == "P" and mask.size == (70, 40) and max(mask.getdata()) < 11
+    assert main(["predict", str(deploy_file), str(picture)]) == 2
+    assert "its predictions are masks, written as PNGs into a folder" in capsys.readouterr().err
+
+
+def test_a_classifier_is_not_scored_on_a_segmentation_set(
+    segmenter: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    classifier = repvgg.save_checkpoint(
+        repvgg.create_model("repvgg_a0", num_classes=10), tmp_path / "c.safetensors"
+    )
+    data = segmenter[2]
+    assert main(["eval", str(classifier), "--data", "fashion-mnist-seg", "--data-dir", str(data)]) == 2
+    assert "is a classifier, not a PSPNet" in capsys.readouterr().err
