@@ -70,3 +70,17 @@ def test_residual_reorg_pairs_the_layers_into_basic_blocks_outside_the_core() ->
         ResidualReorg("repvgg_b1g2", num_classes=10)
     with pytest.raises(TypeError):
         repvgg.create_model("repvgg_a0", layout="residual_reorg")  # not a RepVGG option any more
+
+
+def test_a_one_seed_table_shows_no_spread_and_says_where_speed_was_timed() -> None:
+    from repvgg.studies.ablation import _row, markdown_table
+
+    summary = {"train_form": {"top1": 84.5}, "deploy_form": {"top1": 84.5}}
+    speed = {"train_examples_per_s": 100.0, "deploy_examples_per_s": 150.0, "speed_device": "AMD EPYC"}
+    row = _row("repvgg", [summary], speed)
+    row["vs_reference_mean"], row["vs_reference_std"] = 0.0, None
+    config = {"model": "repvgg_a0", "data": "fashion-mnist", "epochs": 1, "batch_size": 32, "seeds": 1}
+    table = markdown_table({"config": {**config, "speed_batch": 8}, "rows": [row]})
+    assert "+-" not in table and "one seed, so no spread is shown" in table
+    assert "| repvgg | 84.50 | 84.50 | +0.00 | 84.50 | 100 | 150 |" in table
+    assert "at batch 8 on AMD EPYC" in table

@@ -88,6 +88,16 @@ def test_a_residual_network_holds_more_memory_than_a_plain_one() -> None:
     # One activation is 2 x 32 x 128 x 128 floats = 4 MiB: the residual block keeps its input alive.
     assert peaks["plain"] is not None and peaks["residual"] is not None
     assert peaks["residual"] >= peaks["plain"] + 3
+    assert (memory["batch"], memory["image_size"], memory["device"]) == (2, 128, "cpu"), "said on figure3.png"
+
+
+def test_figure3_is_drawn_with_its_values_and_its_protocol(tmp_path: Path) -> None:
+    from repvgg.studies.bench import figure3
+
+    memory = {"width": 32, "depth": 4, "batch": 2, "image_size": 128, "device": "cpu"}
+    memory["peak_memory_mib"] = {"residual": 12.5, "plain": 8.25}
+    path = figure3(memory, tmp_path / "figure3.png")
+    assert path.stat().st_size > 1000
 
 
 def test_conv_density_counts_every_kernel_size() -> None:
