@@ -108,7 +108,7 @@ def test_designs_without_a_plain_form_train_and_say_so(
         assert loaded.block == block
     else:
         assert isinstance(loaded, ResidualReorg) and loaded.info.class_names is not None
-        with pytest.raises(CheckpointError, match="not a bare RepVGG"):
+        with pytest.raises(CheckpointError, match="neither a RepVGG nor a PSPNet over one"):
             repvgg.load_checkpoint(tmp_path / "run" / "model_train.safetensors")
 
 

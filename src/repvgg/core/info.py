@@ -122,9 +122,9 @@ PREPROCESSING_PRESETS: dict[str, Preprocessing] = {
 class ModelInfo:
     """What a model says about itself; every checkpoint this package writes holds one.
 
-    ``config`` holds the :class:`~repvgg.RepVGG` constructor arguments (its ``config`` property), or None
-    for a network that is not a bare RepVGG (a segmenter, a baseline). ``form`` is ``train``, ``deploy``, or
-    ``none`` for a network without RepVGG blocks.
+    ``config`` holds the :class:`~repvgg.RepVGG` constructor arguments (its ``config`` property), a
+    :class:`~repvgg.PSPNet`'s head settings and backbone config, or None for another network (a baseline).
+    ``form`` is ``train``, ``deploy``, or ``none`` for a network without RepVGG blocks.
     """
 
     model_name: str | None = None
