@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from repvgg import create_model, reparameterize
+from repvgg.runtime.device import cpu_features, device_name
 from repvgg.runtime.measure import count_macs, time_interleaved
 from repvgg.runtime.optimize import optimize
 
@@ -36,17 +36,6 @@ def gemm_gflops(threads: int, size: int = 1024, repeats: int = 20) -> float:
         a @ b
         times.append(time.perf_counter() - start)
     return 2 * size**3 / sorted(times)[len(times) // 2] / 1e9
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timm_repvgg_a0() -> nn.Module | None:
@@ -116,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     useful = 2 * macs * speed[a0_best] / 1e9
     print(
-        f"CPU: {cpu_name()}, {args.threads} threads; batch {args.batch_size}, "
+        f"CPU: {device_name(torch.device('cpu'))}; batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size}, float32; torch {torch.__version__}; "
         f"median of {args.repeats} interleaved batches\n"
     )
@@ -138,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"a float32 GEMM does {gemm:.1f} GFLOP/s here: {useful / gemm:.0%} of it"
     )
     figures = {
+        "cpu": cpu_features(),
         "threads": args.threads,
         "batch_size": args.batch_size,
         "image_size": args.image_size,

@@ -113,8 +113,12 @@ def main() -> None:
             "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in results),
         }
     ratio = table["ours"]["images_per_s"] / table["timm"]["images_per_s"]
+    from repvgg.runtime.device import cpu_features
+
+    cpu = cpu_features()
     print(
-        f"RepVGG-A0 training, CPU {os.cpu_count()} cores, torch threads default, batch {args.batch_size}, "
+        f"RepVGG-A0 training, CPU {cpu['model']} ({cpu['capability']} + {' '.join(cpu['flags'])}), "
+        f"{os.cpu_count()} cores, torch threads default, batch {args.batch_size}, "
         f"{args.in_chans}x{args.image_size}x{args.image_size}, {args.classes} classes, fp32, "
         f"{args.repeats} alternating subprocesses x {args.steps} timed steps"
     )
@@ -126,7 +130,9 @@ def main() -> None:
     print(f"ours / timm throughput: {ratio:.3f}x")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"settings": vars(args), "results": table, "ratio": ratio}, handle, indent=2)
+            json.dump(
+                {"settings": vars(args), "cpu": cpu, "results": table, "ratio": ratio}, handle, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -131,3 +131,16 @@ def test_bench_command_writes_its_files(tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "Measuring 2 networks: cpu, batch 1" in out and "repvgg_a0 (deploy)" in out and "│" in out
     assert (tmp_path / "bench.md").is_file() and (tmp_path / "bench.json").is_file()
+
+
+def test_every_cpu_record_names_the_capability_and_the_flags_that_matter() -> None:
+    from repvgg.runtime.device import ISA_FLAGS, cpu_features, device_name
+
+    cpu = cpu_features()
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(cpu["flags"]) <= set(ISA_FLAGS)
+    assert cpu["fast_bf16"] == bool({"avx512_bf16", "amx_bf16"} & set(cpu["flags"]))
+    assert cpu["fast_int8"] == bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu["flags"]))
+    name = device_name(torch.device("cpu"))
+    assert name.startswith(f"{cpu['model']}, {torch.get_num_threads()} threads, {cpu['capability']}")
+    assert all(flag in name for flag in cpu["flags"] if flag in ("avx512_bf16", "avx512_vnni", "amx_int8"))

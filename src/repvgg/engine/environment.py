@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import repvgg
+from repvgg.runtime.device import cpu_features, device_name
 
 
 def _git_revision() -> str | None:
@@ -29,19 +30,6 @@ def _git_revision() -> str | None:
     return result.stdout.strip()[:12] or None if result.returncode == 0 else None
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model (``/proc/cpuinfo``) with the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as handle:
-            lines = (line for line in handle if line.startswith("model name"))
-            model = next((line.split(":", 1)[1].strip() for line in lines), None)
-    except OSError:
-        model = None
-    return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     import torchvision
 
@@ -52,6 +40,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "device": device_name(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_features(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "command": sys.argv,
         "git_revision": _git_revision(),

@@ -49,7 +49,7 @@ from repvgg.engine.distributed import (
     ranks_agree,
     shutdown,
 )
-from repvgg.engine.environment import device_name, environment
+from repvgg.engine.environment import environment
 from repvgg.engine.evaluation import AMP_DTYPES, EvalResult, eval_loader, evaluate
 from repvgg.exceptions import DataError, ModelConfigError, TrainingError
 from repvgg.io.checkpoints import (
@@ -62,6 +62,7 @@ from repvgg.io.files import atomic_write, output_folder
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import json_text, write_json
 from repvgg.io.pretrained import load_pretrained
+from repvgg.runtime.device import device_name
 from repvgg.runtime.progress import progress_bar
 
 STATE_FILE = "last.pt"

@@ -28,13 +28,12 @@ from repvgg.core.registry import MODEL_SPECS, canonical_name
 from repvgg.core.reparam import is_convertible, reparameterize
 from repvgg.engine.config import LAYOUTS, TrainConfig
 from repvgg.engine.data import DataBundle, strides_for_image_size
-from repvgg.engine.environment import device_name
 from repvgg.engine.training import STATE_FILE, build_repvgg, train
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint, read_checkpoint
 from repvgg.io.files import atomic_write, output_folder
 from repvgg.io.jsonfile import write_json
-from repvgg.runtime.device import resolve_device
+from repvgg.runtime.device import device_name, resolve_device
 from repvgg.runtime.measure import time_interleaved
 
 LAYOUT_VARIANTS = tuple(layout for layout in LAYOUTS if layout != "repvgg")  # the non-RepVGG baselines

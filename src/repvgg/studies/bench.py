@@ -25,11 +25,11 @@ from repvgg.core.info import model_info
 from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
 from repvgg.core.registry import MODEL_SPECS, canonical_name, create_model
 from repvgg.core.reparam import reparameterize
-from repvgg.engine.environment import device_name
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint
 from repvgg.io.files import atomic_write
 from repvgg.io.jsonfile import write_json
+from repvgg.runtime.device import device_name
 from repvgg.runtime.measure import count_macs, count_parameters, time_interleaved
 from repvgg.runtime.progress import progress_bar
 

@@ -13,12 +13,11 @@ import torch
 
 from repvgg.engine.config import TrainConfig
 from repvgg.engine.data import build_data, write_sample_images
-from repvgg.engine.environment import device_name
 from repvgg.engine.training import train
 from repvgg.exceptions import TrainingError
 from repvgg.io.checkpoints import load_checkpoint
 from repvgg.runtime.convert import convert_checkpoint, verify_checkpoints
-from repvgg.runtime.device import resolve_device
+from repvgg.runtime.device import device_name, resolve_device
 from repvgg.runtime.export import export_model
 from repvgg.runtime.measure import count_parameters, time_interleaved
 from repvgg.runtime.optimize import optimize
