@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from repvgg.cli import main
