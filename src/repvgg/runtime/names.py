@@ -6,6 +6,9 @@ import re
 
 BACKENDS = ("eager", "inductor", "onnxruntime")
 BACKEND_CHOICES = ("auto", *BACKENDS)
+#: Numeric precisions ``optimize`` can run a model in; ``auto`` picks the fastest that keeps accuracy.
+PRECISIONS = ("fp32", "bf16", "int8")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 EXPORT_TARGETS = ("onnx", "torchscript")
 #: The file suffixes of each export target; the first is the usual one.
 EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".pth", ".torchscript")}

@@ -1,29 +1,36 @@
-"""Running trained networks fast: ``optimize`` picks the fastest backend that reproduces the model.
+"""Running trained networks fast: ``optimize`` picks the fastest backend (and precision) that keeps the model.
 
 ``optimize`` turns any network (converted first if it holds training-form RepVGG blocks) into a
 callable with the same outputs, run by one of several backends: PyTorch eager, TorchInductor with
 frozen weights (oneDNN convolutions with fused ReLU on CPU, cuDNN on GPU), or onnxruntime. With
 ``backend="auto"`` every candidate is checked against eager PyTorch and timed on the example input,
 and the fastest correct one is kept.
+
+With ``precision`` other than fp32 the candidates include bfloat16 (on CUDA, and on CPUs whose instructions
+make it fast: avx512_bf16 or AMX, detected) and INT8 (the x86 engine, calibrated on the images given). Their
+outputs are not the float32 ones, so they are judged on held-out labelled images instead: each candidate's
+top-1 and its agreement with float32's predictions, against a guard on the top-1 drop.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from repvgg.core.info import model_info
-from repvgg.core.int8 import QuantizedRepVGG
+from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
 from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import InferenceError, RepVGGError
+from repvgg.runtime.device import cpu_features
 from repvgg.runtime.export import onnx_bytes, onnx_session
 from repvgg.runtime.measure import time_interleaved
-from repvgg.runtime.names import BACKEND_CHOICES, BACKENDS
+from repvgg.runtime.names import BACKEND_CHOICES, BACKENDS, PRECISION_CHOICES
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -87,12 +94,32 @@ _BUILDERS: dict[str, Callable[[nn.Module, _Setting, Tensor], Runner]] = {
 }
 
 
+@dataclass
+class Candidate:
+    """One way to run the model that ``optimize`` considered: a row of :attr:`OptimizedModel.report`.
+
+    ``top1`` and ``agreement`` (the share of held-out images whose predicted class equals float32 eager's)
+    are percentages; ``top1_drop`` is float32's top-1 minus this one's. ``why_not`` says why it was not
+    chosen (None for the one chosen).
+    """
+
+    backend: str
+    precision: str
+    images_per_s: float | None = None
+    top1: float | None = None
+    top1_drop: float | None = None
+    agreement: float | None = None
+    why_not: str | None = None
+
+
 class OptimizedModel(nn.Module):
     """A deploy-form network run by one backend; call it like the model (any device, dtype, layout).
 
-    ``backend`` is the backend chosen; ``max_rel_error`` its largest relative difference from eager
-    float32 PyTorch on the example input; ``timings`` the median seconds per example batch of every
-    candidate timed (``auto`` only); ``skipped`` why other candidates were not used.
+    ``backend`` is the backend chosen and ``precision`` its precision; ``max_rel_error`` its largest
+    relative difference from eager float32 PyTorch on the example input (NaN for bf16 and int8, which are
+    judged by their top-1 instead); ``timings`` the median seconds per
+    example batch of every candidate timed (``auto`` only); ``skipped`` why other candidates were not used;
+    ``report`` (with a ``precision`` search) every candidate's speed, accuracy and fate.
     """
 
     def __init__(
@@ -105,9 +132,13 @@ class OptimizedModel(nn.Module):
         timings: dict[str, float],
         skipped: dict[str, str],
         source: nn.Module,
+        precision: str = "fp32",
+        report: list[Candidate] | None = None,
     ) -> None:
         super().__init__()
         self.backend = backend
+        self.precision = precision
+        self.report = report or []
         self._runner = runner
         self._setting = setting
         self.max_rel_error = max_rel_error
@@ -121,7 +152,7 @@ class OptimizedModel(nn.Module):
             return self._runner(inputs).float()
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}, dtype={self._setting.dtype}, device={self._setting.device}"
+        return f"backend={self.backend}, precision={self.precision}, device={self._setting.device}"
 
 
 def optimize(
@@ -133,8 +164,13 @@ def optimize(
     device: str | torch.device | None = None,
     channels_last: bool = True,
     repeats: int = 5,
+    precision: str = "fp32",
+    calibration: Iterable[Tensor] | None = None,
+    eval_data: Iterable[Sequence[Tensor]] | None = None,
+    max_top1_drop: float = 0.5,
 ) -> OptimizedModel:
-    """The fastest way we have to run ``model``, with the same outputs.
+    """The fastest way we have to run ``model``, with the same outputs (or, with ``precision``, the same
+    accuracy).
 
     The model is copied, put in eval mode and re-parameterized if it holds training-form RepVGG blocks.
     ``backend`` is ``eager``, ``inductor``, ``onnxruntime``, or ``auto``: build each, drop any whose
@@ -142,9 +178,32 @@ def optimize(
     for ``dtype`` (``repvgg.core.reparam.TOLERANCE``) or that cannot run here, time the rest on
     ``example_input`` (interleaved medians) and keep the fastest. ``dtype`` may be float16/bfloat16 on
     CUDA, where cuDNN's benchmark mode is enabled.
+
+    ``precision`` ``bf16``, ``int8`` or ``auto`` (all three) searches precisions too (see the module's
+    docstring): ``eval_data`` (a re-iterable of ``(images, labels, ...)`` batches, held out from training)
+    judges every candidate, which must lose at most ``max_top1_drop`` points of float32's top-1;
+    ``calibration`` (batches of training images) calibrates INT8. The fastest candidate that passes is
+    kept, and :attr:`OptimizedModel.report` lists them all.
     """
     if backend not in BACKEND_CHOICES:
         raise InferenceError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}.")
+    if precision not in PRECISION_CHOICES:
+        raise InferenceError(
+            f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_CHOICES)}."
+        )
+    if precision != "fp32":
+        return _search_precisions(
+            model,
+            backend,
+            precision,
+            example_input=example_input,
+            device=torch.device(device) if device is not None else example_input.device,
+            channels_last=channels_last,
+            repeats=repeats,
+            calibration=calibration,
+            eval_data=eval_data,
+            max_top1_drop=max_top1_drop,
+        )
     target = torch.device(device) if device is not None else example_input.device
     if dtype in HALF_DTYPES and target.type != "cuda":
         raise InferenceError(
@@ -208,3 +267,145 @@ def _int8_runner(model: QuantizedRepVGG, backend: str, setting: _Setting) -> Opt
             "auto), `device` cpu and float32 input."
         )
     return OptimizedModel("int8-x86", model, setting, max_rel_error=0.0, timings={}, skipped={}, source=model)
+
+
+def _search_precisions(
+    model: nn.Module,
+    backend: str,
+    precision: str,
+    *,
+    example_input: Tensor,
+    device: torch.device,
+    channels_last: bool,
+    repeats: int,
+    calibration: Iterable[Tensor] | None,
+    eval_data: Iterable[Sequence[Tensor]] | None,
+    max_top1_drop: float,
+) -> OptimizedModel:
+    """Build every candidate of the precisions asked for, score each on ``eval_data``, time those that
+    keep float32's accuracy, keep the fastest."""
+    if eval_data is None:
+        raise InferenceError(
+            "Choosing a precision needs held-out labelled images (`eval_data`) to check each candidate's "
+            "top-1 against float32's; give them, or use `precision` fp32."
+        )
+    if not max_top1_drop >= 0:
+        raise InferenceError(f"`max_top1_drop` must be at least 0 points, got {max_top1_drop}.")
+    if isinstance(model, QuantizedRepVGG):
+        raise InferenceError("The model is INT8 already; choose a precision for its float checkpoint.")
+    deployed, _ = to_deploy_form(model)
+    deployed = deployed.float().eval()
+    example = example_input.to(device)
+    wanted = ("fp32", "bf16", "int8") if precision == "auto" else ("fp32", precision)
+    candidates: dict[str, tuple[Candidate, Runner | None]] = {}
+    for candidate, build in _candidates(
+        deployed, backend, wanted, device, channels_last, calibration, example
+    ):
+        key = f"{candidate.backend}/{candidate.precision}"
+        runner = None
+        if candidate.why_not is None:
+            try:
+                runner = build()
+            except Exception as failure:  # a compiler or runtime missing here fails in many ways
+                candidate.why_not = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0][:200]}"
+        candidates[key] = (candidate, runner)
+    fp32_eager = _eager(deployed, _Setting(device, torch.float32, channels_last), example)
+    with torch.inference_mode():
+        reference = fp32_eager(example).float()
+    errors = {}
+    for key, (candidate, runner) in candidates.items():
+        if runner is not None and candidate.precision == "fp32":  # float32 must reproduce the outputs
+            with torch.inference_mode():
+                errors[key] = relative_error(runner(example).float(), reference)
+            if errors[key] > tolerance_for(torch.float32):
+                candidate.why_not = f"outputs differ from eager PyTorch by {errors[key]:.1e} (relative)"
+    reference_top1, reference_predictions = _score(fp32_eager, eval_data, device)
+    for candidate, runner in candidates.values():
+        if runner is None or candidate.why_not is not None:
+            continue
+        top1, predictions = _score(runner, eval_data, device)
+        candidate.top1, candidate.top1_drop = top1, reference_top1 - top1
+        candidate.agreement = 100.0 * float((predictions == reference_predictions).float().mean())
+        if candidate.top1_drop > max_top1_drop:
+            candidate.why_not = f"top-1 drops {candidate.top1_drop:.2f} points (guard {max_top1_drop:g})"
+    passing = {
+        key: runner for key, (candidate, runner) in candidates.items() if runner and not candidate.why_not
+    }
+    if not passing:
+        reasons = "; ".join(f"{key}: {c.why_not}" for key, (c, _) in candidates.items())
+        raise InferenceError(f"No candidate could run this model within the guard here ({reasons}).")
+    with torch.inference_mode():
+        measured = time_interleaved(passing, example, rounds=repeats)
+    for key, throughput in measured.items():
+        candidates[key][0].images_per_s = throughput.images_per_s
+    chosen = max(measured, key=lambda key: measured[key].images_per_s)
+    for key, (candidate, _) in candidates.items():
+        if key != chosen and candidate.why_not is None:
+            candidate.why_not = (
+                f"slower ({candidate.images_per_s:.0f} vs {measured[chosen].images_per_s:.0f} images/s)"
+            )
+    winner = candidates[chosen][0]
+    return OptimizedModel(
+        winner.backend,
+        candidates[chosen][1],  # type: ignore[arg-type]
+        _Setting(device, _DTYPES[winner.precision], channels_last),
+        max_rel_error=errors.get(chosen, float("nan")),  # other precisions are judged by top-1 instead
+        timings={key: throughput.median_s for key, throughput in measured.items()},
+        skipped={key: c.why_not for key, (c, _) in candidates.items() if c.why_not},
+        source=model,
+        precision=winner.precision,
+        report=[candidate for candidate, _ in candidates.values()],
+    )
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+
+
+def _candidates(
+    deployed: nn.Module,
+    backend: str,
+    precisions: Sequence[str],
+    device: torch.device,
+    channels_last: bool,
+    calibration: Iterable[Tensor] | None,
+    example: Tensor,
+) -> list[tuple[Candidate, Callable[[], Runner]]]:
+    """Every (backend, precision) to try, with how to build it; those that cannot run here say why."""
+    backends = BACKENDS if backend == "auto" else (backend,)
+    found: list[tuple[Candidate, Callable[[], Runner]]] = []
+    for name in backends:
+        fp32 = _Setting(device, torch.float32, channels_last)
+        found.append((Candidate(name, "fp32"), functools.partial(_BUILDERS[name], deployed, fp32, example)))
+    if "bf16" in precisions:
+        fast = device.type == "cuda" or cpu_features()["fast_bf16"]
+        for name in (b for b in backends if b != "onnxruntime"):
+            bf16 = _Setting(device, torch.bfloat16, channels_last)
+            candidate = Candidate(name, "bf16")
+            if not fast:
+                candidate.why_not = "this CPU has no bfloat16 instructions (avx512_bf16 or AMX)"
+            found.append((candidate, functools.partial(_BUILDERS[name], deployed, bf16, example)))
+    if "int8" in precisions:
+        candidate = Candidate("x86", "int8")
+        if device.type != "cpu":
+            candidate.why_not = "INT8 kernels (the x86 engine) run on the CPU"
+        elif calibration is None:
+            candidate.why_not = "no calibration images were given (`calibration`)"
+        found.append((candidate, lambda: quantize_ptq(deployed, calibration or [])))  # type: ignore[arg-type]
+    return found
+
+
+def _score(runner: Runner, batches: Iterable[Sequence[Tensor]], device: torch.device) -> tuple[float, Tensor]:
+    """Top-1 (percent) of ``runner`` over labelled batches, and its predicted class for every image."""
+    predictions, correct, count = [], 0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            images, labels = batch[0], batch[1]
+            if len(labels) == 0:
+                continue
+            predicted = runner(images.to(device)).float().argmax(1).cpu()
+            predictions.append(predicted)
+            correct += int((predicted == labels.cpu()).sum())
+            count += len(labels)
+    if count == 0:
+        raise InferenceError("`eval_data` held no images; give held-out labelled batches.")
+    return 100.0 * correct / count, torch.cat(predictions)

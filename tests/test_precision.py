@@ -1,0 +1,92 @@
+"""``optimize(precision=...)``: bfloat16 and INT8 candidates beside every float32 backend, each judged on
+held-out labelled images against a guard on the top-1 drop, the fastest that passes kept, every candidate
+reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import repvgg
+import repvgg.runtime.optimize as optimize_module
+from repvgg.exceptions import InferenceError
+from repvgg.runtime.device import cpu_features
+from tests.helpers import small_model
+
+
+@pytest.fixture(scope="module")
+def setting() -> dict[str, object]:
+    torch.manual_seed(0)
+    model = small_model(in_chans=1, num_classes=4).eval()
+    images = torch.randn(96, 1, 28, 28)
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # float32 is right on every image: any lost one is a drop
+    eval_data = [(images[i : i + 32], labels[i : i + 32]) for i in range(0, 96, 32)]
+    calibration = [torch.randn(16, 1, 28, 28) for _ in range(4)]
+    return {"model": model, "eval_data": eval_data, "calibration": calibration, "example": images[:32]}
+
+
+def _search(setting: dict[str, object], **options: object) -> repvgg.OptimizedModel:
+    return repvgg.optimize(
+        setting["model"],  # type: ignore[arg-type]
+        backend="eager",
+        precision="auto",
+        example_input=setting["example"],  # type: ignore[arg-type]
+        calibration=setting["calibration"],  # type: ignore[arg-type]
+        eval_data=setting["eval_data"],  # type: ignore[arg-type]
+        repeats=2,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_the_fastest_candidate_within_the_guard_is_chosen_and_all_are_reported(
+    setting: dict[str, object],
+) -> None:
+    chosen = _search(setting, max_top1_drop=100.0)
+    rows = {(row.backend, row.precision): row for row in chosen.report}
+    assert set(rows) == {("eager", "fp32"), ("eager", "bf16"), ("x86", "int8")}
+    fp32 = rows[("eager", "fp32")]
+    assert fp32.top1 == 100.0 and fp32.top1_drop == 0.0 and fp32.agreement == 100.0
+    bf16 = rows[("eager", "bf16")]
+    if not cpu_features()["fast_bf16"]:
+        assert bf16.why_not == "this CPU has no bfloat16 instructions (avx512_bf16 or AMX)"
+    timed = [row for row in chosen.report if row.images_per_s is not None]
+    winner = max(timed, key=lambda row: row.images_per_s)
+    assert (chosen.backend, chosen.precision) == (winner.backend, winner.precision) and winner.why_not is None
+    assert all(row.why_not for row in chosen.report if row is not winner)
+    assert rows[("x86", "int8")].agreement is not None and 0 <= rows[("x86", "int8")].agreement <= 100
+    outputs = chosen(setting["example"])  # type: ignore[arg-type]
+    assert outputs.shape == (32, 4) and outputs.dtype == torch.float32
+
+
+def test_a_candidate_that_loses_accuracy_is_refused_by_the_guard(
+    setting: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def careless_quantizer(model: torch.nn.Module, calibration: object) -> object:
+        return lambda images: model(images.float()).roll(1, dims=1)  # every prediction moves one class on
+
+    monkeypatch.setattr(optimize_module, "quantize_ptq", careless_quantizer)
+    chosen = _search(setting, max_top1_drop=0.5)
+    int8 = next(row for row in chosen.report if row.precision == "int8")
+    assert int8.top1 == 0.0 and int8.agreement == 0.0
+    assert int8.why_not == "top-1 drops 100.00 points (guard 0.5)" and int8.images_per_s is None
+    assert chosen.precision != "int8"
+
+
+def test_a_precision_search_needs_held_out_images_and_says_what_is_missing(
+    setting: dict[str, object],
+) -> None:
+    with pytest.raises(InferenceError, match="needs held-out labelled images \\(`eval_data`\\)"):
+        repvgg.optimize(setting["model"], precision="int8", example_input=setting["example"])  # type: ignore[arg-type]
+    chosen = repvgg.optimize(
+        setting["model"],  # type: ignore[arg-type]
+        backend="eager",
+        precision="int8",
+        example_input=setting["example"],  # type: ignore[arg-type]
+        eval_data=setting["eval_data"],  # type: ignore[arg-type]
+        repeats=2,
+    )
+    int8 = next(row for row in chosen.report if row.precision == "int8")
+    assert int8.why_not == "no calibration images were given (`calibration`)" and chosen.precision == "fp32"
+    with pytest.raises(InferenceError, match="Unknown precision 'fp8'"):
+        repvgg.optimize(setting["model"], precision="fp8", example_input=setting["example"])  # type: ignore[arg-type]
