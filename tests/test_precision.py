@@ -4,14 +4,18 @@ reported."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import repvgg
 import repvgg.runtime.optimize as optimize_module
+from repvgg.cli import main
 from repvgg.exceptions import InferenceError
 from repvgg.runtime.device import cpu_features
 from tests.helpers import small_model
+from tests.test_data import fake_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +94,63 @@ def test_a_precision_search_needs_held_out_images_and_says_what_is_missing(
     assert int8.why_not == "no calibration images were given (`calibration`)" and chosen.precision == "fp32"
     with pytest.raises(InferenceError, match="Unknown precision 'fp8'"):
         repvgg.optimize(setting["model"], precision="fp8", example_input=setting["example"])  # type: ignore[arg-type]
+
+
+def test_repvgg_optimize_writes_the_winner_and_eval_runs_it_that_way(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = fake_fashion_mnist(tmp_path / "fashion", train=64, test=64)
+    model = small_model(in_chans=1, num_classes=10).eval()
+    model.preprocessing = repvgg.Preprocessing(28, 28, (0.286,), (0.353,))
+    checkpoint = repvgg.save_checkpoint(model, tmp_path / "c.safetensors")
+    common = ["optimize", str(checkpoint), "--data-dir", str(data), "--backend", "eager", "--repeats", "2"]
+    common += ["--calib", "32", "--max-drop", "100"]
+    assert main([*common, str(tmp_path / "int8.safetensors"), "--precision", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("backend      precision  images/s") and "x86          int8" in out
+    chosen = out.splitlines()[-1]
+    assert chosen.startswith("chose ") and "judged on 64 held-out images, guard 100 points" in chosen
+    written = repvgg.load_checkpoint(tmp_path / "int8.safetensors")
+    precision = "int8" if "chose x86 in int8" in chosen else "float32"
+    assert repvgg.model_info(written).precision == precision
+    assert main(["eval", str(tmp_path / "int8.safetensors"), "--data-dir", str(data), "--no-progress"]) == 0
+    if not cpu_features()["fast_bf16"]:
+        return
+    assert (
+        main([*common, str(tmp_path / "bf16.safetensors"), "--precision", "bf16", "--max-drop", "100"]) == 0
+    )
+    if "chose eager in bf16" in capsys.readouterr().out:
+        assert repvgg.model_info(repvgg.load_checkpoint(tmp_path / "bf16.safetensors")).runtime == {
+            "backend": "eager",
+            "precision": "bf16",
+        }
+        assert (
+            main(["eval", str(tmp_path / "bf16.safetensors"), "--data-dir", str(data), "--no-progress"]) == 0
+        )
+        assert "note: ran with eager in bfloat16, the way repvgg optimize recorded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{c}", "{tmp}/out.onnx"], "`output` is a checkpoint: name it with .safetensors"),
+        (["{c}", "{tmp}/o.safetensors", "--max-drop", "-1"], None),  # argparse: a number at least 0
+    ],
+)
+def test_repvgg_optimize_refuses_mistakes_in_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str | None
+) -> None:
+    checkpoint = repvgg.save_checkpoint(small_model(in_chans=1, num_classes=10), tmp_path / "c.safetensors")
+    filled = [a.format(c=checkpoint, tmp=tmp_path) for a in argv]
+    try:
+        code = main(["optimize", *filled])
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "Traceback" not in err
+        and err.strip().splitlines()[-1].startswith("repvgg optimize: error:")
+    )
+    if message:
+        assert message.replace("`output`", "--output") in err

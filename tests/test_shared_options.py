@@ -32,6 +32,7 @@ EXPECTED = {
     "predict": EVERY - {"log_interval"},
     "bench": EVERY - {"workers", "log_interval"},  # times random batches: no data to read, nothing trained
     "export": {"batch_size", "image_size", "output"},  # traced and checked on the CPU
+    "optimize": EVERY - {"progress", "log_interval"},  # nothing trained; its work is a table of candidates
     "convert": {"output"},  # float64 arithmetic on the CPU, no data
     "verify": set(),  # compares two files: nothing to read in batches, nothing written
     "models": set(),  # prints a table
@@ -42,6 +43,7 @@ POSITIONALS = {  # what each command needs besides options, to be parsed
     "export": ["c.safetensors", "m.onnx"],
     "convert": ["c.safetensors", "d.safetensors"],
     "quantize": ["c.safetensors", "q.safetensors"],
+    "optimize": ["c.safetensors", "o.safetensors"],
     "verify": ["c.safetensors"],
 }
 VALUES = {  # a value for each shared option, and what the parsed namespace then holds
@@ -73,7 +75,7 @@ def test_every_shared_option_parses_to_the_same_meaning(command: str) -> None:
             continue
         given, parsed = VALUES[name]
         positionals = POSITIONALS.get(command, [])
-        if name == "output" and command in ("export", "convert", "quantize"):
+        if name == "output" and command in ("export", "convert", "quantize", "optimize"):
             positionals = positionals[:1]  # the output given as the option instead
         args, _ = parser.parse_known_args([*positionals, flag, given])
         dest = "results_file" if (command, name) == ("eval", "output") else name

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from repvgg.engine.config import AMP_CHOICES, DATASETS, RANGES, SEG_DATASETS, TrainConfig
-from repvgg.runtime.names import BACKEND_CHOICES, DEVICE_PATTERN, EXPORT_TARGETS, OUTPUT_FORMATS
+from repvgg.runtime.names import (
+    BACKEND_CHOICES,
+    DEVICE_PATTERN,
+    EXPORT_TARGETS,
+    OUTPUT_FORMATS,
+    PRECISION_CHOICES,
+)
 
 
 def _number(
@@ -291,8 +297,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _say_backend(runner: Any) -> None:
-    """Which backend ``--backend auto`` chose, and the timings it chose by (to stderr: stdout is results)."""
-    message = f"note: backend {runner.backend}"
+    """Which backend ``--backend auto`` chose (or the checkpoint's record named), and the timings it chose
+    by; to stderr, since stdout is results. Plain eager float32, the default, goes unsaid."""
+    if (runner.backend, runner.precision) == ("eager", "fp32") and not runner.timings:
+        return
+    message = f"note: backend {runner.backend}" + (
+        f" in {runner.precision}" if runner.precision != "fp32" else ""
+    )
     if runner.timings:
         message += (
             " (per batch: " + ", ".join(f"{n} {s * 1000:.1f} ms" for n, s in runner.timings.items()) + ")"
@@ -323,7 +334,7 @@ def _predict(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         progress=args.progress,
-        on_backend=_say_backend if args.backend == "auto" else None,
+        on_backend=_say_backend if args.backend in ("auto", None) else None,
     )
     for prediction in predictions:
         labels = ", ".join(f"{label} {probability:.1%}" for label, probability in prediction.top)
@@ -346,7 +357,7 @@ def _segment(args: argparse.Namespace) -> int:
             f"{args.checkpoint} is a PSPNet: its predictions are masks, written as PNGs into a folder; give "
             "that folder as `output`."
         )
-    if args.backend != "eager" or args.preprocessing is not None:
+    if args.backend not in (None, "eager") or args.preprocessing is not None:
         raise InferenceError(
             f"{args.checkpoint} is a PSPNet, run eagerly: drop `backend` and `preprocessing`."
         )
@@ -395,6 +406,50 @@ def _quantize(args: argparse.Namespace) -> int:
         "evaluate it with repvgg eval"
     )
     return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from repvgg.studies.optimization import optimize_checkpoint
+
+    result = optimize_checkpoint(
+        args.checkpoint,
+        args.output,
+        data=args.data,
+        data_dir=args.data_dir,
+        precision=args.precision,
+        backend=args.backend,
+        max_top1_drop=args.max_drop,
+        calib=args.calib,
+        val_subset=args.val_subset,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        device=args.device,
+        workers=args.workers,
+        repeats=args.repeats,
+    )
+    eager = next(r for r in result.report if (r.backend, r.precision) == ("eager", "fp32"))
+    print("backend      precision  images/s  vs eager   top-1    drop  agreement  chosen, or why not")
+    for row in result.report:
+        ratio = row.images_per_s / eager.images_per_s if row.images_per_s and eager.images_per_s else None
+        cells = [
+            _cell(row.images_per_s, "9.0f"),
+            _cell(ratio, "8.2f", "x"),
+            _cell(row.top1, "7.2f"),
+            _cell(row.top1_drop, "+7.2f"),
+            _cell(row.agreement, "9.2f", "%"),
+        ]
+        print(f"{row.backend:12s} {row.precision:9s} {' '.join(cells)}  {row.why_not or 'CHOSEN'}")
+    print(
+        f"chose {result.backend} in {result.precision} (top-1 judged on {result.images} held-out images, "
+        f"guard {args.max_drop:g} points); wrote {result.path}, which eval and predict run that way"
+    )
+    return 0
+
+
+def _cell(value: float | None, spec: str, unit: str = "") -> str:
+    """A right-aligned table cell: ``value`` in ``spec`` with ``unit``, or a dash of the same width."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit())) + len(unit)
+    return f"{value:{spec}}{unit}" if value is not None else "-".rjust(width)
 
 
 def _train_seg(args: argparse.Namespace) -> int:
@@ -784,7 +839,10 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     predict.add_argument("--topk", type=positive_int, default=5, help="classes to show per image")
     predict.add_argument(
-        "--backend", choices=BACKEND_CHOICES, default="eager", help="run the model with this"
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default=None,
+        help="run the model with this (default: the way repvgg optimize recorded in it, else eager)",
     )
     predict.add_argument(
         "--preprocessing",
@@ -802,6 +860,36 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "output",
         help="also write the predictions to this .csv or .json file (a PSPNet's: the folder for its masks)",
     )
+
+    fast = command(
+        "optimize",
+        _optimize,
+        "find the fastest backend and precision that keep accuracy here, and write a checkpoint that runs so",
+    )
+    fast.add_argument("checkpoint", help="a float checkpoint (training form is converted first)")
+    _output_file(fast, "where to write the chosen artefact (.safetensors)")
+    _add_data_arguments(fast)
+    fast.add_argument(
+        "--precision", choices=PRECISION_CHOICES, default="auto", help="precisions to search (auto: all)"
+    )
+    fast.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="backends to search")
+    fast.add_argument(
+        "--max-drop", type=non_negative_float, default=0.5, help="largest top-1 loss allowed, in points"
+    )
+    fast.add_argument(
+        "--calib", type=positive_int, default=512, help="INT8 calibration images (training split)"
+    )
+    fast.add_argument(
+        "--val-subset",
+        type=positive_int,
+        default=None,
+        help="judge on this many validation images (default: all)",
+    )
+    fast.add_argument("--repeats", type=positive_int, default=10, help="interleaved timing rounds")
+    _shared(fast, "batch_size", 64, "images per batch (the timed batch too)")
+    _shared(fast, "image_size", help="image size (default: the checkpoint's)")
+    _shared(fast, "device", help=DEVICE_HELP)
+    _shared(fast, "workers", help=WORKERS_HELP)
 
     seg = command(
         "train-seg", _train_seg, "train PSPNet over a RepVGG backbone, convert it, evaluate both forms (mIoU)"

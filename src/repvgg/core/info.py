@@ -134,6 +134,9 @@ class ModelInfo:
     form: str = "train"
     precision: str = "float32"
     module_type: str = "RepVGG"
+    #: How ``repvgg optimize`` found the model runs fastest within its accuracy guard on the machine it was
+    #: run on: ``{"backend": "inductor", "precision": "bf16"}``; ``eval`` and ``predict`` use it by default.
+    runtime: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.form not in ("train", "deploy", "none") or self.precision not in PRECISIONS:
@@ -171,6 +174,7 @@ class ModelInfo:
             "form": self.form,
             "precision": self.precision,
             "module_type": self.module_type,
+            "runtime": json.dumps(self.runtime) if self.runtime else "",
         }
 
     @classmethod
@@ -182,6 +186,12 @@ class ModelInfo:
             if config is not None and config.get("layout", "repvgg") == "repvgg":
                 config.pop("layout", None)  # records before 0.1.1 named the RepVGG layout
             names = _json(metadata, "class_names", list)
+            runtime = _json(metadata, "runtime", dict)
+            if runtime is not None and (
+                set(runtime) != {"backend", "precision"}
+                or not all(isinstance(v, str) for v in runtime.values())
+            ):
+                raise TypeError("runtime must name a backend and a precision")
             preprocessing = _json(metadata, "preprocessing", dict)
             if names is not None and not all(isinstance(n, str) for n in names):
                 raise TypeError("class names must be strings")
@@ -190,6 +200,7 @@ class ModelInfo:
                 "config": config,
                 "class_names": tuple(names) if names is not None else None,
                 "preprocessing": Preprocessing.from_dict(preprocessing) if preprocessing else None,
+                "runtime": runtime,
                 **{k: metadata[k] for k in ("form", "precision", "module_type") if metadata.get(k)},
             }
             return cls(**{**defaults, **values})

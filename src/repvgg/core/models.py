@@ -118,6 +118,7 @@ class RepVGG(nn.Module):
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
         self.preprocessing: Preprocessing | None = None  # how images were prepared in training
+        self.runtime: dict[str, str] | None = None  # the backend and precision `repvgg optimize` chose
 
         widths = stage_widths(self.width_multiplier, self.base_channels)
         self._layer_index = 0
@@ -195,6 +196,7 @@ class RepVGG(nn.Module):
             config=self.config,
             class_names=tuple(self.class_names) if self.class_names is not None else None,
             preprocessing=self.preprocessing,
+            runtime=self.runtime,
             form=form_of(self),
             module_type=type(self).__name__,
         )

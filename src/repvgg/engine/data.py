@@ -251,6 +251,14 @@ def collate_reporting_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor,
     return images, labels, bad
 
 
+def collate_refusing_bad(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the samples; the first unreadable one stops the work with a sentence naming it."""
+    images, labels, bad = collate_reporting_bad(batch)
+    if bad:
+        raise bad[0].error("fix or remove it")
+    return images, labels
+
+
 def default_workers(bundle: DataBundle) -> int:
     """Data-loading processes: none for in-memory sets (decoding is free), else up to 8."""
     return 0 if bundle.in_memory else min(8, os.cpu_count() or 1)

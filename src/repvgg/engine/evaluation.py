@@ -26,7 +26,7 @@ from repvgg.io.checkpoints import load_checkpoint
 from repvgg.io.files import atomic_write, writable_or_raise
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import write_json
-from repvgg.runtime.optimize import optimize
+from repvgg.runtime.optimize import optimize, recorded_runtime
 from repvgg.runtime.progress import progress_bar
 
 #: Mixed-precision choices of training and evaluation (``autocast`` dtypes).
@@ -275,11 +275,20 @@ def evaluate_checkpoint(
         raise bad[0].error("fix or remove it")
 
     runner: nn.Module = model
+    dtype = torch.float32
+    recorded_way = recorded_runtime(model) if backend is None else None
+    if recorded_way is not None:
+        backend, dtype = recorded_way
+        way = f"{backend} in {str(dtype).removeprefix('torch.')}"
+        notes = (
+            *notes,
+            f"ran with {way}, the way repvgg optimize recorded in the checkpoint",
+        )
     if backend is not None:
         images, _, bad = next(iter(loader))
         if bad:
             refuse(bad)
-        runner = optimize(model, backend, example_input=images.to(context.device))
+        runner = optimize(model, backend, example_input=images.to(context.device), dtype=dtype)
     result = evaluate(
         runner, loader, context, amp_dtype=AMP_DTYPES[amp], on_bad_images=refuse, progress=progress
     )

@@ -311,6 +311,8 @@ def label_model(model: RepVGG | PSPNet, info: ModelInfo) -> None:
         model.class_names = list(info.class_names)
     if info.preprocessing is not None:
         model.preprocessing = info.preprocessing
+    if isinstance(model, RepVGG):
+        model.runtime = info.runtime
 
 
 def load_checkpoint(

@@ -146,6 +146,11 @@ class OptimizedModel(nn.Module):
         self.skipped = skipped
         self.info = model_info(source)
 
+    @property
+    def runner(self) -> Runner:
+        """What runs the model: a module (eager, INT8) or a compiled or onnxruntime callable."""
+        return self._runner
+
     def forward(self, inputs: Tensor) -> Tensor:
         # Always inference mode, whatever the caller's: a compiled graph is specialised to the grad mode.
         with torch.inference_mode():
@@ -205,9 +210,11 @@ def optimize(
             max_top1_drop=max_top1_drop,
         )
     target = torch.device(device) if device is not None else example_input.device
-    if dtype in HALF_DTYPES and target.type != "cuda":
+    cpu_bf16 = dtype == torch.bfloat16 and cpu_features()["fast_bf16"]
+    if dtype in HALF_DTYPES and target.type != "cuda" and not cpu_bf16:
         raise InferenceError(
-            f"{str(dtype).removeprefix('torch.')} inference is for CUDA; on the CPU use float32."
+            f"{str(dtype).removeprefix('torch.')} inference is for CUDA and for CPUs with bfloat16 "
+            "instructions (avx512_bf16 or AMX); on this CPU use float32."
         )
     if target.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -256,6 +263,7 @@ def optimize(
         timings=timings,
         skipped=skipped,
         source=model,
+        precision={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
     )
 
 
@@ -266,7 +274,9 @@ def _int8_runner(model: QuantizedRepVGG, backend: str, setting: _Setting) -> Opt
             "An INT8 model runs only on the CPU with the x86 quantized engine: use `backend` eager (or "
             "auto), `device` cpu and float32 input."
         )
-    return OptimizedModel("int8-x86", model, setting, max_rel_error=0.0, timings={}, skipped={}, source=model)
+    return OptimizedModel(
+        "int8-x86", model, setting, max_rel_error=0.0, timings={}, skipped={}, source=model, precision="int8"
+    )
 
 
 def _search_precisions(
@@ -359,6 +369,18 @@ def _search_precisions(
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+
+
+def recorded_runtime(model: nn.Module) -> tuple[str, torch.dtype] | None:
+    """The backend and dtype ``repvgg optimize`` recorded in the model's record, if any."""
+    runtime = model_info(model).runtime
+    if not runtime:
+        return None
+    if runtime["backend"] not in BACKENDS or runtime["precision"] not in ("fp32", "bf16"):
+        raise InferenceError(
+            f"The checkpoint records an unknown way to run it ({runtime}); give `backend` yourself."
+        )
+    return runtime["backend"], _DTYPES[runtime["precision"]]
 
 
 def _candidates(

@@ -23,7 +23,7 @@ from repvgg.io.files import PathLike, atomic_write, output_folder, writable_or_r
 from repvgg.io.images import BadImage, open_image
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import resolve_device
-from repvgg.runtime.optimize import OptimizedModel, optimize
+from repvgg.runtime.optimize import OptimizedModel, optimize, recorded_runtime
 from repvgg.runtime.progress import progress_bar
 
 
@@ -75,7 +75,7 @@ def predict(
     *,
     topk: int = 5,
     batch_size: int = 32,
-    backend: str = "eager",
+    backend: str | None = None,
     preprocessing: str | None = None,
     image_size: int | None = None,
     device: str | None = None,
@@ -87,7 +87,8 @@ def predict(
 
     ``source`` is a checkpoint (any format the package reads) or a model. Class names and the
     preprocessing come from the checkpoint; ``preprocessing`` names a preset to use instead, and
-    ``image_size`` another crop size. ``workers`` processes read and prepare the images.
+    ``image_size`` another crop size. ``workers`` processes read and prepare the images. Without
+    ``backend`` the model runs as ``repvgg optimize`` recorded in it, else eagerly.
     ``on_backend`` is told which backend runs the model (with the timings ``auto`` compared) once it is built.
     """
     if topk < 1 or batch_size < 1 or workers < 0:
@@ -118,7 +119,9 @@ def predict(
             continue
         batch = torch.stack([item for _, item in good]).to(target)
         if runner is None:
-            runner = optimize(model, backend, example_input=batch, device=target)
+            way = recorded_runtime(model) if backend is None else None
+            chosen, dtype = way or (backend or "eager", torch.float32)
+            runner = optimize(model, chosen, example_input=batch, device=target, dtype=dtype)
             if on_backend is not None:
                 on_backend(runner)
         with torch.inference_mode():

@@ -24,7 +24,7 @@ from repvgg.core.int8 import (
 )
 from repvgg.core.models import RepVGG
 from repvgg.core.reparam import is_deployed, refuse_nonfinite
-from repvgg.engine.data import build_data, calibration_images, collate_reporting_bad
+from repvgg.engine.data import build_data, calibration_images, collate_refusing_bad
 from repvgg.engine.training import LRSchedule, Task, Trainer
 from repvgg.exceptions import QuantizationError
 from repvgg.io.checkpoints import load_checkpoint, save_quantized
@@ -148,7 +148,7 @@ def quantize_checkpoint(
             batch_size,
             shuffle=shuffle,
             generator=generator,
-            collate_fn=_refuse_bad_images,
+            collate_fn=collate_refusing_bad,
             num_workers=workers,
         )
 
@@ -172,10 +172,3 @@ def quantize_checkpoint(
         )
     save_quantized(quantized, output)
     return quantized, notes
-
-
-def _refuse_bad_images(batch: list[Any]) -> tuple[Tensor, Tensor]:
-    images, labels, bad = collate_reporting_bad(batch)
-    if bad:
-        raise bad[0].error("fix or remove it")
-    return images, labels
