@@ -26,6 +26,7 @@ from repvgg.io.checkpoints import load_checkpoint
 from repvgg.io.files import atomic_write, writable_or_raise
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import write_json
+from repvgg.io.onnxfile import OnnxModel
 from repvgg.runtime.optimize import optimize, recorded_runtime
 from repvgg.runtime.progress import progress_bar
 
@@ -243,15 +244,16 @@ def evaluate_checkpoint(
     if amp not in AMP_DTYPES:
         raise TrainingError(f"`amp` must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")
     model = load_checkpoint(checkpoint)
-    assert isinstance(model, RepVGG | QuantizedRepVGG)
+    assert isinstance(model, RepVGG | QuantizedRepVGG | OnnxModel)
     refuse_nonfinite(model, str(checkpoint), InferenceError)
     recorded = model.info.preprocessing.image_size if model.info.preprocessing else None
     notes: tuple[str, ...] = ()
     if image_size is not None and recorded is not None and image_size != recorded:
         notes = (f"evaluated at {image_size} px, not at the {recorded} px the checkpoint was trained at",)
-    if isinstance(model, QuantizedRepVGG):
+    if isinstance(model, QuantizedRepVGG | OnnxModel):
         if (device or "cpu") != "cpu" or amp != "none":
-            raise InferenceError("An INT8 model is evaluated on the CPU without `amp`: drop those options.")
+            what = "An INT8 model" if isinstance(model, QuantizedRepVGG) else "An ONNX file"
+            raise InferenceError(f"{what} is evaluated on the CPU without `amp`: drop those options.")
         device = "cpu"
     size = image_size or (recorded if data == "imagefolder" else None)  # small sets have one native size
     bundle = build_data(data, data_dir, image_size=size, val_subset=val_subset)

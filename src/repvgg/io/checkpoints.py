@@ -35,6 +35,7 @@ from repvgg.io.formats import (
     infer_architecture,
     unwrap_state_dict,
 )
+from repvgg.io.onnxfile import load_onnx
 
 FORMAT_TAG = "repvgg"
 INT8_FORMAT_TAG = "repvgg-int8"
@@ -323,10 +324,15 @@ def load_checkpoint(
     ``source`` is a path or a state dict: this package's safetensors files (an INT8 one loads as a
     :class:`repvgg.core.int8.QuantizedRepVGG`), a run's ``last.pt``, the authors' train- or deploy-time state
     dicts, timm's and mmpretrain's, with or without a ``module.`` prefix or a ``state_dict`` / ``model``
-    wrapper. A mismatch raises :class:`CheckpointError` naming the likely cause and the first offending keys;
+    wrapper; and ``.onnx`` files (an :class:`repvgg.io.onnxfile.OnnxModel`, run by onnxruntime). A
+    mismatch raises :class:`CheckpointError` naming the likely cause and the first offending keys;
     nothing is loaded partially. With ``adapt_in_chans`` (fine-tuning pretrained weights on grey images, say)
     stem kernels for another number of input channels are adapted, with a warning (:func:`adapt_input_conv`).
     """
+    if not isinstance(source, Mapping) and Path(source).suffix.lower() == ".onnx":
+        if model is not None:
+            raise CheckpointError(f"{source} is an ONNX model: it runs as it is and loads into no `model`.")
+        return load_onnx(source)
     raw, metadata = _read_source(source)
     if metadata.get("format") == INT8_FORMAT_TAG and model is None:
         return load_quantized(raw, metadata)

@@ -21,6 +21,7 @@ from repvgg.core.info import model_info
 from repvgg.core.reparam import refuse_nonfinite, relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import ExportError
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
+from repvgg.io.onnxfile import onnx_session
 from repvgg.runtime.names import EXPORT_SUFFIXES, EXPORT_TARGETS
 
 ONNX_OPSET = 18
@@ -227,26 +228,6 @@ def _quietly() -> Iterator[None]:
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def onnx_session(payload: bytes | str, *, threads: int | None = None, device: str = "cpu") -> Any:
-    """An onnxruntime session with all graph optimizations, on the CPU (or CUDA when available)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as error:
-        raise ExportError("Running ONNX models needs onnxruntime: pip install 'repvgg[deploy]'.") from error
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ExportError(
-                "This onnxruntime has no CUDA support; pip install onnxruntime-gpu, or use another backend."
-            )
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(payload, options, providers=providers)
 
 
 def run_onnx(payload: bytes | str, inputs: Tensor) -> Tensor:

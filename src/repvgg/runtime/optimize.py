@@ -27,8 +27,9 @@ from repvgg.core.info import model_info
 from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
 from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import InferenceError, RepVGGError
+from repvgg.io.onnxfile import OnnxModel, onnx_session
 from repvgg.runtime.device import cpu_features
-from repvgg.runtime.export import onnx_bytes, onnx_session
+from repvgg.runtime.export import onnx_bytes
 from repvgg.runtime.measure import time_interleaved
 from repvgg.runtime.names import BACKEND_CHOICES, BACKENDS, PRECISION_CHOICES
 
@@ -219,8 +220,8 @@ def optimize(
     if target.type == "cuda":
         torch.backends.cudnn.benchmark = True
     setting = _Setting(target, dtype, channels_last)
-    if isinstance(model, QuantizedRepVGG):
-        return _int8_runner(model, backend, setting)
+    if isinstance(model, QuantizedRepVGG | OnnxModel):
+        return _as_it_is(model, backend, setting)
     deployed, _ = to_deploy_form(model)
     example = example_input.to(target)
     with torch.inference_mode():
@@ -267,16 +268,42 @@ def optimize(
     )
 
 
-def _int8_runner(model: QuantizedRepVGG, backend: str, setting: _Setting) -> OptimizedModel:
-    """INT8 networks have one way to run: the x86 quantized engine, on the CPU, in float32 in and out."""
-    if backend not in ("auto", "eager") or setting.device.type != "cpu" or setting.dtype != torch.float32:
+def _as_it_is(model: QuantizedRepVGG | OnnxModel, backend: str, setting: _Setting) -> OptimizedModel:
+    """INT8 networks and ONNX files have one way to run: the x86 quantized engine or onnxruntime, on the
+    CPU, in float32 in and out."""
+    engine = "int8-x86" if isinstance(model, QuantizedRepVGG) else "onnxruntime"
+    if (
+        backend not in ("auto", "eager", engine)
+        or setting.device.type != "cpu"
+        or setting.dtype != torch.float32
+    ):
         raise InferenceError(
-            "An INT8 model runs only on the CPU with the x86 quantized engine: use `backend` eager (or "
-            "auto), `device` cpu and float32 input."
+            f"{'An INT8 model' if engine == 'int8-x86' else 'An ONNX file'} runs one way, on the CPU: use "
+            "`backend` auto, `device` cpu and float32 input."
         )
+    precision = "int8" if model_info(model).precision == "int8" else "fp32"
     return OptimizedModel(
-        "int8-x86", model, setting, max_rel_error=0.0, timings={}, skipped={}, source=model, precision="int8"
+        engine, model, setting, max_rel_error=0.0, timings={}, skipped={}, source=model, precision=precision
     )
+
+
+class AsRecorded(nn.Module):
+    """A model run the way its record says ``repvgg optimize`` found fastest, built on its first batch (the
+    example a compiled backend needs); a model without such a record runs as it is."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.way = model, recorded_runtime(model)
+        self.info = model_info(model)
+        self._runner: OptimizedModel | None = None
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.way is None:
+            return self.model(inputs)
+        if self._runner is None:
+            backend, dtype = self.way
+            self._runner = optimize(self.model, backend, example_input=inputs, dtype=dtype)
+        return self._runner(inputs)
 
 
 def _search_precisions(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from repvgg.core.info import model_info
-from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
+from repvgg.core.int8 import quantize_ptq
 from repvgg.core.registry import MODEL_SPECS, canonical_name, create_model
 from repvgg.core.reparam import reparameterize
 from repvgg.exceptions import ModelConfigError
@@ -31,6 +31,7 @@ from repvgg.io.files import atomic_write
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import device_name
 from repvgg.runtime.measure import count_macs, count_parameters, time_interleaved
+from repvgg.runtime.optimize import AsRecorded
 from repvgg.runtime.progress import progress_bar
 
 # torchvision baselines of the paper's Table 4: (top-1, examples/s on a GTX 1080Ti at batch 128).
@@ -131,8 +132,8 @@ def build(spec: str) -> nn.Module:
         from timm.utils.model import reparameterize_model
 
         return reparameterize_model(timm.create_model(name, pretrained=False).eval())
-    if source == "file":
-        return load_checkpoint(name).eval()
+    if source == "file":  # run the way `repvgg optimize` recorded in it, if it did
+        return AsRecorded(load_checkpoint(name).eval())
     if name == "int8":
         generator = torch.Generator().manual_seed(0)
         calibration = [torch.randn(4, 3, 64, 64, generator=generator) for _ in range(2)]
@@ -142,8 +143,11 @@ def build(spec: str) -> nn.Module:
 
 
 def counted_model(model: nn.Module) -> nn.Module:
-    """The network whose FLOPs are counted: an INT8 model's float twin (the counter sees no int8 ops)."""
-    return model.float_twin() if isinstance(model, QuantizedRepVGG) else model
+    """The network whose MACs are counted: for an INT8 model or an ONNX file its float twin (the counter
+    sees neither int8 ops nor onnxruntime's)."""
+    if isinstance(model, AsRecorded):
+        model = model.model
+    return model.float_twin() if hasattr(model, "float_twin") else model
 
 
 @dataclass(frozen=True)
