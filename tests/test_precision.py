@@ -107,7 +107,7 @@ def test_repvgg_optimize_writes_the_winner_and_eval_runs_it_that_way(
     common += ["--calib", "32", "--max-drop", "100"]
     assert main([*common, str(tmp_path / "int8.safetensors"), "--precision", "int8"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("backend      precision  images/s") and "x86          int8" in out
+    assert out.startswith("backend      precision  images/s   vs fp32") and "x86          int8" in out
     chosen = out.splitlines()[-1]
     assert chosen.startswith("chose ") and "judged on 64 held-out images, guard 100 points" in chosen
     written = repvgg.load_checkpoint(tmp_path / "int8.safetensors")
@@ -133,7 +133,7 @@ def test_repvgg_optimize_writes_the_winner_and_eval_runs_it_that_way(
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["{c}", "{tmp}/out.onnx"], "`output` is a checkpoint: name it with .safetensors"),
+        (["{c}", "{tmp}/out.txt"], "`output` is a .safetensors or .onnx file (the winner sets which)"),
         (["{c}", "{tmp}/o.safetensors", "--max-drop", "-1"], None),  # argparse: a number at least 0
     ],
 )
@@ -154,3 +154,25 @@ def test_repvgg_optimize_refuses_mistakes_in_one_sentence(
     )
     if message:
         assert message.replace("`output`", "--output") in err
+
+
+def test_when_onnxruntime_wins_the_artefact_is_an_onnx_file_that_eval_and_predict_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = fake_fashion_mnist(tmp_path / "fashion", train=64, test=64)
+    model = small_model(in_chans=1, num_classes=10).eval()
+    model.preprocessing = repvgg.Preprocessing(28, 28, (0.286,), (0.353,))
+    model.class_names = [f"class {i}" for i in range(10)]
+    checkpoint = repvgg.save_checkpoint(model, tmp_path / "c.safetensors")
+    argv = ["optimize", str(checkpoint), str(tmp_path / "fast.safetensors"), "--data-dir", str(data)]
+    argv += ["--backend", "onnxruntime", "--precision", "int8", "--calib", "32", "--max-drop", "100"]
+    assert main([*argv, "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime  int8" in out and f"wrote {tmp_path / 'fast.onnx'}" in out
+    assert not (tmp_path / "fast.safetensors").exists(), "the winner set the suffix"
+    loaded = repvgg.load_checkpoint(tmp_path / "fast.onnx")
+    assert loaded.class_names == model.class_names and loaded.preprocessing == model.preprocessing
+    precision = "int8" if "chose onnxruntime in int8" in out else "float32"
+    assert repvgg.model_info(loaded).precision == precision
+    assert main(["eval", str(tmp_path / "fast.onnx"), "--data-dir", str(data), "--no-progress"]) == 0
+    assert "on 64 fashion-mnist validation images" in capsys.readouterr().out

@@ -427,10 +427,12 @@ def _optimize(args: argparse.Namespace) -> int:
         workers=args.workers,
         repeats=args.repeats,
     )
-    eager = next(r for r in result.report if (r.backend, r.precision) == ("eager", "fp32"))
-    print("backend      precision  images/s  vs eager   top-1    drop  agreement  chosen, or why not")
+    fp32 = next((r for r in result.report if r.precision == "fp32" and r.images_per_s), None)
+    print("backend      precision  images/s   vs fp32   top-1    drop  agreement  chosen, or why not")
     for row in result.report:
-        ratio = row.images_per_s / eager.images_per_s if row.images_per_s and eager.images_per_s else None
+        ratio = (
+            row.images_per_s / fp32.images_per_s if row.images_per_s and fp32 and fp32.images_per_s else None
+        )
         cells = [
             _cell(row.images_per_s, "9.0f"),
             _cell(ratio, "8.2f", "x"),
@@ -439,6 +441,8 @@ def _optimize(args: argparse.Namespace) -> int:
             _cell(row.agreement, "9.2f", "%"),
         ]
         print(f"{row.backend:12s} {row.precision:9s} {' '.join(cells)}  {row.why_not or 'CHOSEN'}")
+    if fp32 is not None:
+        print(f"(vs fp32: images/s relative to {fp32.backend} in fp32)")
     print(
         f"chose {result.backend} in {result.precision} (top-1 judged on {result.images} held-out images, "
         f"guard {args.max_drop:g} points); wrote {result.path}, which eval and predict run that way"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repvgg.core.info import model_info
+from repvgg.core.info import ModelInfo, model_info
 from repvgg.core.reparam import refuse_nonfinite, relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import ExportError
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
@@ -204,6 +204,21 @@ def _record_model_info(proto: Any, model: nn.Module) -> None:
         if value:
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
+
+
+def onnx_with_record(payload: bytes, info: ModelInfo) -> bytes:
+    """An ONNX model with ``info`` as its metadata in place of any record it had (a quantized graph, say)."""
+    import onnx
+
+    proto = onnx.load_from_string(payload)
+    keep = [entry for entry in proto.metadata_props if entry.key not in info.to_metadata()]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in info.to_metadata().items():
+        if value:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+    return proto.SerializeToString()
 
 
 def _name_dynamic_axes(proto: Any) -> None:

@@ -19,6 +19,8 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +87,7 @@ def _onnxruntime(model: nn.Module, setting: _Setting, example: Tensor) -> Runner
         array = inputs.detach().float().cpu().contiguous().numpy()
         return torch.from_numpy(session.run(None, {input_name: array})[0]).to(inputs.device)
 
+    run.onnx_payload = payload  # type: ignore[attr-defined]  # what `repvgg optimize` writes when it wins
     return run
 
 
@@ -135,11 +138,13 @@ class OptimizedModel(nn.Module):
         source: nn.Module,
         precision: str = "fp32",
         report: list[Candidate] | None = None,
+        reference_top1: float | None = None,
     ) -> None:
         super().__init__()
         self.backend = backend
         self.precision = precision
         self.report = report or []
+        self.reference_top1 = reference_top1  # eager float32's top-1 on the held-out images
         self._runner = runner
         self._setting = setting
         self.max_rel_error = max_rel_error
@@ -334,6 +339,8 @@ def _search_precisions(
     deployed = deployed.float().eval()
     example = example_input.to(device)
     wanted = ("fp32", "bf16", "int8") if precision == "auto" else ("fp32", precision)
+    if calibration is not None:
+        calibration = [batch.float().cpu() for batch in calibration]  # both INT8 candidates read it
     candidates: dict[str, tuple[Candidate, Runner | None]] = {}
     for candidate, build in _candidates(
         deployed, backend, wanted, device, channels_last, calibration, example
@@ -392,6 +399,7 @@ def _search_precisions(
         source=model,
         precision=winner.precision,
         report=[candidate for candidate, _ in candidates.values()],
+        reference_top1=reference_top1,
     )
 
 
@@ -434,13 +442,62 @@ def _candidates(
                 candidate.why_not = "this CPU has no bfloat16 instructions (avx512_bf16 or AMX)"
             found.append((candidate, functools.partial(_BUILDERS[name], deployed, bf16, example)))
     if "int8" in precisions:
-        candidate = Candidate("x86", "int8")
-        if device.type != "cpu":
-            candidate.why_not = "INT8 kernels (the x86 engine) run on the CPU"
-        elif calibration is None:
-            candidate.why_not = "no calibration images were given (`calibration`)"
-        found.append((candidate, lambda: quantize_ptq(deployed, calibration or [])))  # type: ignore[arg-type]
+        int8_backends: dict[str, Callable[[], Runner]] = {}
+        if backend in ("auto", "eager"):  # the x86 engine's quantized kernels run in eager PyTorch
+            int8_backends["x86"] = lambda: quantize_ptq(deployed, calibration or [])  # type: ignore[arg-type]
+        if backend in ("auto", "onnxruntime"):
+            int8_backends["onnxruntime"] = lambda: _onnxruntime_int8(deployed, calibration or [], example)
+        for name, build in int8_backends.items():
+            candidate = Candidate(name, "int8")
+            if device.type != "cpu":
+                candidate.why_not = "these INT8 kernels run on the CPU"
+            elif calibration is None:
+                candidate.why_not = "no calibration images were given (`calibration`)"
+            found.append((candidate, build))
     return found
+
+
+def _onnxruntime_int8(model: nn.Module, calibration: Sequence[Tensor], example: Tensor) -> Runner:
+    """onnxruntime's static INT8 quantization (QDQ: int8 weights per channel, uint8 activations calibrated on
+    ``calibration``), run by its CPU kernels (VNNI where the CPU has it)."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Batches(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, Any] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch.float().cpu().numpy()}
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        source.write_bytes(onnx_bytes(model, example.float().cpu().contiguous()))
+        logging.disable(logging.WARNING)  # its advice to pre-process the graph, on the root logger
+        try:
+            quantize_static(
+                str(source),
+                str(target),
+                Batches(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+        finally:
+            logging.disable(logging.NOTSET)
+        payload = target.read_bytes()
+    session = onnx_session(payload)
+    input_name = session.get_inputs()[0].name
+
+    def run(inputs: Tensor) -> Tensor:
+        array = inputs.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(session.run(None, {input_name: array})[0])
+
+    run.onnx_payload = payload  # type: ignore[attr-defined]  # what `repvgg optimize` writes when it wins
+    return run
 
 
 def _score(runner: Runner, batches: Iterable[Sequence[Tensor]], device: torch.device) -> tuple[float, Tensor]:

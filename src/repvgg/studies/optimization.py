@@ -2,9 +2,10 @@
 accuracy, and write the artefact that runs that way.
 
 Calibration images come from the training split and the judging images from the validation split, so the
-guard is measured on images the calibration never saw. The artefact is one of this package's checkpoints:
-an INT8 file when INT8 wins, else the deploy-form float checkpoint whose record names the backend and
-precision that won (``eval`` and ``predict`` then run it that way unless told otherwise).
+guard is measured on images the calibration never saw. The artefact runs the way that won, in every command
+that reads models: an ONNX file (with the model record in its metadata) when an onnxruntime candidate wins,
+an INT8 checkpoint when the x86 engine's INT8 wins, else the deploy-form float checkpoint whose record names
+the backend and precision that won (``eval``, ``predict`` and ``bench`` then run it that way).
 """
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from repvgg.core.info import model_info
 from repvgg.core.int8 import QuantizedRepVGG
 from repvgg.core.models import RepVGG
 from repvgg.core.reparam import refuse_nonfinite, to_deploy_form
 from repvgg.engine.data import build_data, calibration_images, collate_refusing_bad, default_workers
 from repvgg.exceptions import InferenceError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint, save_quantized
-from repvgg.io.files import PathLike, refuse_same_file, writable_or_raise
+from repvgg.io.files import PathLike, atomic_write, refuse_same_file, writable_or_raise
 from repvgg.runtime.device import resolve_device
+from repvgg.runtime.export import onnx_with_record
 from repvgg.runtime.optimize import Candidate, optimize
+
+ARTEFACT_SUFFIXES = (".safetensors", ".onnx")
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,15 @@ def optimize_checkpoint(
     seed: int = 0,
 ) -> OptimizeResult:
     """Search backends and precisions for ``checkpoint`` (see :func:`repvgg.optimize`), judging each on
-    ``data``'s validation split, and write the winner to ``output`` (a ``.safetensors`` file)."""
-    writable_or_raise(output, InferenceError)
-    refuse_same_file(checkpoint, output, InferenceError)
-    if Path(output).suffix != ".safetensors":
-        raise InferenceError(f"`output` is a checkpoint: name it with .safetensors, got {Path(output).name}.")
+    ``data``'s validation split, and write the winner to ``output``, whose suffix (``.safetensors`` or
+    ``.onnx``) is set by the winner."""
+    if Path(output).suffix not in ARTEFACT_SUFFIXES:
+        raise InferenceError(
+            f"`output` is a .safetensors or .onnx file (the winner sets which), got {Path(output).name}."
+        )
+    for suffix in ARTEFACT_SUFFIXES:
+        writable_or_raise(Path(output).with_suffix(suffix), InferenceError)
+        refuse_same_file(checkpoint, Path(output).with_suffix(suffix), InferenceError)
     model = load_checkpoint(checkpoint)
     if isinstance(model, QuantizedRepVGG) or not isinstance(model, RepVGG):
         raise InferenceError(f"{checkpoint} is not a float RepVGG classifier: optimize its float checkpoint.")
@@ -94,18 +103,24 @@ def optimize_checkpoint(
         max_top1_drop=max_top1_drop,
         repeats=repeats,
     )
-    if chosen.precision == "int8":
-        save_quantized(chosen.runner, output)  # type: ignore[arg-type]
+    deployed, _ = to_deploy_form(model)
+    if chosen.backend == "onnxruntime":
+        path = Path(output).with_suffix(".onnx")
+        info = model_info(deployed).replace(precision="int8" if chosen.precision == "int8" else "float32")
+        payload = onnx_with_record(chosen.runner.onnx_payload, info)  # type: ignore[attr-defined]
+        atomic_write(
+            path, lambda target: target.write_bytes(payload), what="the ONNX model", error_type=InferenceError
+        )
+    elif chosen.precision == "int8":
+        path = save_quantized(chosen.runner, Path(output).with_suffix(".safetensors"))  # type: ignore[arg-type]
     else:
-        deployed, _ = to_deploy_form(model)
         deployed.runtime = {"backend": chosen.backend, "precision": chosen.precision}
-        save_checkpoint(deployed, output)
-    eager = next(row for row in chosen.report if (row.backend, row.precision) == ("eager", "fp32"))
+        path = save_checkpoint(deployed, Path(output).with_suffix(".safetensors"))
     return OptimizeResult(
-        Path(output),
+        Path(path),
         chosen.backend,
         chosen.precision,
         chosen.report,
-        reference_top1=float(eager.top1 or 0.0),
+        reference_top1=chosen.reference_top1,
         images=len(bundle.val),  # type: ignore[arg-type]
     )
