@@ -446,7 +446,7 @@ def _candidates(
         if backend in ("auto", "eager"):  # the x86 engine's quantized kernels run in eager PyTorch
             int8_backends["x86"] = lambda: quantize_ptq(deployed, calibration or [])  # type: ignore[arg-type]
         if backend in ("auto", "onnxruntime"):
-            int8_backends["onnxruntime"] = lambda: _onnxruntime_int8(deployed, calibration or [], example)
+            int8_backends["onnxruntime"] = lambda: onnxruntime_int8(deployed, calibration or [], example)
         for name, build in int8_backends.items():
             candidate = Candidate(name, "int8")
             if device.type != "cpu":
@@ -457,12 +457,29 @@ def _candidates(
     return found
 
 
-def _onnxruntime_int8(model: nn.Module, calibration: Sequence[Tensor], example: Tensor) -> Runner:
+def onnxruntime_int8(
+    model: nn.Module, calibration: Sequence[Tensor], example: Tensor, method: str = "minmax"
+) -> Runner:
     """onnxruntime's static INT8 quantization (QDQ: int8 weights per channel, uint8 activations calibrated on
-    ``calibration``), run by its CPU kernels (VNNI where the CPU has it)."""
+    ``calibration`` by ``method``: minmax, entropy or percentile), run by its CPU kernels (VNNI where the
+    CPU has it)."""
     import tempfile
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if method not in methods:
+        raise InferenceError(f"Unknown calibration method {method!r}: choose one of {', '.join(methods)}.")
 
     class Batches(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -485,6 +502,7 @@ def _onnxruntime_int8(model: nn.Module, calibration: Sequence[Tensor], example: 
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
             )
         finally:
             logging.disable(logging.NOTSET)
