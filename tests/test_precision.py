@@ -176,3 +176,50 @@ def test_when_onnxruntime_wins_the_artefact_is_an_onnx_file_that_eval_and_predic
     assert repvgg.model_info(loaded).precision == precision
     assert main(["eval", str(tmp_path / "fast.onnx"), "--data-dir", str(data), "--no-progress"]) == 0
     assert "on 64 fashion-mnist validation images" in capsys.readouterr().out
+
+
+def test_an_onnx_file_is_a_model_for_every_command_and_a_foreign_one_is_read_from_its_shapes(
+    tmp_path: Path,
+) -> None:
+    import onnx
+
+    from repvgg.io.onnxfile import OnnxModel
+    from repvgg.runtime.export import onnx_bytes
+    from repvgg.studies.bench import counted_model
+
+    model = small_model(in_chans=1, num_classes=4).eval()
+    model.class_names = ["a", "b", "c", "d"]
+    repvgg.export_model(model, tmp_path / "ours.onnx", to="onnx")
+    ours = repvgg.load_checkpoint(tmp_path / "ours.onnx")
+    assert isinstance(ours, OnnxModel) and ours.class_names == ["a", "b", "c", "d"] and ours.in_chans == 1
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), repvgg.reparameterize(model)(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(counted_model(ours), repvgg.RepVGG), "MACs are counted on its float twin"
+    proto = onnx.load_from_string(onnx_bytes(model, x))
+    del proto.metadata_props[:]
+    (tmp_path / "foreign.onnx").write_bytes(proto.SerializeToString())
+    foreign = repvgg.load_checkpoint(tmp_path / "foreign.onnx")
+    assert (foreign.in_chans, foreign.num_classes, foreign.class_names) == (1, 4, None)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(repvgg.CheckpointError, match="is not an ONNX model onnxruntime can run"):
+        repvgg.load_checkpoint(tmp_path / "junk.onnx")
+    with pytest.raises(repvgg.CheckpointError, match="runs as it is and loads into no `model`"):
+        repvgg.load_checkpoint(tmp_path / "ours.onnx", model)
+    with pytest.raises(InferenceError, match="An ONNX file runs one way, on the CPU"):
+        repvgg.optimize(ours, "inductor", example_input=x)
+
+
+def test_a_pspnet_onnx_export_is_sent_to_its_checkpoint(tmp_path: Path) -> None:
+    segmenter = repvgg.pspnet("repvgg_a0", 3, in_chans=1, head_channels=8).eval()
+    repvgg.export_model(segmenter, tmp_path / "seg.onnx", to="onnx", input_shape=(1, 1, 32, 32))
+    with pytest.raises(repvgg.CheckpointError, match="PSPNet's ONNX export, which runs with onnxruntime"):
+        repvgg.load_checkpoint(tmp_path / "seg.onnx")
+
+
+@pytest.mark.skipif(not cpu_features()["fast_bf16"], reason="this CPU has no bfloat16 instructions")
+def test_bf16_runs_on_a_cpu_with_bf16_instructions() -> None:
+    model = small_model(in_chans=1, num_classes=4).eval()
+    x = torch.randn(4, 1, 28, 28)
+    fast = repvgg.optimize(model, "eager", example_input=x, dtype=torch.bfloat16)
+    assert fast.precision == "bf16" and fast(x).dtype == torch.float32
