@@ -846,7 +846,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "--backend",
         choices=BACKEND_CHOICES,
         default=None,
-        help="run the model with this (default: the way repvgg optimize recorded in it, else eager)",
+        help="run the model with this; auto builds and times every backend first (seconds: worth it for many "
+        "images) (default: the way repvgg optimize recorded in it, else eager)",
     )
     predict.add_argument(
         "--preprocessing",
