@@ -341,37 +341,11 @@ def _search_precisions(
     wanted = ("fp32", "bf16", "int8") if precision == "auto" else ("fp32", precision)
     if calibration is not None:
         calibration = [batch.float().cpu() for batch in calibration]  # both INT8 candidates read it
-    candidates: dict[str, tuple[Candidate, Runner | None]] = {}
-    for candidate, build in _candidates(
-        deployed, backend, wanted, device, channels_last, calibration, example
-    ):
-        key = f"{candidate.backend}/{candidate.precision}"
-        runner = None
-        if candidate.why_not is None:
-            try:
-                runner = build()
-            except Exception as failure:  # a compiler or runtime missing here fails in many ways
-                candidate.why_not = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0][:200]}"
-        candidates[key] = (candidate, runner)
+    options = _candidates(deployed, backend, wanted, device, channels_last, calibration, example)
+    candidates = {f"{c.backend}/{c.precision}": (c, _build(c, build)) for c, build in options}
     fp32_eager = _eager(deployed, _Setting(device, torch.float32, channels_last), example)
-    with torch.inference_mode():
-        reference = fp32_eager(example).float()
-    errors = {}
-    for key, (candidate, runner) in candidates.items():
-        if runner is not None and candidate.precision == "fp32":  # float32 must reproduce the outputs
-            with torch.inference_mode():
-                errors[key] = relative_error(runner(example).float(), reference)
-            if errors[key] > tolerance_for(torch.float32):
-                candidate.why_not = f"outputs differ from eager PyTorch by {errors[key]:.1e} (relative)"
-    reference_top1, reference_predictions = _score(fp32_eager, eval_data, device)
-    for candidate, runner in candidates.values():
-        if runner is None or candidate.why_not is not None:
-            continue
-        top1, predictions = _score(runner, eval_data, device)
-        candidate.top1, candidate.top1_drop = top1, reference_top1 - top1
-        candidate.agreement = 100.0 * float((predictions == reference_predictions).float().mean())
-        if candidate.top1_drop > max_top1_drop:
-            candidate.why_not = f"top-1 drops {candidate.top1_drop:.2f} points (guard {max_top1_drop:g})"
+    errors = _check_float32(candidates, fp32_eager, example)
+    reference_top1 = _judge(candidates, fp32_eager, eval_data, device, max_top1_drop)
     passing = {
         key: runner for key, (candidate, runner) in candidates.items() if runner and not candidate.why_not
     }
@@ -401,6 +375,54 @@ def _search_precisions(
         report=[candidate for candidate, _ in candidates.values()],
         reference_top1=reference_top1,
     )
+
+
+def _build(candidate: Candidate, build: Callable[[], Runner]) -> Runner | None:
+    """The candidate's runner, or None with the reason in ``candidate.why_not``."""
+    if candidate.why_not is not None:
+        return None
+    try:
+        return build()
+    except Exception as failure:  # a compiler or runtime missing here fails in many ways
+        candidate.why_not = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0][:200]}"
+        return None
+
+
+def _check_float32(
+    candidates: dict[str, tuple[Candidate, Runner | None]], reference: Runner, example: Tensor
+) -> dict[str, float]:
+    """Float32 candidates must reproduce eager float32's outputs (the one tolerance table's bound)."""
+    with torch.inference_mode():
+        expected = reference(example).float()
+    errors = {}
+    for key, (candidate, runner) in candidates.items():
+        if runner is not None and candidate.precision == "fp32":
+            with torch.inference_mode():
+                errors[key] = relative_error(runner(example).float(), expected)
+            if errors[key] > tolerance_for(torch.float32):
+                candidate.why_not = f"outputs differ from eager PyTorch by {errors[key]:.1e} (relative)"
+    return errors
+
+
+def _judge(
+    candidates: dict[str, tuple[Candidate, Runner | None]],
+    reference: Runner,
+    eval_data: Iterable[Sequence[Tensor]],
+    device: torch.device,
+    max_top1_drop: float,
+) -> float:
+    """Score every runnable candidate on ``eval_data`` against eager float32 (returned: its top-1); those
+    that lose more than ``max_top1_drop`` points say so."""
+    reference_top1, reference_predictions = _score(reference, eval_data, device)
+    for candidate, runner in candidates.values():
+        if runner is None or candidate.why_not is not None:
+            continue
+        top1, predictions = _score(runner, eval_data, device)
+        candidate.top1, candidate.top1_drop = top1, reference_top1 - top1
+        candidate.agreement = 100.0 * float((predictions == reference_predictions).float().mean())
+        if candidate.top1_drop > max_top1_drop:
+            candidate.why_not = f"top-1 drops {candidate.top1_drop:.2f} points (guard {max_top1_drop:g})"
+    return reference_top1
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
