@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from repvgg import create_model, reparameterize
-from repvgg.runtime.device import cpu_features, device_name
+from repvgg.io.machine import cpu_features
+from repvgg.runtime.device import device_name
 from repvgg.runtime.measure import count_macs, time_interleaved
 from repvgg.runtime.optimize import optimize
 

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from repvgg import load_checkpoint, optimize
 from repvgg.engine.data import build_data, calibration_images, collate_reporting_bad
-from repvgg.runtime.device import cpu_features, device_name
+from repvgg.io.machine import cpu_features
+from repvgg.runtime.device import device_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

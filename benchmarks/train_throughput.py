@@ -113,7 +113,7 @@ def main() -> None:
             "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in results),
         }
     ratio = table["ours"]["images_per_s"] / table["timm"]["images_per_s"]
-    from repvgg.runtime.device import cpu_features
+    from repvgg.io.machine import cpu_features
 
     cpu = cpu_features()
     print(

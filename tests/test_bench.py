@@ -135,7 +135,8 @@ def test_bench_command_writes_its_files(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_every_cpu_record_names_the_capability_and_the_flags_that_matter() -> None:
-    from repvgg.runtime.device import ISA_FLAGS, cpu_features, device_name
+    from repvgg.io.machine import ISA_FLAGS, cpu_features
+    from repvgg.runtime.device import device_name
 
     cpu = cpu_features()
     assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()

@@ -13,7 +13,7 @@ import repvgg
 import repvgg.runtime.optimize as optimize_module
 from repvgg.cli import main
 from repvgg.exceptions import InferenceError
-from repvgg.runtime.device import cpu_features
+from repvgg.io.machine import cpu_features
 from tests.helpers import small_model
 from tests.test_data import fake_fashion_mnist
 

@@ -161,5 +161,28 @@ def test_int8_runs_only_on_the_cpu_engine() -> None:
     x = torch.randn(2, 1, 28, 28)
     runner = optimize(quantized, "auto", example_input=x)
     assert runner.backend == "int8-x86" and torch.equal(runner(x), quantized(x))
-    with pytest.raises(InferenceError, match="only on the CPU"):
+    with pytest.raises(InferenceError, match="An INT8 model runs one way, on the CPU"):
         optimize(quantized, "onnxruntime", example_input=x)
+
+
+def test_int8_uses_the_full_activation_range_where_vnni_makes_it_safe_and_records_it(tmp_path: Path) -> None:
+    from repvgg.core.int8 import quantize_ptq
+    from repvgg.io.checkpoints import save_quantized
+    from repvgg.io.machine import cpu_features
+
+    model = small_model(in_chans=1, num_classes=4).eval()
+    calibration = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    seven = quantize_ptq(model, calibration)
+    eight = quantize_ptq(model, calibration, activation_bits=8)
+    assert (seven.activation_bits, eight.activation_bits) == (7, 8)
+    first = next(m for m in eight.network.modules() if hasattr(m, "scale") and hasattr(m, "zero_point"))
+    first_seven = next(m for m in seven.network.modules() if hasattr(m, "scale") and hasattr(m, "zero_point"))
+    assert float(first.scale) < float(first_seven.scale), "twice the levels over the same range"
+    path = save_quantized(eight, tmp_path / "eight.safetensors")
+    if cpu_features()["fast_int8"]:
+        assert repvgg.load_checkpoint(path).activation_bits == 8
+    else:
+        with pytest.warns(repvgg.RepVGGWarning, match="made for CPUs with VNNI"):
+            assert repvgg.load_checkpoint(path).activation_bits == 8
+    with pytest.raises(repvgg.exceptions.QuantizationError, match="`activation_bits` must be 7 or 8"):
+        quantize_ptq(model, calibration, activation_bits=6)

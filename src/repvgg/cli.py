@@ -380,7 +380,7 @@ def _segment(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from repvgg.studies.quantization import quantize_checkpoint
 
-    _, notes = quantize_checkpoint(
+    quantized, notes = quantize_checkpoint(
         args.checkpoint,
         args.output,
         data=args.data,
@@ -401,8 +401,11 @@ def _quantize(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     how = f"{args.qat_epochs} QAT epochs" if args.qat_epochs else f"{args.calib} calibration images"
+    bits = quantized.activation_bits
+    full = ", the full range this CPU's VNNI allows" if bits == 8 else ""
     print(
-        f"wrote the INT8 model {args.output} (x86 engine, {how}, {args.weights} weights); "
+        f"wrote the INT8 model {args.output} (x86 engine, {how}, {args.weights} weights, {bits}-bit "
+        f"activations{full}); "
         "evaluate it with repvgg eval"
     )
     return 0

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 import repvgg
-from repvgg.runtime.device import cpu_features, device_name
+from repvgg.io.machine import cpu_features
+from repvgg.runtime.device import device_name
 
 
 def _git_revision() -> str | None:

@@ -35,6 +35,7 @@ from repvgg.io.formats import (
     infer_architecture,
     unwrap_state_dict,
 )
+from repvgg.io.machine import cpu_features
 from repvgg.io.onnxfile import load_onnx
 
 FORMAT_TAG = "repvgg"
@@ -559,6 +560,7 @@ def save_quantized(model: QuantizedRepVGG, path: PathLike) -> Path:
         "engine": "x86",
         "method": model.method,
         "weights": model.weights,
+        "activation_bits": str(model.activation_bits),
         "layout": json.dumps(layout),
     }
     path = Path(path)
@@ -576,8 +578,16 @@ def load_quantized(tensors: dict[str, Tensor], metadata: dict[str, str]) -> Quan
         )
     template = RepVGG(**info.config, deploy=True)
     weights = metadata.get("weights", "per-channel")
+    bits = 8 if metadata.get("activation_bits") == "8" else 7  # files before 0.1.1 used PyTorch's 7
     prepared = prepare_int8(template, example_input(template), qat=False, weights=weights)
-    model = convert_int8(prepared, info, metadata.get("method", "ptq"), weights)
+    model = convert_int8(prepared, info, metadata.get("method", "ptq"), weights, bits)
+    if bits == 8 and not cpu_features()["fast_int8"]:
+        warnings.warn(
+            "This INT8 model uses the full 8-bit activation range, made for CPUs with VNNI; this CPU has "
+            "none, so its int8 sums may saturate: quantize the float checkpoint again on this machine.",
+            RepVGGWarning,
+            stacklevel=3,
+        )
     state = _unflatten_state(tensors, json.loads(metadata["layout"]))
     expected = model.network.state_dict()
     missing = [k for k in expected if k not in state and isinstance(expected[k], Tensor | tuple)]

@@ -29,8 +29,8 @@ from repvgg.core.info import model_info
 from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
 from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import InferenceError, RepVGGError
+from repvgg.io.machine import cpu_features
 from repvgg.io.onnxfile import OnnxModel, onnx_session
-from repvgg.runtime.device import cpu_features
 from repvgg.runtime.export import onnx_bytes
 from repvgg.runtime.measure import time_interleaved
 from repvgg.runtime.names import BACKEND_CHOICES, BACKENDS, PRECISION_CHOICES
@@ -466,7 +466,8 @@ def _candidates(
     if "int8" in precisions:
         int8_backends: dict[str, Callable[[], Runner]] = {}
         if backend in ("auto", "eager"):  # the x86 engine's quantized kernels run in eager PyTorch
-            int8_backends["x86"] = lambda: quantize_ptq(deployed, calibration or [])  # type: ignore[arg-type]
+            bits = 8 if cpu_features()["fast_int8"] else 7  # the full range where VNNI makes it safe
+            int8_backends["x86"] = lambda: quantize_ptq(deployed, calibration or [], activation_bits=bits)  # type: ignore[arg-type]
         if backend in ("auto", "onnxruntime"):
             int8_backends["onnxruntime"] = lambda: onnxruntime_int8(deployed, calibration or [], example)
         for name, build in int8_backends.items():
