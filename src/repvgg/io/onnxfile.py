@@ -29,6 +29,9 @@ def onnx_session(payload: bytes | str, *, threads: int | None = None, device: st
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # Without this its threads spin on after each run, taking the cores from whatever runs next (a
+    # PyTorch backend timed in turn with it, say), which makes every other candidate look slower.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
