@@ -66,7 +66,7 @@ def test_the_fastest_candidate_within_the_guard_is_chosen_and_all_are_reported(
 def test_a_candidate_that_loses_accuracy_is_refused_by_the_guard(
     setting: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def careless_quantizer(model: torch.nn.Module, calibration: object) -> object:
+    def careless_quantizer(model: torch.nn.Module, calibration: object, **options: object) -> object:
         return lambda images: model(images.float()).roll(1, dims=1)  # every prediction moves one class on
 
     monkeypatch.setattr(optimize_module, "quantize_ptq", careless_quantizer)
