@@ -42,6 +42,8 @@ def write(root: Path, data_dir: Path, train: int, val: int, seed: int) -> int:
     for name in CLASSES:
         indices = [i for i, label in enumerate(labels.tolist()) if label == FASHION_MNIST_CLASSES.index(name)]
         rng.shuffle(indices)
+        if len(indices) < train + val:
+            print(f"note: {name} has {len(indices)} test images, fewer than {train} + {val}; all were used")
         folder_name = name.lower().replace(" ", "_")
         for split, chosen in (("train", indices[:train]), ("val", indices[train : train + val])):
             folder = root / split / folder_name
