@@ -220,6 +220,29 @@ def _json(metadata: Mapping[str, str], key: str, kind: type) -> Any:
     return value or None
 
 
+class RecordBacked:
+    """For models whose labels live in their record ``info`` rather than in attributes (INT8 networks,
+    ONNX files): the channels, classes, class names and preprocessing read off it."""
+
+    info: ModelInfo
+
+    @property
+    def in_chans(self) -> int:
+        return self.info.in_chans
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.info.num_classes or 0)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return list(self.info.class_names) if self.info.class_names is not None else None
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        return self.info.preprocessing
+
+
 def model_info(model: nn.Module) -> ModelInfo:
     """The record of any network: a RepVGG's own (architecture, form, class names, preprocessing), an INT8 or
     optimized model's, or, for another network, its form and type alone."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from repvgg.core.blocks import form_of
-from repvgg.core.info import ModelInfo, model_info
+from repvgg.core.info import ModelInfo, RecordBacked, model_info
 from repvgg.core.models import RepVGG
 from repvgg.core.reparam import to_deploy_form
 from repvgg.exceptions import QuantizationError
@@ -71,7 +71,7 @@ def plain_network(model: nn.Module) -> nn.Sequential:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.linear)
 
 
-class QuantizedRepVGG(nn.Module):
+class QuantizedRepVGG(RecordBacked, nn.Module):
     """An INT8 RepVGG for the CPU, called like the float model (float images in, float logits out).
 
     ``network`` is the converted FX graph; ``info`` the record of the float model it was built from (with
@@ -99,14 +99,6 @@ class QuantizedRepVGG(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         return dict(self.info.config or {})
-
-    @property
-    def in_chans(self) -> int:
-        return self.info.in_chans
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.info.num_classes or 0)
 
     def forward(self, inputs: Tensor) -> Tensor:
         if inputs.device.type != "cpu":

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repvgg.core.info import ModelInfo
+from repvgg.core.info import ModelInfo, RecordBacked
 from repvgg.core.models import RepVGG
 from repvgg.exceptions import CheckpointError, ExportError
 from repvgg.io.files import PathLike
@@ -42,29 +42,13 @@ def onnx_session(payload: bytes | str, *, threads: int | None = None, device: st
     return ort.InferenceSession(payload, options, providers=providers)
 
 
-class OnnxModel(nn.Module):
+class OnnxModel(RecordBacked, nn.Module):
     """A network in an ONNX file, run by onnxruntime on the CPU: float32 images in, float32 logits out."""
 
     def __init__(self, session: Any, info: ModelInfo, source: str) -> None:
         super().__init__()
         self.session, self.info, self.source = session, info, source
         self.input_name = session.get_inputs()[0].name
-
-    @property
-    def in_chans(self) -> int:
-        return self.info.in_chans
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.info.num_classes or 0)
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return list(self.info.class_names) if self.info.class_names is not None else None
-
-    @property
-    def preprocessing(self) -> Any:
-        return self.info.preprocessing
 
     def forward(self, inputs: Tensor) -> Tensor:
         array = inputs.detach().float().cpu().contiguous().numpy()
