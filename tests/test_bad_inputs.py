@@ -177,6 +177,10 @@ BASE: dict[str, tuple[str, ...]] = {  # a small, valid run of every command; a c
     "verify": args("verify {ckpt}"),
     "export": args("export {ckpt} --to torchscript {tmp}/model.pt"),
     "quantize": args("quantize {ckpt} {tmp}/q.safetensors --data-dir {data} --calib 8 --no-progress"),
+    "optimize": args(
+        "optimize {ckpt} {tmp}/o.safetensors --data-dir {data} --val-subset 16 --calib 8 --backend eager "
+        "--repeats 1"
+    ),
     "train": args(
         "train --data-dir {data} --output {tmp}/run --epochs 1 --train-subset 32 --val-subset 16 "
         "--batch-size 16 --no-progress"
@@ -214,6 +218,15 @@ NUMERIC: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
     "eval": {
         "--batch-size": POSITIVE_INT,
         "--val-subset": POSITIVE_INT,
+        "--workers": WORKERS,
+        "--image-size": IMAGE_SIZE,
+    },
+    "optimize": {
+        "--max-drop": NON_NEGATIVE_FLOAT,
+        "--calib": POSITIVE_INT,
+        "--val-subset": POSITIVE_INT,
+        "--repeats": POSITIVE_INT,
+        "--batch-size": POSITIVE_INT,
         "--workers": WORKERS,
         "--image-size": IMAGE_SIZE,
     },
@@ -304,6 +317,12 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
         "--model": ("repvgg_z9", ""),
     },
     "quantize": {"--data": ("x",), "--weights": ("x",), "--device": BAD_DEVICES},
+    "optimize": {
+        "--precision": ("x", "fp16", ""),
+        "--backend": ("x",),
+        "--data": ("x",),
+        "--device": BAD_DEVICES,
+    },
     "ablate": {
         "--data": ("x",),
         "--model": ("repvgg_z9",),
@@ -329,6 +348,7 @@ CUDA_ONLY = {  # right on a GPU machine, a mistake on this one
     "bench": [("--device", "cuda")],
     "train": [("--device", "cuda"), ("--amp", "fp16")],
     "train-seg": [("--device", "cuda")],
+    "optimize": [("--device", "cuda")],
     "ablate": [("--device", "cuda")],
     "demo": [("--device", "cuda")],
 }
@@ -345,6 +365,7 @@ CHECKPOINT_SLOTS: dict[str, tuple[str, ...]] = {  # where a checkpoint goes: {x}
     "verify-deploy": args("verify {ckpt} {x}"),
     "export": args("export {x} --to torchscript {tmp}/model.pt"),
     "quantize": args("quantize {x} {tmp}/q.safetensors --data-dir {data} --calib 8 --no-progress"),
+    "optimize": args("optimize {x} {tmp}/o.safetensors --data-dir {data} --val-subset 16 --calib 8"),
     "bench": (*BASE["bench"][:-1], "{x}"),
     "train-init": (*BASE["train"], "--init", "{x}"),
     "train-seg-backbone": (*BASE["train-seg"], "--backbone-weights", "{x}"),
