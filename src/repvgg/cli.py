@@ -875,7 +875,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "find the fastest backend and precision that keep accuracy here, and write a checkpoint that runs so",
     )
     fast.add_argument("checkpoint", help="a float checkpoint (training form is converted first)")
-    _output_file(fast, "where to write the chosen artefact (.safetensors)")
+    _output_file(
+        fast, "where to write the winner: .safetensors, or .onnx when onnxruntime wins (the suffix follows)"
+    )
     _add_data_arguments(fast)
     fast.add_argument(
         "--precision", choices=PRECISION_CHOICES, default="auto", help="precisions to search (auto: all)"
