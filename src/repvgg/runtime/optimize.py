@@ -29,7 +29,7 @@ from repvgg.core.info import model_info
 from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
 from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
 from repvgg.exceptions import InferenceError, RepVGGError
-from repvgg.io.machine import cpu_features
+from repvgg.io.machine import cpu_features, int8_activation_bits
 from repvgg.io.onnxfile import OnnxModel, onnx_session
 from repvgg.runtime.export import onnx_bytes
 from repvgg.runtime.measure import time_interleaved
@@ -80,15 +80,15 @@ def _onnxruntime(model: nn.Module, setting: _Setting, example: Tensor) -> Runner
         raise InferenceError("The onnxruntime backend runs float32 only; use dtype=torch.float32 for it.")
     cpu_model = copy.deepcopy(model).float().cpu()
     payload = onnx_bytes(cpu_model, example.float().cpu().contiguous())
-    session = onnx_session(payload, device=setting.device.type)
-    input_name = session.get_inputs()[0].name
+    return _onnx_runner(payload, model, setting.device.type)
 
-    def run(inputs: Tensor) -> Tensor:
-        array = inputs.detach().float().cpu().contiguous().numpy()
-        return torch.from_numpy(session.run(None, {input_name: array})[0]).to(inputs.device)
 
-    run.onnx_payload = payload  # type: ignore[attr-defined]  # what `repvgg optimize` writes when it wins
-    return run
+def _onnx_runner(payload: bytes, model: nn.Module, device: str = "cpu") -> OnnxModel:
+    """An onnxruntime session of ``payload`` run like ``model``; it keeps the payload, which is what
+    ``repvgg optimize`` writes when it wins."""
+    runner = OnnxModel(onnx_session(payload, device=device), model_info(model), "the exported graph")
+    runner.onnx_payload = payload
+    return runner
 
 
 _BUILDERS: dict[str, Callable[[nn.Module, _Setting, Tensor], Runner]] = {
@@ -466,7 +466,7 @@ def _candidates(
     if "int8" in precisions:
         int8_backends: dict[str, Callable[[], Runner]] = {}
         if backend in ("auto", "eager"):  # the x86 engine's quantized kernels run in eager PyTorch
-            bits = 8 if cpu_features()["fast_int8"] else 7  # the full range where VNNI makes it safe
+            bits = int8_activation_bits()
             int8_backends["x86"] = lambda: quantize_ptq(deployed, calibration or [], activation_bits=bits)  # type: ignore[arg-type]
         if backend in ("auto", "onnxruntime"):
             int8_backends["onnxruntime"] = lambda: onnxruntime_int8(deployed, calibration or [], example)
@@ -530,15 +530,7 @@ def onnxruntime_int8(
         finally:
             logging.disable(logging.NOTSET)
         payload = target.read_bytes()
-    session = onnx_session(payload)
-    input_name = session.get_inputs()[0].name
-
-    def run(inputs: Tensor) -> Tensor:
-        array = inputs.detach().float().cpu().contiguous().numpy()
-        return torch.from_numpy(session.run(None, {input_name: array})[0])
-
-    run.onnx_payload = payload  # type: ignore[attr-defined]  # what `repvgg optimize` writes when it wins
-    return run
+    return _onnx_runner(payload, model)
 
 
 def _score(runner: Runner, batches: Iterable[Sequence[Tensor]], device: torch.device) -> tuple[float, Tensor]:
