@@ -1,7 +1,8 @@
 """Training throughput and peak memory of our RepVGG-A0 beside timm's repvgg_a0, in one run.
 
-Each measurement runs in a fresh subprocess (so peak memory is the model's own) and the two
-implementations alternate (ours, timm, ours, timm, ...) so that machine noise hits both alike.
+Each measurement runs in a fresh subprocess (so peak memory is the model's own) and the implementations
+alternate (ours, timm, ours, timm, ...) so that machine noise hits all alike. A subprocess that crashes is
+reported as such (timm's channels_last training crashes in oneDNN on AVX-512 CPUs at 96 px and up).
 Throughput is the median over the timed SGD steps of every repetition; memory is the peak resident
 set size during the steps minus the resident size just before them (ru_maxrss - VmRSS), on CPU.
 
@@ -19,6 +20,10 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+#: ours and timm's repvgg_a0, each in the default (contiguous) and in the channels_last memory format.
+IMPLEMENTATIONS = ("ours-channels_last", "ours-contiguous", "timm-contiguous", "timm-channels_last")
 
 
 def resident_mib() -> float:
@@ -39,7 +44,8 @@ def measure(
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    if implementation == "ours":
+    library, _, layout = implementation.partition("-")
+    if library == "ours":
         import repvgg
 
         model = repvgg.create_model("repvgg_a0", num_classes=classes, in_chans=in_chans)
@@ -48,8 +54,11 @@ def measure(
 
         model = timm.create_model("repvgg_a0", pretrained=False, num_classes=classes, in_chans=in_chans)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     images = torch.randn(batch, in_chans, size, size)
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     labels = torch.randint(0, classes, (batch,))
 
     def step() -> None:
@@ -80,6 +89,14 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        default=list(IMPLEMENTATIONS),
+        help="which to time (default: all); -channels_last runs model and input in that memory format, as "
+        "`repvgg train` does by default",
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -87,9 +104,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, *shape)))
         return
-    runs: dict[str, list[dict[str, float]]] = {"ours": [], "timm": []}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.implementations}
+    crashes: dict[str, str] = {}
     for repeat in range(args.repeats):
         for implementation in runs:
+            if implementation in crashes:
+                continue
             command = [sys.executable, __file__, "--child", implementation]
             command += ["--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
             command += [
@@ -100,11 +120,18 @@ def main() -> None:
                 "--steps",
                 str(args.steps),
             ]
-            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:  # a crash of the library is a result, not the end of the benchmark
+                last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+                crashes[implementation] = f"crashed (exit {result.returncode}: {last[:80]})"
+                print(f"{implementation}: {crashes[implementation]}", file=sys.stderr)
+                continue
             runs[implementation].append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(f"repeat {repeat + 1}/{args.repeats}: {implementation} done", file=sys.stderr)
     table = {}
     for implementation, results in runs.items():
+        if implementation in crashes:
+            continue
         times = [t for r in results for t in r["step_times"]]
         median = statistics.median(times)
         table[implementation] = {
@@ -112,7 +139,16 @@ def main() -> None:
             "spread": (max(times) - min(times)) / median,
             "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in results),
         }
-    ratio = table["ours"]["images_per_s"] / table["timm"]["images_per_s"]
+    ratios = {  # every pair of ours and timm that ran: throughput ratio and peak-memory ratio
+        f"{ours} / {timm}": {
+            "throughput": table[ours]["images_per_s"] / table[timm]["images_per_s"],
+            "peak_memory": table[ours]["peak_extra_mib"] / max(table[timm]["peak_extra_mib"], 1e-9),
+        }
+        for ours in table
+        if ours.startswith("ours")
+        for timm in table
+        if timm.startswith("timm")
+    }
     from repvgg.io.machine import cpu_features
 
     cpu = cpu_features()
@@ -124,15 +160,19 @@ def main() -> None:
     )
     print("| implementation | images/s (median) | spread | peak extra memory (MiB) |")
     print("|---|---:|---:|---:|")
-    for implementation, row in table.items():
+    for implementation in runs:
+        if implementation in crashes:
+            print(f"| {implementation} | {crashes[implementation]} | | |")
+            continue
+        row = table[implementation]
         cells = f"{row['images_per_s']:.1f} | {row['spread']:.0%} | {row['peak_extra_mib']:.0f}"
         print(f"| {implementation} | {cells} |")
-    print(f"ours / timm throughput: {ratio:.3f}x")
+    for pair, ratio in ratios.items():
+        print(f"{pair}: throughput {ratio['throughput']:.2f}x, peak memory {ratio['peak_memory']:.2f}x")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(
-                {"settings": vars(args), "cpu": cpu, "results": table, "ratio": ratio}, handle, indent=2
-            )
+            record = {"settings": vars(args), "cpu": cpu, "results": table, "crashes": crashes}
+            json.dump({**record, "ratios": ratios}, handle, indent=2)
 
 
 if __name__ == "__main__":

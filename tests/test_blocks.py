@@ -107,7 +107,7 @@ def test_block_in_deploy_form_has_only_conv_relu() -> None:
 def test_qarepvgg_block_has_bare_1x1_and_identity_and_one_bn_after_the_sum() -> None:
     block = RepVGGBlock(8, 8, block="qarepvgg")
     assert isinstance(block.rbr_dense, ConvBN)
-    assert type(block.rbr_1x1) is nn.Conv2d and block.rbr_1x1.bias is None
+    assert isinstance(block.rbr_1x1, nn.Conv2d) and block.rbr_1x1.bias is None
     assert type(block.rbr_identity) is nn.Identity and isinstance(block.bn, nn.BatchNorm2d)
     assert "block='qarepvgg'" in repr(block)
     x = torch.randn(2, 8, 6, 6)

@@ -647,7 +647,9 @@ def _field_option(name: str) -> tuple[list[str], dict[str, Any]]:
     meta, kind = field.metadata, _without_none(typing.get_type_hints(TrainConfig)[name])
     shown = meta.get("default", field.default)
     options: dict[str, Any] = {"dest": name, "help": f"{meta['help']} (default: {shown})"}
-    if kind is bool:
+    if kind is bool and meta.get("negatable"):
+        options["action"] = argparse.BooleanOptionalAction
+    elif kind is bool:
         options["action"] = "store_false" if field.default else "store_true"
     elif typing.get_origin(kind) is list:
         options.update(type=typing.get_args(kind)[0], nargs=meta.get("nargs", "+"))

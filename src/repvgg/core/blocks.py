@@ -13,6 +13,7 @@ from repvgg.core.designs import block_design
 from repvgg.core.fusion import (
     ConvBN,
     IdentityPlusConv,
+    as_pair,
     bare_conv,
     bn_scale_shift,
     branch_kernel_bias,
@@ -204,18 +205,18 @@ class RepVGGBlock(nn.Module):
         """
         dense = _conv_of(self.rbr_dense)
         stride, padding, dilation = (
-            _pair(getattr(dense, name)) for name in ("stride", "padding", "dilation")
+            as_pair(getattr(dense, name)) for name in ("stride", "padding", "dilation")
         )
         offset = tuple(p - d * (self.kernel_size // 2) for p, d in zip(padding, dilation, strict=True))
         others = [_conv_of(branch) for branch in self.branches() if branch is not self.rbr_dense]
         for conv in others:
             if isinstance(conv, nn.Conv2d | IdentityPlusConv):
-                size = _pair(conv.kernel_size if isinstance(conv, nn.Conv2d) else conv.weight.shape[-2:])
+                size = as_pair(conv.kernel_size if isinstance(conv, nn.Conv2d) else conv.weight.shape[-2:])
                 conv_offset = tuple(
                     p - d * (k // 2)
-                    for p, d, k in zip(_pair(conv.padding), _pair(conv.dilation), size, strict=True)
+                    for p, d, k in zip(as_pair(conv.padding), as_pair(conv.dilation), size, strict=True)
                 )
-                if _pair(conv.stride) != stride or conv_offset != offset:
+                if as_pair(conv.stride) != stride or conv_offset != offset:
                     raise ConversionError(
                         "The branches of this block no longer line up (their strides or paddings were edited "
                         "differently), so they cannot be summed into one convolution; edit the 3x3 and 1x1 "
@@ -393,10 +394,3 @@ class ScriptableBlock(nn.Module):
 def _conv_of(branch: nn.Module) -> nn.Module:
     """The convolution of a branch (a ConvBN's ``conv``), or the branch itself."""
     return branch.conv if isinstance(branch, ConvBN) else branch
-
-
-def _pair(value: int | tuple[int, ...] | torch.Size) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    first, second = tuple(value)
-    return (int(first), int(second))

@@ -44,6 +44,7 @@ RESUMABLE_CHANGES = (
     "device",
     "progress",
     "log_interval",
+    "channels_last",
     "data_dir",
     "output",
     "overwrite",
@@ -138,7 +139,12 @@ class TrainConfig:
         metadata={"help": "mixed precision: bf16 on CPU; fp16 or bf16 on CUDA", "choices": AMP_CHOICES},
     )
     channels_last: bool = field(
-        default=False, metadata={"help": "channels-last memory format", "default": "off"}
+        default=True,
+        metadata={
+            "help": "channels-last memory format: the same results, faster convolutions",
+            "default": "on",
+            "negatable": True,
+        },
     )
     grad_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations to save memory", "default": "off"}

@@ -274,7 +274,7 @@ class Trainer:
         output: Path | None = None,
         best_file: str | None = None,
         amp: str = "none",
-        channels_last: bool = False,
+        channels_last: bool = True,
         ema_decay: float | None = None,
         mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         regularizer: Callable[[], torch.Tensor] | None = None,
@@ -550,7 +550,7 @@ class Classification(Task):
         *,
         label_smoothing: float = 0.0,
         amp: str = "none",
-        channels_last: bool = False,
+        channels_last: bool = True,
         on_bad_images: Callable[[list[BadImage]], None] | None = None,
     ) -> None:
         super().__init__(label_smoothing)
