@@ -101,7 +101,7 @@ def test_a_strided_block_trains_with_the_gradients_of_the_plain_convolutions(blo
 
 def test_channels_last_training_at_imagenet_sizes_does_not_crash() -> None:
     """A channels_last training step of RepVGG-A0 at 128 px: with oneDNN's strided 1x1 weight gradient it
-    corrupted the heap on AVX-512 CPUs (a crash, exit -11 or -6); run apart so a crash fails only this test."""
+    corrupted the heap on AVX-512 CPUs (exit -11 or -6); run apart so that a crash fails only this test."""
     script = (
         "import torch, repvgg\n"
         "torch.manual_seed(0)\n"
