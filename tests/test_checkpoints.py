@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import repvgg
 from repvgg import CheckpointError
@@ -331,3 +332,22 @@ def test_a_damaged_model_record_is_one_sentence(tmp_path: Path, key: str, value:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
     with pytest.raises(CheckpointError, match=reason):
         repvgg.load_checkpoint(path)
+
+
+def test_a_bfloat16_model_is_stored_in_bfloat16_and_loads_as_float32(tmp_path: Path) -> None:
+    """``repvgg optimize`` writes the weights a bf16 winner runs with: half the size, recorded as bfloat16."""
+    from tests.helpers import small_model
+
+    model = repvgg.reparameterize(small_model().eval()).to(torch.bfloat16)
+    path = repvgg.save_checkpoint(model, tmp_path / "bf16.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata()["precision"] == "bfloat16"
+    assert {t.dtype for t in load_file(path).values()} == {torch.bfloat16}
+    loaded = repvgg.load_checkpoint(path)
+    read = loaded.state_dict()
+    for name, stored in model.state_dict().items():
+        assert read[name].dtype == torch.float32 and torch.equal(read[name], stored.float()), name
+    # the loaded model is float32 in memory, so saving it again writes float32 and says so
+    again = repvgg.save_checkpoint(loaded, tmp_path / "again.safetensors")
+    with safe_open(str(again), "pt") as handle:
+        assert handle.metadata()["precision"] == "float32"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import repvgg
 import repvgg.runtime.optimize as optimize_module
@@ -124,6 +126,9 @@ def test_repvgg_optimize_writes_the_winner_and_eval_runs_it_that_way(
             "backend": "eager",
             "precision": "bf16",
         }
+        with safe_open(str(tmp_path / "bf16.safetensors"), "pt") as handle:  # the weights it runs with
+            assert handle.metadata()["precision"] == "bfloat16"
+        assert {t.dtype for t in load_file(tmp_path / "bf16.safetensors").values()} == {torch.bfloat16}
         assert (
             main(["eval", str(tmp_path / "bf16.safetensors"), "--data-dir", str(data), "--no-progress"]) == 0
         )

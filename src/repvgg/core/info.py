@@ -2,7 +2,7 @@
 the training state ``last.pt``.
 
 A record names the model, holds the constructor arguments that rebuild its architecture, the class names and
-the preprocessing its inputs need, its form (training, deploy) and its precision (float32, int8).
+the preprocessing its inputs need, its form (training, deploy) and its precision (float32, bfloat16, int8).
 :func:`model_info` reads it off any network; :meth:`ModelInfo.to_metadata` and :meth:`ModelInfo.from_metadata`
 are its one serializer (string values, as safetensors metadata holds them).
 """
@@ -25,7 +25,8 @@ FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MAX_IMAGE_SIZE = 4096  # larger sizes in a record are damage, not a model's input size
-PRECISIONS = ("float32", "int8")
+#: How a checkpoint stores its weights; a bfloat16 one (written by ``repvgg optimize``) loads as float32.
+PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,10 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, class_names: Sequence[s
     if isinstance(model, QuantizedRepVGG):
         return save_quantized(model, path)
     info = _record_of(model, class_names)
-    metadata = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION, **info.to_metadata()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.bfloat16}:
+        info = info.replace(precision="bfloat16")  # the record says how the weights are stored
+    metadata = {"format": FORMAT_TAG, "format_version": FORMAT_VERSION, **info.to_metadata()}
     path = Path(path)
     atomic_write(path, lambda target: save_file(tensors, str(target), metadata=metadata))
     return path

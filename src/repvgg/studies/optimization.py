@@ -4,8 +4,9 @@ accuracy, and write the artefact that runs that way.
 Calibration images come from the training split and the judging images from the validation split, so the
 guard is measured on images the calibration never saw. The artefact runs the way that won, in every command
 that reads models: an ONNX file (with the model record in its metadata) when an onnxruntime candidate wins,
-an INT8 checkpoint when the x86 engine's INT8 wins, else the deploy-form float checkpoint whose record names
-the backend and precision that won (``eval``, ``predict`` and ``bench`` then run it that way).
+an INT8 checkpoint when the x86 engine's INT8 wins, else the deploy-form checkpoint (its weights in bfloat16
+when bfloat16 wins) whose record names the backend and precision that won (``eval``, ``predict`` and
+``bench`` then run it that way).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from repvgg.core.info import model_info
@@ -115,6 +117,8 @@ def optimize_checkpoint(
         path = save_quantized(chosen.runner, Path(output).with_suffix(".safetensors"))  # type: ignore[arg-type]
     else:
         deployed.runtime = {"backend": chosen.backend, "precision": chosen.precision}
+        if chosen.precision == "bf16":  # the weights it runs with, at half the size: it loads as float32
+            deployed = deployed.to(torch.bfloat16)
         path = save_checkpoint(deployed, Path(output).with_suffix(".safetensors"))
     return OptimizeResult(
         Path(path),
