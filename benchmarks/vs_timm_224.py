@@ -2,13 +2,15 @@
 backend and precision ``optimize`` has, timed interleaved beside timm's re-parameterized repvgg_a0 in eager
 float32 (the baseline issue 17 sets its targets against).
 
-No ImageNet here, so the guard cannot be a top-1 drop on real labels: the judged images are random, labelled
-with float32's own predictions, so each candidate's "top-1" is its agreement with float32. With random weights
-(randomized BatchNorm statistics) float32 predicts one class for nearly every random image, which makes that
-check weak: this benchmark is about speed (the script says how many classes float32 predicted), and accuracy
-is judged on a trained model by ``precision_search.py``. Calibration uses other random images.
+With ``--checkpoint`` and ``--data-dir`` (an ImageFolder with ``train/`` and ``val/``) the model is a trained
+one and the guard is a real top-1 drop on its held-out ``val/`` images at the checkpoint's image size, with
+calibration on ``train/`` images (timm's A0 is built with the same classes and input channels). Without
+them (no ImageNet here) the model has random weights (randomized BatchNorm statistics), the judged images are
+random and labelled with float32's own predictions, so "top-1" is agreement with float32: a speed check only.
 
     python benchmarks/vs_timm_224.py --batch-size 16 --json benchmarks/results/vs_timm_224.json
+    python benchmarks/vs_timm_224.py --checkpoint runs/footwear-224/model_train.safetensors \
+        --data-dir data/footwear-large --json benchmarks/results/vs_timm_224_trained.json
 """
 
 from __future__ import annotations
@@ -36,24 +38,33 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--max-drop", type=float, default=2.0, help="allowed disagreement with fp32, points")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--checkpoint", default=None, help="a trained float checkpoint (else random weights)")
+    parser.add_argument("--data-dir", default=None, help="its ImageFolder (train/, val/); with --checkpoint")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if bool(args.checkpoint) != bool(args.data_dir):
+        parser.error("--checkpoint and --data-dir go together")
 
     import timm
     from timm.utils.model import reparameterize_model
 
     torch.manual_seed(0)
-    model = create_model("repvgg_a0").eval()
-    randomize_batchnorm_(model)
-    size, batch = args.image_size, args.batch_size
-    generator = torch.Generator().manual_seed(1)
-    judged_images = torch.randn(args.judged, 3, size, size, generator=generator)
-    deployed = reparameterize(model)
-    with torch.inference_mode():
-        labels = torch.cat([deployed(chunk).argmax(1) for chunk in judged_images.split(batch)])
-    judged = list(zip(judged_images.split(batch), labels.split(batch), strict=True))
-    calibration = list(torch.randn(args.calib, 3, size, size, generator=generator).split(batch))
-    example = judged_images[:batch]
+    batch = args.batch_size
+    if args.checkpoint:
+        model, judged, calibration, size = trained_model_and_data(args)
+        labels = torch.cat([targets for _, targets in judged])
+    else:
+        model = create_model("repvgg_a0").eval()
+        randomize_batchnorm_(model)
+        size = args.image_size
+        generator = torch.Generator().manual_seed(1)
+        judged_images = torch.randn(args.judged, 3, size, size, generator=generator)
+        deployed = reparameterize(model)
+        with torch.inference_mode():
+            labels = torch.cat([deployed(chunk).argmax(1) for chunk in judged_images.split(batch)])
+        judged = list(zip(judged_images.split(batch), labels.split(batch), strict=True))
+        calibration = list(torch.randn(args.calib, 3, size, size, generator=generator).split(batch))
+    example = judged[0][0]
     start = time.perf_counter()
     chosen = optimize(
         model,
@@ -71,7 +82,10 @@ def main() -> None:
         key=lambda row: row.images_per_s,
     )
     fp32 = optimize(model, best_fp32.backend, example_input=example)
-    timm_a0 = reparameterize_model(timm.create_model("repvgg_a0", pretrained=False).eval())
+    timm_a0 = timm.create_model(
+        "repvgg_a0", pretrained=False, num_classes=model.num_classes, in_chans=model.in_chans
+    )
+    timm_a0 = reparameterize_model(timm_a0.eval())
     with torch.inference_mode():
         measured = time_interleaved(
             {
@@ -83,25 +97,34 @@ def main() -> None:
             rounds=args.repeats,
         )
     timm_speed = measured["timm repvgg_a0, eager fp32"].images_per_s
-    print(
-        f"{device_name(torch.device('cpu'))}; batch {batch}, {size}x{size}; judged on {args.judged} random "
-        f"images (agreement with fp32), guard {args.max_drop} points; search {search_seconds:.0f} s\n"
+    judged_on = (
+        f"{len(labels)} held-out images of {args.data_dir} (top-1 on their labels)"
+        if args.checkpoint
+        else f"{len(labels)} random images (agreement with fp32)"
     )
-    classes = int(labels.unique().numel())
     print(
-        f"float32 predicts {classes} distinct class(es) on the judged images: "
-        + (
-            "the agreement column says little (a random network), only speed counts here\n"
-            if classes < 10
-            else "\n"
+        f"{device_name(torch.device('cpu'))}; batch {batch}, {size}x{size}; judged on {judged_on}, guard "
+        f"{args.max_drop} points; search {search_seconds:.0f} s\n"
+    )
+    if not args.checkpoint:
+        classes = int(labels.unique().numel())
+        print(
+            f"float32 predicts {classes} distinct class(es) on the judged images: "
+            + (
+                "the agreement column says little (a random network), only speed counts here\n"
+                if classes < 10
+                else "\n"
+            )
         )
-    )
-    print("| candidate | precision | images/s (search run) | agreement | chosen / why not |")
-    print("|---|---|---:|---:|---|")
+    print("| candidate | precision | images/s (search run) | top-1 | drop | agreement | chosen / why not |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for row in chosen.report:
         speed = f"{row.images_per_s:.1f}" if row.images_per_s else "-"
+        top1 = f"{row.top1:.2f}" if row.top1 is not None else "-"
+        drop = f"{row.top1_drop:+.2f}" if row.top1_drop is not None else "-"
         agreement = f"{row.agreement:.2f}%" if row.agreement is not None else "-"
-        print(f"| {row.backend} | {row.precision} | {speed} | {agreement} | {row.why_not or 'chosen'} |")
+        cells = f"{speed} | {top1} | {drop} | {agreement}"
+        print(f"| {row.backend} | {row.precision} | {cells} | {row.why_not or 'chosen'} |")
     print("\n| network (one interleaved run) | images/s | vs timm eager fp32 |")
     print("|---|---:|---:|")
     for name, result in measured.items():
@@ -111,12 +134,31 @@ def main() -> None:
             "cpu": cpu_features(),
             "settings": vars(args),
             "search_seconds": search_seconds,
-            "distinct_fp32_classes": int(labels.unique().numel()),
+            "checkpoint": args.checkpoint,
+            "judged_images": len(labels),
             "report": [vars(row) for row in chosen.report],
             "versus_timm": {name: result.images_per_s for name, result in measured.items()},
         }
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=2)
+
+
+def trained_model_and_data(
+    args: argparse.Namespace,
+) -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor], int]:
+    """The checkpoint, its held-out images and labels in batches, calibration batches and its image size."""
+    from repvgg import load_checkpoint
+    from repvgg.engine.data import build_data, calibration_images
+
+    model = load_checkpoint(args.checkpoint).eval()
+    size = model.preprocessing.image_size
+    bundle = build_data("imagefolder", args.data_dir, image_size=size)
+    loader = torch.utils.data.DataLoader(bundle.val, args.batch_size)
+    judged = [(images, labels) for images, labels in loader]
+    calibration = [
+        images for images, _ in torch.utils.data.DataLoader(calibration_images(bundle, args.calib, 0), 16)
+    ]
+    return model, judged, calibration, size
 
 
 if __name__ == "__main__":
