@@ -48,7 +48,6 @@ _EXPORTS = {
     "repvgg.io.pretrained": ("create_model", "load_pretrained"),
     "repvgg.runtime.convert": ("convert_checkpoint", "repvgg_model_convert", "verify_checkpoints"),
     "repvgg.runtime.export": ("export_model",),
-    "repvgg.runtime.memory": ("retain_freed_memory",),
     "repvgg.runtime.optimize": ("OptimizedModel", "optimize"),
     "repvgg.runtime.predict": ("predict",),
     "repvgg.core.segmentation": ("PSPNet", "pspnet"),
@@ -91,7 +90,6 @@ __all__ = [
     "read_checkpoint",
     "reparameterize",
     "repvgg_model_convert",
-    "retain_freed_memory",
     "save_checkpoint",
     "verify_checkpoints",
     "verify_equivalence",
@@ -139,6 +137,5 @@ if TYPE_CHECKING:
     from repvgg.io.pretrained import create_model, load_pretrained
     from repvgg.runtime.convert import convert_checkpoint, repvgg_model_convert, verify_checkpoints
     from repvgg.runtime.export import export_model
-    from repvgg.runtime.memory import retain_freed_memory
     from repvgg.runtime.optimize import OptimizedModel, optimize
     from repvgg.runtime.predict import predict

@@ -1012,9 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:  # said by the command's parser, so that its usage and name come with the error
         commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from repvgg.exceptions import RepVGGError
-    from repvgg.runtime.memory import retain_freed_memory
 
-    retain_freed_memory()  # every batch reuses the memory of the last instead of page-faulting it in again
     run: Command = args.run
     try:
         return run(args)
