@@ -1,0 +1,32 @@
+"""Benchmark scripts behind BENCHMARKS.md run end to end at tiny sizes, so that their figures can be measured
+again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_throughput_times_every_implementation_and_reports_ratios(tmp_path: Path) -> None:
+    record = tmp_path / "train.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--batch-size", "4"]
+    command += ["--image-size", "16", "--steps", "1", "--repeats", "1", "--json", str(record)]
+    finished = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    result = json.loads(record.read_text())
+    names = {"ours-channels_last", "ours-contiguous", "timm-contiguous", "timm-channels_last"}
+    assert set(result["results"]) | set(result["crashes"]) == names
+    assert all(row["images_per_s"] > 0 for row in result["results"].values())
+    assert "ours-channels_last / timm-contiguous" in result["ratios"]
+    assert result["cpu"]["capability"]  # every record names the CPU it was measured on
+    assert "| ours-channels_last |" in finished.stdout
