@@ -166,3 +166,11 @@ def test_python_dash_m_and_console_script_start_without_importing_torch() -> Non
         [sys.executable, "-m", "repvgg", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert all(command in help_text for command in ("models", "demo", "train", "eval"))
+
+
+@pytest.mark.parametrize(
+    "flags, channels_last", [([], True), (["--no-channels-last"], False), (["--channels-last"], True)]
+)
+def test_channels_last_is_the_default_and_can_be_turned_off(flags: list[str], channels_last: bool) -> None:
+    config, _ = _train_config(COMMANDS["train"].parse_args(flags))
+    assert config.channels_last is channels_last

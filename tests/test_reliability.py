@@ -137,6 +137,9 @@ def test_resume_refuses_changed_options_and_extends_epochs_for_real(fashion: Pat
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[1]["lr"] > 0.01, "the extra epochs train: the cosine is stretched over 3 epochs"
     assert json.loads((run / "config.json").read_text())["epochs"] == 3, "config.json says what ran"
+    # the memory format changes no result, so a run resumes in the other one
+    train(config(fashion, run, lr=0.05, epochs=4, channels_last=False), resume=True)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_resume_where_there_is_nothing_is_explained(fashion: Path, tmp_path: Path) -> None:
