@@ -141,7 +141,7 @@ class TrainConfig:
     channels_last: bool = field(
         default=True,
         metadata={
-            "help": "channels-last memory format: the same results, faster convolutions",
+            "help": "channels-last memory format: the same computation, faster convolutions",
             "default": "on",
             "negatable": True,
         },
