@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SETTINGS = ("default", "hugepages")
@@ -35,20 +34,16 @@ def child(setting: str, batch: int, size: int, rounds: int) -> dict[str, float]:
     from repvgg import create_model, optimize, reparameterize
     from repvgg.runtime.measure import time_interleaved
 
-    def touch_ms(make: object) -> float:
-        times = []
-        for _ in range(10):
-            start = time.perf_counter()
-            make()  # type: ignore[operator]
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000
-
     shape = (batch, 48, size // 2, size // 2)
     held = torch.empty(shape)
-    costs = {
-        "fresh tensor, ms": touch_ms(lambda: torch.empty(shape).fill_(1.0)),
-        "reused tensor, ms": touch_ms(lambda: held.fill_(1.0)),
-    }
+    touched = time_interleaved(
+        {
+            "fresh tensor, ms": lambda _: torch.empty(shape).fill_(1.0),
+            "reused tensor, ms": lambda _: held.fill_(1.0),
+        },
+        held,
+    )
+    costs = {name: result.median_s * 1000 for name, result in touched.items()}
     torch.manual_seed(0)
     images = torch.randn(batch, 3, size, size)
     ours = reparameterize(create_model("repvgg_a0").eval())

@@ -12,8 +12,6 @@ unfold + a 1x1 convolution.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -22,9 +20,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from repvgg import create_model, reparameterize
 from repvgg.runtime.device import device_name
+from repvgg.runtime.measure import time_interleaved
 
 
-def conv_flops(input_shape: list[int], weight_shape: list[int], output_elements: int) -> float:
+def conv_flops(weight_shape: list[int], output_elements: int) -> float:
     """2 x multiply-adds of a convolution: every output element sums in_channels/groups x kh x kw products."""
     _, per_group, kh, kw = weight_shape
     return 2.0 * output_elements * per_group * kh * kw
@@ -55,7 +54,7 @@ def per_layer(model: torch.nn.Module, images: torch.Tensor, rounds: int) -> list
         shape, weight = event.input_shapes[0], event.input_shapes[1]
         calls_per_batch = event.count / rounds
         ms = event.self_cpu_time_total / 1000 / rounds
-        flops = conv_flops(shape, weight, outputs[(tuple(shape), tuple(weight))]) * calls_per_batch
+        flops = conv_flops(weight, outputs[(tuple(shape), tuple(weight))]) * calls_per_batch
         label = f"{shape[1]}->{weight[0]} ch, {shape[2]}x{shape[3]} in, x{calls_per_batch:.0f}"
         rows.append((label, ms, flops / (ms / 1000) / 1e9))
     return sorted(rows, key=lambda row: -row[1])
@@ -120,16 +119,10 @@ def main() -> None:
     print("\n| stem written as | ms per batch | max abs difference |")
     print("|---|---:|---:|")
     with torch.inference_mode():
+        timed = time_interleaved(rewrites, images, rounds=10)
         for name, rewrite in rewrites.items():
             difference = float((rewrite(images) - reference).abs().max())
-            for _ in range(2):
-                rewrite(images)
-            times = []
-            for _ in range(10):
-                start = time.perf_counter()
-                rewrite(images)
-                times.append(time.perf_counter() - start)
-            print(f"| {name} | {statistics.median(times) * 1000:.1f} | {difference:.1e} |")
+            print(f"| {name} | {timed[name].median_s * 1000:.1f} | {difference:.1e} |")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,45 @@
 """Ways to compute a training-time RepVGG block's forward and backward, timed on the shapes of A0's stages:
 the three branches as they are (two convolutions), and the 3x3 and 1x1 branches as one convolution with
 concatenated outputs (the 1x1 kernel zero-padded to 3x3, outputs split before their BatchNorms). Then, for
-maps so small that most 3x3 taps land on padding (28 px images with the paper's strides), two exact ways to
-skip that work: the convolution as one matrix product with a Toeplitz-form kernel, and one convolution per
-output pixel with the kernel cropped to the taps that touch the image. Channels last, float32; each figure is
-the median of 15 forward+backward passes; the largest difference from the direct convolution is measured in
-float64.
+maps so small that most 3x3 taps land on padding (28 px images with the paper's strides), two exact ways
+to skip that work: the convolution as one matrix product with a Toeplitz-form kernel, and one convolution
+per output pixel with the kernel cropped to the taps that touch the image. Channels last, float32; each
+figure is the median of 15 forward+backward passes, the ways of one table row interleaved; the largest
+difference from the direct convolution is measured in float64.
 
     python benchmarks/train_block_variants.py
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from repvgg.runtime.device import device_name
+from repvgg.runtime.measure import time_interleaved
 
 #: (batch, channels, map size): stage 3 and 2 of A0 at 28 px with the paper's strides (batch 128), and stage
 #: 1 and 3 at 224 px (batch 32).
 SHAPES = ((128, 192, 2), (128, 96, 4), (32, 48, 56), (32, 192, 14))
 
 
-def median_ms(step: Callable[[], None], repeats: int = 15) -> float:
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+def median_ms(steps: dict[str, Callable[[], None]], rounds: int = 15) -> dict[str, float]:
+    """Median milliseconds of each step, timed interleaved by the project's one timer, with gradients on (the
+    timer itself runs without)."""
+
+    def with_grad(step: Callable[[], None]) -> Callable[[torch.Tensor], None]:
+        @torch.enable_grad()
+        def run(_: torch.Tensor) -> None:
+            step()
+
+        return run
+
+    timed = time_interleaved(
+        {name: with_grad(step) for name, step in steps.items()}, torch.empty(1), warmup=3, rounds=rounds
+    )
+    return {name: result.median_s * 1000 for name, result in timed.items()}
 
 
 def block_steps(batch: int, channels: int, size: int) -> dict[str, Callable[[], None]]:
@@ -122,7 +127,7 @@ def small_map_rows() -> list[str]:
             "cropped": float((cropped_conv(x64, w64) - direct64).abs().max()),
         }
 
-        times = {name: median_ms(step) for name, step in ways.items()}
+        times = median_ms(ways)
         cells = " | ".join(f"{times[name]:.2f}" for name in ways)
         rows.append(
             f"| {batch}, {channels}, {size}x{size} | {cells} | "
@@ -137,7 +142,7 @@ def main() -> None:
     print("| batch, channels, map | separate (ms) | concatenated (ms) | speed of concatenated vs separate |")
     print("|---|---:|---:|---:|")
     for batch, channels, size in SHAPES:
-        times = {name: median_ms(step) for name, step in block_steps(batch, channels, size).items()}
+        times = median_ms(block_steps(batch, channels, size))
         cells = f"{times['separate']:.2f} | {times['concatenated']:.2f}"
         speed = times["separate"] / times["concatenated"]
         print(f"| {batch}, {channels}, {size}x{size} | {cells} | {speed:.2f}x |")
