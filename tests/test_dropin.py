@@ -233,3 +233,84 @@ def test_timm_s_reparameterize_model_converts_ours() -> None:
 def test_list_models_takes_timm_s_patterns() -> None:
     assert repvgg.list_models("*b1*") == ["repvgg_b1", "repvgg_b1g2", "repvgg_b1g4"]
     assert repvgg.list_models() == list(repvgg.MODEL_SPECS) and repvgg.list_models("resnet*") == []
+
+
+def test_mmpretrain_s_base_channels_keep_the_stem_at_most_64_wide() -> None:
+    """mmpretrain's stem is ``min(64, int(base_channels * width[0]))``: a ported config with
+    ``base_channels=128`` on A0 has a 64-wide stem and 96-wide stage 1, so its checkpoints load."""
+    model = repvgg.create_model("repvgg_a0", num_classes=10, base_channels=128)
+    assert model.stage0.out_channels == 64 and model.stage1[0].out_channels == int(128 * 0.75)
+    assert model.stage4[0].out_channels == int(8 * 128 * 2.5)
+    mmpretrain_names = repvgg.convert_state_dict(model.state_dict(), to="mmpretrain")
+    assert tuple(mmpretrain_names["backbone.stem.branch_3x3.conv.weight"].shape[:2]) == (64, 3)
+    again = repvgg.create_model("repvgg_a0", num_classes=10, base_channels=128)
+    repvgg.load_checkpoint(mmpretrain_names, again)
+    loaded, expected = again.state_dict(), model.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert repvgg.verify_equivalence(model.eval()).passed
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda m: m.switch_to_deploy(),
+        lambda m: authors_conversion_loop(m),
+        lambda m: repvgg.reparameterize(m, inplace=True),
+    ],
+    ids=["switch_to_deploy", "authors_loop", "reparameterize"],
+)
+@pytest.mark.parametrize("features_only", [False, True])
+def test_frozen_stages_stay_frozen_through_conversion_and_train(convert, features_only: bool) -> None:
+    """mmpretrain re-freezes in every ``train()``: the plain convs of frozen stages get no gradients."""
+    model = repvgg.create_model("repvgg_a0", num_classes=10, frozen_stages=1, features_only=features_only)
+    model.eval()
+    convert(model)
+    for _ in range(2):
+        model.train()
+        frozen = [p for stage in model.stages()[:2] for p in stage.parameters()]
+        trainable = [p for stage in model.stages()[2:] for p in stage.parameters()]
+        assert frozen and not any(p.requires_grad for p in frozen), "a frozen stage thawed"
+        assert all(p.requires_grad for p in trainable)
+        assert not any(m.training for m in model.stages()[:2]) and model.stage2.training
+    model.stage1.requires_grad_(True)  # thawed by hand: the next train() freezes it again, as mmpretrain's
+    model.train()
+    assert not any(p.requires_grad for p in model.stage1.parameters())
+
+
+def test_a_converted_block_that_was_frozen_stays_frozen() -> None:
+    block = repvgg.RepVGGBlock(8, 8, 3, padding=1).eval()
+    block.requires_grad_(False)
+    block.reparameterize()
+    assert not block.rbr_reparam.weight.requires_grad and not block.rbr_reparam.bias.requires_grad
+    trained = repvgg.RepVGGBlock(8, 8, 3, padding=1).eval()
+    trained.reparameterize()
+    assert trained.rbr_reparam.weight.requires_grad
+
+
+@pytest.mark.parametrize("deploy", [False, True], ids=["train_form", "deploy_form"])
+@pytest.mark.parametrize("kind", ["classifier", "backbone", "pspnet"])
+def test_fx_feature_extraction_then_torch_jit_script(kind: str, deploy: bool) -> None:
+    """timm's and torchvision's ``create_feature_extractor`` route, then ``torch.jit.script`` (postponed
+    annotations in the model modules once made fx write an unknown type ``_Tensor_``)."""
+    import warnings
+
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    if kind == "pspnet":
+        model: nn.Module = repvgg.pspnet("repvgg_a0", 5, aux_weight=0)
+        nodes = {"backbone.stage3": "s3", "head": "out"}
+    else:
+        model = repvgg.create_model("repvgg_a0", num_classes=10, features_only=kind == "backbone")
+        nodes = {"stage3": "s3", "stage4": "s4"}
+    model = repvgg.randomize_batchnorm_(model, seed=2).eval()
+    if deploy:
+        model = repvgg.reparameterize(model)
+    extractor = create_feature_extractor(model, return_nodes=nodes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still used
+        scripted = torch.jit.script(extractor)
+    inputs = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        expected, got = extractor(inputs), scripted(inputs)
+    assert set(got) == set(nodes.values())
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -6,8 +6,6 @@ chosen stages. Its module names are the classifier's, so a classification checkp
 head is dropped with a warning), and :func:`repvgg.reparameterize` converts it like any RepVGG.
 """
 
-from __future__ import annotations
-
 import copy
 import math
 from collections.abc import Sequence
@@ -64,7 +62,7 @@ class RepVGGFeatures(RepVGG):
             for i in self.out_indices
         )
 
-    def train(self, mode: bool = True) -> RepVGGFeatures:
+    def train(self, mode: bool = True) -> "RepVGGFeatures":
         super().train(mode)
         if mode and self.norm_eval:
             for module in self.modules():

@@ -1,7 +1,5 @@
 """The RepVGG building block: three branches while training, one 3x3 convolution when deployed."""
 
-from __future__ import annotations
-
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -317,12 +315,21 @@ class RepVGGBlock(nn.Module):
         if warn_if_training_mode:
             warn_if_training(self)
         self._take_geometry_of_the_convs()
+        branches = ("rbr_dense", "rbr_asymmetric", "rbr_1x1", "rbr_identity", "bn")
+        # A frozen block (a frozen stage's) stays frozen: the fused conv trains only if a branch did.
+        trainable = any(
+            p.requires_grad
+            for name in branches
+            if getattr(self, name) is not None
+            for p in getattr(self, name).parameters()
+        )
         with torch.no_grad():
             kernel, bias = self.equivalent_kernel_bias()
             fused = self._deploy_conv(reference=kernel)
             fused.weight.copy_(kernel)
             fused.bias.copy_(bias)
-        for name in ("rbr_dense", "rbr_asymmetric", "rbr_1x1", "rbr_identity", "bn"):
+        fused.requires_grad_(trainable)
+        for name in branches:
             delattr(self, name)
         self.rbr_reparam = fused
         self.deploy = True

@@ -3,8 +3,6 @@
 Plain data without torch, so that the command line can offer the designs without importing it.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Literal
 

@@ -7,8 +7,6 @@ branches' kernels and biases. All functions here are plain differentiable tensor
 same code serves conversion, custom L2 regularisation and quantization studies.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -11,8 +11,6 @@ block design keeps its accuracy, and quantization-aware training (``repvgg.studi
 recovers what calibration alone loses. The INT8 file format lives in ``repvgg.io.checkpoints``.
 """
 
-from __future__ import annotations
-
 import contextlib
 import warnings
 from collections.abc import Iterable, Iterator

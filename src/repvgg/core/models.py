@@ -5,8 +5,6 @@ pooling (``gap``) and a fully connected head (``linear``): the authors' module n
 checkpoints and code port unchanged. Every named model is one configuration of :class:`RepVGG`.
 """
 
-from __future__ import annotations
-
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -46,7 +44,8 @@ class RepVGG(nn.Module):
         dilations: the dilation of every 3x3 layer of each of stages 0-4, as mmpretrain's ``dilations``
             (an alternative to ``output_stride``, which sets them from the strides given up).
         base_channels: the channels ``64`` of the width formula (mmpretrain's ``base_channels``): stage
-            widths are ``int(base*a), int(2*base*a), int(4*base*a), int(8*base*b)``.
+            widths are ``int(base*a), int(2*base*a), int(4*base*a), int(8*base*b)``, and stage 0 is
+            ``min(64, int(base*a))`` (at most 64 whatever the base, as mmpretrain builds its stem).
         se_reduction: the SE block's reduction, ``internal = out // se_reduction`` (the authors' 16).
         frozen_stages: stages 0..k are frozen while training (no gradients, BatchNorm statistics kept), as
             mmpretrain's ``frozen_stages``; -1 freezes none. Fine-tuning on few images often freezes 0-1.
@@ -223,12 +222,19 @@ class RepVGG(nn.Module):
         if not isinstance(last, int) or last not in range(-1, 5):
             raise ModelConfigError(f"frozen_stages must be -1 (none) or 0-4, got {last!r}.")
         self.frozen_stages = last
-        for stage in self.stages()[: last + 1]:
+        self._freeze()
+
+    def _freeze(self) -> None:
+        """No gradients for the frozen stages' parameters, those made since by a conversion too."""
+        for stage in self.stages()[: self.frozen_stages + 1]:
             for parameter in stage.parameters():
                 parameter.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> RepVGG:
+    def train(self, mode: bool = True) -> "RepVGG":
+        """As ``nn.Module.train``; frozen stages stay in eval mode without gradients (as mmpretrain's
+        ``train`` re-freezes them), whatever was converted or unfrozen by hand since."""
         super().train(mode)
+        self._freeze()
         if mode:
             for stage in self.stages()[: self.frozen_stages + 1]:
                 stage.eval()
@@ -352,7 +358,7 @@ def stage_widths(width_multiplier: Sequence[float], base: int = 64) -> tuple[int
     """Output channels of stages 0-4 for ``width_multiplier = [a, a, a, b]`` (``base`` is the paper's 64)."""
     a1, a2, a3, b = width_multiplier
     return (
-        min(base, int(base * a1)),
+        min(64, int(base * a1)),  # the stem is at most 64 wide whatever the base, as in mmpretrain
         int(base * a1),
         int(2 * base * a2),
         int(4 * base * a3),

@@ -5,8 +5,6 @@ and the head's settings), so a saved PSPNet rebuilds itself and goes through ``e
 ``predict`` like a classifier. Training it is :mod:`repvgg.studies.segmentation`.
 """
 
-from __future__ import annotations
-
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -113,7 +111,7 @@ class PSPNet(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, deploy: bool = False) -> PSPNet:
+    def from_config(cls, config: Mapping[str, Any], *, deploy: bool = False) -> "PSPNet":
         """The untrained network of a :attr:`config` record, in training or (``deploy``) plain form."""
         backbone_config = {k: v for k, v in config["backbone"].items() if k != "num_classes"}
         backbone = RepVGGFeatures(**backbone_config, out_indices=(3, 4), deploy=deploy)
