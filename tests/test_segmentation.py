@@ -200,6 +200,54 @@ def test_export_and_predict_take_a_pspnet_checkpoint(
     assert "its predictions are masks, written as PNGs into a folder" in capsys.readouterr().err
 
 
+def test_mask_names_keep_relative_paths_and_never_clash() -> None:
+    from repvgg.runtime.predict import mask_names
+
+    names = mask_names(["in/a/img.png", "in/a/img.jpg", "in/b/img.png", "in/b/img_png.png", "in/c.PNG"])
+    assert [str(n) for n in names] == [
+        "a/img_png_mask.png",
+        "a/img_jpg_mask.png",
+        "b/img_mask.png",
+        "b/img_png_mask.png",
+        "c_mask.png",
+    ]
+    clash = mask_names(["x/img.png", "x/img.jpg", "x/img_png.bmp"])  # the third would take the first's name
+    assert len(set(clash)) == 3 and str(clash[2]) == "img_png_2_mask.png"
+    assert [str(n) for n in mask_names(["photo.png"])] == ["photo_mask.png"]
+
+
+def test_predict_writes_one_mask_per_image_and_never_replaces_one(
+    segmenter: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``a/img.png``, ``a/img.jpg`` and ``b/img.png`` once all wrote ``OUT/img_mask.png``: one file left."""
+    _, deploy_file, _ = segmenter
+    rng = np.random.default_rng(1)
+    inputs = [tmp_path / "a" / "img.png", tmp_path / "a" / "img.jpg", tmp_path / "b" / "img.png"]
+    for path in inputs:
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (30, 20), dtype=np.uint8)).save(path)
+    out = tmp_path / "masks"
+    argv = ["predict", str(deploy_file), *map(str, inputs), "--output", str(out), "--no-progress"]
+    assert main(argv) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == ["a/img_jpg_mask.png", "a/img_png_mask.png", "b/img_mask.png"]
+    printed = capsys.readouterr().out
+    assert all(f"{path}: " in printed for path in inputs)
+    before = {p: p.read_bytes() for p in out.rglob("*.png")}
+    (out / "b" / "img_mask.png").write_bytes(b"the user's own file")
+    assert main(argv) == 2  # refused before any work: the masks are there
+    assert "already holds 3 of the masks" in capsys.readouterr().err
+    assert (out / "b" / "img_mask.png").read_bytes() == b"the user's own file"
+    assert main([*argv, "--overwrite"]) == 0
+    assert {p: p.read_bytes() for p in out.rglob("*.png")} == before
+    folder_and_file = ["predict", str(deploy_file), str(tmp_path / "a"), str(inputs[0])]
+    assert main([*folder_and_file, "--output", str(tmp_path / "again"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "again").rglob("*.png")) == [
+        "img_jpg_mask.png",
+        "img_png_mask.png",
+    ]
+
+
 def test_a_classifier_is_not_scored_on_a_segmentation_set(
     segmenter: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

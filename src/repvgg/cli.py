@@ -368,6 +368,7 @@ def _segment(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         device=args.device,
         progress=args.progress,
+        overwrite=args.overwrite,
     )
     for result in masks:
         shares = ", ".join(f"{name} {share:.0%}" for name, share in result.shares[: args.topk])
@@ -868,7 +869,13 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _shared(
         predict,
         "output",
-        help="also write the predictions to this .csv or .json file (a PSPNet's: the folder for its masks)",
+        help="also write the predictions to this .csv or .json file (a PSPNet's: the folder for its masks, "
+        "one per image at the image's path below the images' common folder)",
+    )
+    predict.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a PSPNet's masks may replace mask files already in --output (else refused before any work)",
     )
 
     fast = command(

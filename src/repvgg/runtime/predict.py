@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,23 +190,37 @@ def segment(
     image_size: int | None = None,
     device: str | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> tuple[list[Segmentation], list[BadImage]]:
     """Per-pixel classes of each readable image with a PSPNet checkpoint (or model), written as masks.
 
     Each image is resized so its shorter side is the preprocessing's size (``image_size`` to choose
-    another), segmented whole (no crop), and its mask scaled back to the image's own size and saved as
-    ``output/<name>_mask.png``: a palette PNG whose pixel values are the class indices. Unreadable images
-    are returned, not raised.
+    another), segmented whole (no crop), and its mask scaled back to the image's own size and saved in
+    ``output`` under the name :func:`mask_names` gives it (the image's path below the images' common
+    folder, ``<name>_mask.png``): a palette PNG whose pixel values are the class indices. No two images
+    share a mask, and a mask file already in ``output`` is refused before any work unless ``overwrite``.
+    Unreadable images are returned, not raised.
     """
     from PIL import Image
     from torchvision.transforms import v2
 
+    unique: dict[Path, PathLike] = {}
+    for path in images:  # an image named twice (as a file and in its folder) is one image, one mask
+        unique.setdefault(_absolute(path), path)
+    images = list(unique.values())
+    folder = output_folder(output, InferenceError)
+    mask_files = mask_names(images)
+    existing = [name for name in mask_files if (folder / name).exists()]
+    if existing and not overwrite:
+        raise InferenceError(
+            f"{folder} already holds {len(existing)} of the masks this would write ({existing[0]}"
+            f"{', ...' if len(existing) > 1 else ''}); choose another `output`, or replace them "
+            "(`overwrite`)."
+        )
     model = load_checkpoint(source) if not isinstance(source, nn.Module) else source
     if not isinstance(model, PSPNet):
         raise InferenceError("`segment` needs a PSPNet checkpoint; classify images with `predict`.")
     refuse_nonfinite(model, str(source) if not isinstance(source, nn.Module) else "The model", InferenceError)
-    folder = output_folder(output, InferenceError)
-    folder.mkdir(parents=True, exist_ok=True)
     info = model_info(model)
     chosen = info.preprocessing or PREPROCESSING_PRESETS["imagenet"]
     size = image_size or chosen.image_size
@@ -222,7 +238,13 @@ def segment(
     palette = _palette(len(names))
     results: list[Segmentation] = []
     bad: list[BadImage] = []
-    for path in progress_bar(images, desc="segment", unit="image", enabled=progress):
+    for path, name in progress_bar(
+        zip(images, mask_files, strict=True),
+        desc="segment",
+        unit="image",
+        enabled=progress,
+        total=len(images),
+    ):
         image = open_image(path, info.in_chans)
         if isinstance(image, BadImage):
             bad.append(image)
@@ -238,10 +260,41 @@ def segment(
         )
         mask = Image.frombytes("P", image.size, labels.numpy().tobytes())
         mask.putpalette(palette)
-        mask_path = folder / f"{Path(path).stem}_mask.png"
+        mask_path = folder / name
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(mask_path, lambda file, mask=mask: mask.save(file, format="PNG"), what="the mask")
         results.append(Segmentation(str(path), str(mask_path), shares))
     return results, bad
+
+
+def _absolute(path: PathLike) -> Path:
+    """``path`` made absolute and normalised (``a/../b`` is ``b``), links left as they are."""
+    return Path(os.path.normpath(Path(path).absolute()))
+
+
+def mask_names(images: Sequence[PathLike]) -> list[Path]:
+    """The mask file of each image, relative to the output folder: the image's path below the common
+    folder of all the images, its suffix replaced by ``_mask.png`` (``a/img.png`` and ``b/img.png`` from
+    the same folder give ``a/img_mask.png`` and ``b/img_mask.png``). Images of one folder with the same
+    stem keep their suffix in the name (``img.png``, ``img.jpg``: ``img_png_mask.png``, ``img_jpg_mask.png``);
+    a name still taken gets a number. The names are distinct, one per image, in order."""
+    paths = [_absolute(path) for path in images]
+    if not paths:
+        return []
+    common = Path(os.path.commonpath([path.parent for path in paths]))
+    relative = [path.relative_to(common) for path in paths]
+    stems = Counter((r.parent, r.stem) for r in relative)
+    names: list[Path] = []
+    taken: set[Path] = set()
+    for path in relative:
+        stem = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
+        name, number = path.parent / f"{stem}_mask.png", 1
+        while name in taken:
+            number += 1
+            name = path.parent / f"{stem}_{number}_mask.png"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def _palette(classes: int) -> list[int]:
