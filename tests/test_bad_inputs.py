@@ -83,6 +83,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     a["int8"] = root / "small_int8.safetensors"
     quantize = ["quantize", str(a["ckpt"]), str(a["int8"]), "--calib", "8", "--data-dir", str(a["data"])]
     assert main([*quantize, "--batch-size", "8", "--no-progress"]) == 0
+    a["pspnet"] = repvgg.save_checkpoint(
+        repvgg.pspnet("repvgg_a0", 3, head_channels=8).eval(), root / "pspnet.safetensors"
+    )
     a["other_deploy"] = root / "five_classes_deploy.safetensors"  # another architecture (5 classes)
     repvgg.save_checkpoint(repvgg.reparameterize(small_model(num_classes=5)), a["other_deploy"])
     rng = np.random.default_rng(0)
@@ -131,6 +134,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "cfg_range": json.dumps({"label_smoothing": 2}),
         "cfg_nested": json.dumps({"lr": {"value": 0.1}}),
         "cfg_empty": "",
+        "cfg_good": json.dumps({"epochs": 1}),
     }
     for name, text in configs.items():
         a[name] = root / f"{name}.json"
@@ -411,6 +415,13 @@ COMBINATIONS: dict[str, tuple[str, ...]] = {  # values each fine alone, wrong to
     "export-onnx-to-a-torchscript-name": args("export {ckpt} --to onnx {tmp}/model.pt"),
     "export-torchscript-to-an-onnx-name": args("export {ckpt} --to torchscript {tmp}/model.onnx"),
     "quantize-on-cuda": (*BASE["quantize"], "--device", "cuda"),
+    "train-resume-with-config": (*BASE["train"], "--resume", "--config", "{cfg_good}"),
+    "train-resume-and-overwrite": (*BASE["train"], "--resume", "--overwrite"),
+    "train-seg-resume-nothing-to-resume": (*BASE["train-seg"], "--resume"),
+    "train-seg-resume-with-config": (*BASE["train-seg"], "--resume", "--config", "{cfg_good}"),
+    "train-seg-resume-and-overwrite": (*BASE["train-seg"], "--resume", "--overwrite"),
+    "train-seg-image-size-of-fashion-mnist-seg": (*BASE["train-seg"], "--image-size", "64"),
+    "train-seg-num-classes-of-fashion-mnist-seg": (*BASE["train-seg"], "--num-classes", "5"),
 }
 
 IN = {"in.safetensors": "ckpt"}  # the checkpoint copied into the case's folder first
@@ -434,6 +445,11 @@ OUTPUTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {  # id -> argv, co
     "ablate-output-is-file": ((*BASE["ablate"], "--output", "{text}"), {}),
     "bench-output-is-file": ((*BASE["bench"], "--output", "{text}"), {}),
     "demo-output-is-file": ((*BASE["demo"], "--output", "{text}"), {}),
+    "predict-pspnet-mask-exists": (
+        args("predict {pspnet} {png0} --output {tmp}"),
+        {"image0_mask.png": "png0"},
+    ),
+    "predict-pspnet-masks-into-a-file": (args("predict {pspnet} {png0} --output {text}"), {}),
 }
 
 CONFIGS = args(
@@ -488,8 +504,10 @@ def _cases() -> Iterator[Case]:
             yield Case(f"{group}-{name}", argv)
     for name, (argv, copies) in OUTPUTS.items():
         yield Case(f"output-{name}", argv, copies=copies)
-    for config in CONFIGS:
-        yield Case(f"config-{config}", (*BASE["train"], "--config", "{" + config + "}"))
+    for command in ("train", "train-seg"):
+        for config in CONFIGS:
+            name = f"config-{config}" if command == "train" else f"config-{command}-{config}"
+            yield Case(name, (*BASE[command], "--config", "{" + config + "}"))
     for command in DATA_DIR_COMMANDS:
         for bad in BAD_DATA_DIRS:
             yield Case(f"data-dir-{command}-{bad}", (*BASE[command], "--data-dir", "{" + bad + "}"))

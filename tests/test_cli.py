@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from repvgg.cli import _build_parsers, _train_config, main, parameters_as_flags
+from repvgg.cli import _build_parsers, _run_config, main, parameters_as_flags
 from repvgg.engine.config import TrainConfig
 from tests.test_data import fake_fashion_mnist
 from tests.test_models import SPEC_COUNTS
@@ -125,10 +125,12 @@ def test_every_train_config_field_is_a_train_flag_with_help_and_default(
 
 def test_train_flags_make_the_same_config_as_before() -> None:
     parse = COMMANDS["train"].parse_args
-    assert _train_config(parse([])) == (TrainConfig(output="runs/repvgg_a0-fashion-mnist"), False)
+    assert _run_config(parse([]), TrainConfig) == (TrainConfig(output="runs/repvgg_a0-fashion-mnist"), False)
     arguments = ["--ema", "0.999", "--no-progress", "--strides", "1", "2", "2", "2", "1", "--overwrite"]
     arguments += ["--nesterov", "--lr", "0.2", "--block", "qarepvgg", "--amp", "bf16", "--data-dir", "d"]
-    config, resume = _train_config(parse([*arguments, "--epochs", "3", "--output", "o", "--resume"]))
+    config, resume = _run_config(
+        parse([*arguments, "--epochs", "3", "--output", "o", "--resume"]), TrainConfig
+    )
     assert resume and config == TrainConfig(
         ema_decay=0.999,
         progress=False,
@@ -172,5 +174,5 @@ def test_python_dash_m_and_console_script_start_without_importing_torch() -> Non
     "flags, channels_last", [([], True), (["--no-channels-last"], False), (["--channels-last"], True)]
 )
 def test_channels_last_is_the_default_and_can_be_turned_off(flags: list[str], channels_last: bool) -> None:
-    config, _ = _train_config(COMMANDS["train"].parse_args(flags))
+    config, _ = _run_config(COMMANDS["train"].parse_args(flags), TrainConfig)
     assert config.channels_last is channels_last

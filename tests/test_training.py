@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import repvgg
-from repvgg.cli import _train_config as train_config_from_args
-from repvgg.cli import build_parser, main
+from repvgg.cli import _run_config, build_parser, main
 from repvgg.core.info import PREPROCESSING_PRESETS
 from repvgg.engine.config import TrainConfig
 from repvgg.engine.data import build_data, write_sample_images
@@ -276,14 +275,14 @@ def test_config_file_repeats_a_run_and_flags_override_it(tmp_path: Path) -> None
     args = build_parser().parse_args(
         ["train", "--config", str(config_file), "--epochs", "9", "--output", "second"]
     )
-    config, resume = train_config_from_args(args)
+    config, resume = _run_config(args, TrainConfig)
     assert (config.model, config.lr, config.epochs, config.output) == ("repvgg_a1", 0.3, 9, "second")
     assert not resume
-    default = train_config_from_args(build_parser().parse_args(["train"]))[0]
+    default = _run_config(build_parser().parse_args(["train"]), TrainConfig)[0]
     assert default == TrainConfig(output="runs/repvgg_a0-fashion-mnist")
     config_file.write_text(json.dumps({"epochs": 2, "colour": "red"}))
     with pytest.raises(TrainingError, match="Unknown configuration keys colour"):
-        train_config_from_args(build_parser().parse_args(["train", "--config", str(config_file)]))
+        _run_config(build_parser().parse_args(["train", "--config", str(config_file)]), TrainConfig)
 
 
 def test_eval_command_reads_any_checkpoint(

@@ -14,7 +14,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from repvgg.engine.config import AMP_CHOICES, DATASETS, RANGES, SEG_DATASETS, TrainConfig
+from repvgg.engine.config import (
+    AMP_CHOICES,
+    DATASETS,
+    RANGES,
+    SEG_DATASETS,
+    RunConfig,
+    SegTrainConfig,
+    TrainConfig,
+)
 from repvgg.runtime.names import (
     BACKEND_CHOICES,
     DEVICE_PATTERN,
@@ -130,30 +138,34 @@ def _models_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace) -> tuple[Any, bool]:
-    """Defaults, then the saved run (``--resume``) or ``--config`` file, then the flags given."""
-    from pathlib import Path
-
+def _run_config(args: argparse.Namespace, kind: type[RunConfig]) -> tuple[Any, bool]:
+    """A run's configuration (``train``, ``train-seg``): defaults, then the saved run (``--resume``) or the
+    ``--config`` file, then the flags given. One rule for both: resuming takes the run's own settings."""
     from repvgg.engine.config import load_run_config
+    from repvgg.exceptions import TrainingError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume")}
+    if args.config and args.resume:
+        raise TrainingError(
+            "`resume` continues with the run's own config.json; drop `config` (or start a new run with it)."
+        )
     values: dict[str, Any] = {}
     if args.config:
         values.update(load_run_config(args.config))
     values.update(given)
     if "output" not in values:
-        values["output"] = f"runs/{values.get('model', 'repvgg_a0')}-{values.get('data', 'fashion-mnist')}"
+        values["output"] = kind.default_output(values)
     if args.resume:
         saved = Path(values["output"]) / "config.json"
         values = {**load_run_config(saved), **given} if saved.is_file() else values
-    return TrainConfig.from_dict(values), bool(args.resume)
+    return kind.from_dict(values), bool(args.resume)
 
 
 def _train(args: argparse.Namespace) -> int:
     from repvgg.engine.training import train
     from repvgg.studies.ablation import build_network
 
-    config, resume = _train_config(args)
+    config, resume = _run_config(args, TrainConfig)
     summary = train(config, resume=resume, build_network=build_network)  # the residual baseline too
     _print_summary(summary, config.output)
     return 0
@@ -461,9 +473,10 @@ def _cell(value: float | None, spec: str, unit: str = "") -> str:
 
 
 def _train_seg(args: argparse.Namespace) -> int:
-    from repvgg.studies.segmentation import SegTrainConfig, train_segmentation
+    from repvgg.studies.segmentation import train_segmentation
 
-    summary = train_segmentation(SegTrainConfig(**_options(args, "resume")), resume=args.resume)
+    config, resume = _run_config(args, SegTrainConfig)
+    summary = train_segmentation(config, resume=resume)
     speed = summary["speed"]
     for form in ("train_form", "deploy_form"):
         result = summary[form]
@@ -478,7 +491,7 @@ def _train_seg(args: argparse.Namespace) -> int:
     )
     print(
         f"mIoU identical after conversion: {summary['miou_identical']} "
-        f"({summary['changed_pixels']} pixels labelled differently); saved in {args.output}"
+        f"({summary['changed_pixels']} pixels labelled differently); saved in {config.output}"
     )
     return 0
 
@@ -641,11 +654,11 @@ def _without_none(hint: Any) -> Any:
     return hint
 
 
-def _field_option(name: str) -> tuple[list[str], dict[str, Any]]:
-    """The flags and argparse options of :class:`TrainConfig`'s field ``name``: its type, choices and help,
+def _field_option(name: str, config: type[RunConfig] = TrainConfig) -> tuple[list[str], dict[str, Any]]:
+    """The flags and argparse options of the ``config`` class's field ``name``: its type, choices and help,
     and the default shown in the help."""
-    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    meta, kind = field.metadata, _without_none(typing.get_type_hints(TrainConfig)[name])
+    field = next(f for f in dataclasses.fields(config) if f.name == name)  # type: ignore[arg-type]
+    meta, kind = field.metadata, _without_none(typing.get_type_hints(config)[name])
     shown = meta.get("default", field.default)
     options: dict[str, Any] = {"dest": name, "help": f"{meta['help']} (default: {shown})"}
     if kind is bool and meta.get("negatable"):
@@ -690,26 +703,27 @@ def _shared(
     parser.add_argument(*names, *flags, **options)
 
 
-def _add_train_parser(commands: Any) -> argparse.ArgumentParser:
-    """One flag per :class:`~repvgg.engine.config.TrainConfig` field, with the type, choices, help and
-    shown default of the field. Flags default to 'not given', so that --config and --resume values are
-    overridden only when given."""
-    train: argparse.ArgumentParser = commands.add_parser(
-        "train",
-        help="train a model with the paper's recipe, then convert and evaluate both forms",
-        argument_default=argparse.SUPPRESS,
-        formatter_class=_HelpFormatter,
+def _add_run_parser(
+    commands: Any, name: str, config: type[RunConfig], run: Command, description: str
+) -> argparse.ArgumentParser:
+    """A training command (``train``, ``train-seg``): one flag per field of its configuration class, with the
+    type, choices, help and shown default of the field, plus ``--config`` and ``--resume``. Flags default to
+    'not given', so that --config and --resume values are overridden only when given."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=description, argument_default=argparse.SUPPRESS, formatter_class=_HelpFormatter
     )
-    train.add_argument("--config", default=None, help="a JSON configuration (e.g. a run's config.json)")
-    train.add_argument("--resume", action="store_true", default=False, help="continue the run in --output")
-    for field in dataclasses.fields(TrainConfig):
-        flags, options = _field_option(field.name)
-        train.add_argument(*flags, **options)
-    for action in train._actions:  # the fields' help names parameters; argparse reads help as %-format
+    parser.add_argument("--config", default=None, help="a JSON configuration (e.g. a run's config.json)")
+    parser.add_argument(
+        "--resume", action="store_true", default=False, help="continue the run in --output with its settings"
+    )
+    for field in dataclasses.fields(config):  # type: ignore[arg-type]
+        flags, options = _field_option(field.name, config)
+        parser.add_argument(*flags, **options)
+    for action in parser._actions:  # the fields' help names parameters; argparse reads help as %-format
         if action.help:
-            action.help = parameters_as_flags(action.help, train).replace("%", "%%")
-    train.set_defaults(run=_train)
-    return train
+            action.help = parameters_as_flags(action.help, parser).replace("%", "%%")
+    parser.set_defaults(run=run)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -755,7 +769,13 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _shared(demo, "log_interval", 50)
     _shared(demo, "output", "runs/demo", "run folder (replaced on every run)")
 
-    _add_train_parser(commands)
+    _add_run_parser(
+        commands,
+        "train",
+        TrainConfig,
+        _train,
+        "train a model with the paper's recipe, then convert and evaluate both forms",
+    )
 
     bench = command("bench", _bench, "the paper's speed and memory comparisons, measured here")
     bench.add_argument(
@@ -910,44 +930,13 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _shared(fast, "device", help=DEVICE_HELP)
     _shared(fast, "workers", help=WORKERS_HELP)
 
-    seg = command(
-        "train-seg", _train_seg, "train PSPNet over a RepVGG backbone, convert it, evaluate both forms (mIoU)"
+    _add_run_parser(
+        commands,
+        "train-seg",
+        SegTrainConfig,
+        _train_seg,
+        "train PSPNet over a RepVGG backbone, convert it, evaluate both forms (mIoU)",
     )
-    seg.add_argument("--model", default="repvgg_a0", help="backbone model name")
-    seg.add_argument(
-        "--data", choices=("fashion-mnist-seg", "folder"), default="fashion-mnist-seg", help="dataset"
-    )
-    seg.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files, or the folder dataset")
-    seg.add_argument("--num-classes", type=positive_int, default=None, help="classes of a folder dataset")
-    seg.add_argument("--epochs", type=positive_int, default=2, help="training epochs")
-    seg.add_argument("--lr", type=non_negative_float, default=0.01, help="SGD, poly schedule (power 0.9)")
-    seg.add_argument(
-        "--output-stride", type=int, choices=(8, 16, 32), default=8, help="input size / feature-map size"
-    )
-    seg.add_argument(
-        "--dilation-mode", choices=("full", "fast"), default="full", help="how the last stages are dilated"
-    )
-    seg.add_argument(
-        "--head-channels", type=positive_int, default=128, help="channels of the pyramid pooling head"
-    )
-    seg.add_argument(
-        "--aux-weight", type=non_negative_float, default=0.4, help="auxiliary head loss weight, 0 for none"
-    )
-    seg.add_argument(
-        "--backbone-weights", default=None, help="start the backbone from a classification checkpoint"
-    )
-    seg.add_argument("--train-subset", type=positive_int, default=None, help="train on this many images")
-    seg.add_argument("--val-subset", type=positive_int, default=None, help="evaluate on this many images")
-    seg.add_argument("--seed", type=seed, default=0, help="random seed")
-    _shared(seg, "batch_size", 16, "images per step")
-    _shared(seg, "image_size", help="crop size of a folder dataset (default: its images' size)")
-    _shared(seg, "device", help=DEVICE_HELP)
-    _shared(seg, "workers", 0, "data-loading processes")
-    _shared(seg, "progress")
-    _shared(seg, "log_interval", 50)
-    _shared(seg, "output", "runs/pspnet", "run folder")
-    seg.add_argument("--resume", action="store_true", help="continue the run in --output")
-    seg.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
 
     ablate = command(
         "ablate", _ablate, "train block variants with identical settings and seeds: Tables 6 and 7"

@@ -25,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from repvgg.core.designs import BLOCK_DESIGNS, block_design
 from repvgg.exceptions import TrainingError
@@ -75,8 +75,102 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 POSITIVE = ("lr", "ema_decay", "head_lr_mult")
 
 
+class RunConfig:
+    """What every run's configuration shares (:class:`TrainConfig`, :class:`SegTrainConfig`): reading it
+    from a ``config.json`` (unknown keys and wrong types refused), what is saved, the checks of its values
+    (the class's :attr:`RANGES`, :attr:`POSITIVE` and each field's ``choices``), and the one rule of
+    resuming: every saved value stays the run's own except those in :attr:`RESUMABLE`."""
+
+    RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
+    RESUMABLE: ClassVar[tuple[str, ...]] = RESUMABLE_CHANGES
+
+    @classmethod
+    def from_dict(cls: type[Config], values: dict[str, Any]) -> Config:
+        """A configuration from a mapping (a ``config.json``); unknown keys and wrong types are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainingError(f"Unknown configuration keys {', '.join(unknown)}: check the `config` file.")
+        config = cls(**values)
+        config.check_types()
+        return config
+
+    @classmethod
+    def default_output(cls, values: dict[str, Any]) -> str:
+        """The run folder when none is given."""
+        return next(f.default for f in dataclasses.fields(cls) if f.name == "output")  # type: ignore[arg-type]
+
+    def as_saved(self) -> dict[str, Any]:
+        """What ``config.json`` holds: every field but those in :data:`NOT_SAVED`."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_SAVED}  # type: ignore[call-overload]
+
+    def check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, item.name)
+            if not _has_type(value, hints[item.name]):
+                hint = hints[item.name]
+                kind = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
+                kind = kind or str(hint).replace("NoneType", "None").replace("typing.", "")
+                raise TrainingError(f"`{item.name}` must be of type {kind}, got {value!r}.")
+
+    def check_values(self) -> None:
+        """Types, the ranges of numbers, the choices of fields that have them, and the device's form."""
+        self.check_types()
+        for name, (low, high) in self.RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            too_low = (low is not None and value < low) or (name in self.POSITIVE and value <= 0)
+            if not math.isfinite(value) or too_low or (high is not None and value > high):
+                bounds = f"{'above' if name in self.POSITIVE else 'at least'} {low}"
+                bounds += f" and at most {high}" if high is not None else ""
+                raise TrainingError(f"`{name}` must be {bounds}, got {value}.")
+        for item in dataclasses.fields(self):  # type: ignore[arg-type]
+            choices = item.metadata.get("choices")
+            value = getattr(self, item.name)
+            if choices is not None and value is not None and value not in choices:
+                raise TrainingError(
+                    f"`{item.name}` must be one of {', '.join(map(str, choices))}, got {value!r}."
+                )
+        device = getattr(self, "device", None)
+        if device is not None and not DEVICE_PATTERN.fullmatch(device):
+            raise TrainingError(f"`device` must be cpu, cuda or cuda:N, got {device!r}.")
+
+    def validate(self) -> None:
+        """Every value checked before any work starts."""
+        self.check_values()
+
+    def changes_from(self, saved: dict[str, Any]) -> list[str]:
+        """The fields that differ from a saved run's ``config.json`` and may not change on resume (a value
+        left to the run, None, takes the run's own)."""
+        current = self.as_saved()
+        return [
+            k
+            for k in current
+            if k not in self.RESUMABLE and k in saved and current[k] is not None and saved[k] != current[k]
+        ]
+
+    def resumed(self: Config, saved: dict[str, Any]) -> Config:
+        """This configuration continuing the saved run: changes outside :attr:`RESUMABLE` refused in one
+        sentence, values left to the run (None) taken from ``saved``."""
+        changed = self.changes_from(saved)
+        if changed:
+            names = ", ".join(f"`{name}` ({saved[name]!r} -> {getattr(self, name)!r})" for name in changed)
+            raise TrainingError(
+                f"Resuming cannot change {names}: the saved state was trained with the run's own values; "
+                "drop those options, or start a new run from the checkpoint (`init`)."
+            )
+        left_to_the_run = {k: saved[k] for k in saved if hasattr(self, k) and getattr(self, k) is None}
+        return dataclasses.replace(self, **left_to_the_run)  # type: ignore[type-var]
+
+
+Config = typing.TypeVar("Config", bound=RunConfig)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything that defines a run; saved as ``config.json`` in the output folder."""
 
     model: str = field(default="repvgg_a0", metadata={"help": "model name, as repvgg models lists them"})
@@ -227,56 +321,22 @@ class TrainConfig:
         metadata={"help": "replace a run already in the `output` folder, starting afresh", "default": "off"},
     )
 
+    RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = RANGES
+    POSITIVE: ClassVar[tuple[str, ...]] = POSITIVE
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """A configuration from a mapping (a ``config.json``); unknown keys and wrong types are refused."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainingError(f"Unknown configuration keys {', '.join(unknown)}: check the `config` file.")
-        config = cls(**values)
-        config.check_types()
-        return config
-
-    def as_saved(self) -> dict[str, Any]:
-        """What ``config.json`` holds: every field but those in :data:`NOT_SAVED`."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_SAVED}
-
-    def check_types(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if not _has_type(value, hints[item.name]):
-                hint = hints[item.name]
-                kind = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
-                kind = kind or str(hint).replace("NoneType", "None").replace("typing.", "")
-                raise TrainingError(f"`{item.name}` must be of type {kind}, got {value!r}.")
+    def default_output(cls, values: dict[str, Any]) -> str:
+        return f"runs/{values.get('model', 'repvgg_a0')}-{values.get('data', 'fashion-mnist')}"
 
     def validate(self) -> None:
         """Every value checked before any work starts: types, ranges, choices, combinations."""
-        self.check_types()
-        for name, (low, high) in RANGES.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            too_low = (low is not None and value < low) or (name in POSITIVE and value <= 0)
-            if not math.isfinite(value) or too_low or (high is not None and value > high):
-                bounds = f"{'above' if name in POSITIVE else 'at least'} {low}"
-                bounds += f" and at most {high}" if high is not None else ""
-                raise TrainingError(f"`{name}` must be {bounds}, got {value}.")
-        for name, choices in (("amp", AMP_CHOICES), ("data", DATASETS), ("layout", LAYOUTS)):
-            if getattr(self, name) not in choices:
-                raise TrainingError(
-                    f"`{name}` must be one of {', '.join(choices)}, got {getattr(self, name)!r}."
-                )
+        self.check_values()
         if self.strides is not None and (
             len(self.strides) != 5 or any(s not in (1, 2) for s in self.strides)
         ):
             raise TrainingError(
                 f"`strides` must give 1 or 2 for each of the five stages, got {self.strides}."
             )
-        if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):
-            raise TrainingError(f"`device` must be cpu, cuda or cuda:N, got {self.device!r}.")
         design = block_design(self.block)
         if self.custom_l2 and not (design.dense == "bn" and design.one_by_one == "bn" and design.convertible):
             raise TrainingError(
@@ -287,16 +347,6 @@ class TrainConfig:
             raise TrainingError(
                 "`finetune` replaces the head of the `init` checkpoint; give `init` a checkpoint too."
             )
-
-    def changes_from(self, saved: dict[str, Any]) -> list[str]:
-        """The fields that differ from a saved run's ``config.json`` and may not change on resume (a value
-        left to the run, None, takes the run's own)."""
-        current = self.as_saved()
-        return [
-            k
-            for k in current
-            if k not in RESUMABLE_CHANGES and k in saved and current[k] is not None and saved[k] != current[k]
-        ]
 
 
 def _has_type(value: Any, hint: Any) -> bool:
@@ -328,3 +378,112 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise TrainingError(f"{path} must hold a JSON object of configuration keys.")
     return {key: value for key, value in values.items() if key not in NOT_SAVED}
+
+
+@dataclass
+class SegTrainConfig(RunConfig):
+    """A PSPNet training run (``repvgg train-seg``); saved as ``config.json`` in the output folder, with the
+    same rules as :class:`TrainConfig` (``--config`` repeats it, ``--resume`` continues it)."""
+
+    RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "epochs": (1, None),
+        "batch_size": (1, None),
+        "lr": (0, None),
+        "weight_decay": (0, None),
+        "num_classes": (1, None),
+        "image_size": RANGES["image_size"],
+        "head_channels": (2, None),
+        "aux_weight": (0, None),
+        "seed": RANGES["seed"],
+        "workers": RANGES["workers"],
+        "log_interval": (0, None),
+        "train_subset": (1, None),
+        "val_subset": (1, None),
+    }
+    RESUMABLE: ClassVar[tuple[str, ...]] = (
+        "epochs",
+        "workers",
+        "device",
+        "progress",
+        "log_interval",
+        "data_dir",
+        "output",
+        "overwrite",
+    )
+
+    model: str = field(default="repvgg_a0", metadata={"help": "backbone model name"})
+    data: str = field(
+        default="fashion-mnist-seg",
+        metadata={
+            "help": "dataset: Fashion-MNIST mosaics (the Debian package's), or a folder of images and masks",
+            "choices": SEG_DATASETS,
+        },
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fashion-MNIST idx files, or the folder dataset (train/ and val/)",
+            "default": "the Debian package's folder, for fashion-mnist-seg",
+        },
+    )
+    num_classes: int | None = field(
+        default=None,
+        metadata={"help": "classes of a folder dataset", "default": "11 for fashion-mnist-seg"},
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "crop size of a folder dataset",
+            "default": "512 for a folder, 56 (fixed) for fashion-mnist-seg",
+        },
+    )
+    epochs: int = field(default=2, metadata={"help": "training epochs"})
+    batch_size: int = field(default=16, metadata={"help": "images per step"})
+    lr: float = field(default=0.01, metadata={"help": "SGD learning rate, poly schedule (power 0.9)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay"})
+    output_stride: int = field(
+        default=8, metadata={"help": "input size / feature-map size", "choices": (8, 16, 32)}
+    )
+    dilation_mode: str = field(
+        default="full",
+        metadata={
+            "help": "how the last stages are dilated (fast: the network's last 5 layers only)",
+            "choices": ("full", "fast"),
+        },
+    )
+    head_channels: int = field(default=128, metadata={"help": "channels of the pyramid pooling head"})
+    aux_weight: float = field(default=0.4, metadata={"help": "auxiliary head loss weight, 0 for none"})
+    backbone_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "start the backbone from a classification checkpoint (its head is dropped)",
+            "default": "none",
+        },
+    )
+    train_subset: int | None = field(
+        default=None, metadata={"help": "train on this many images", "default": "all"}
+    )
+    val_subset: int | None = field(
+        default=None, metadata={"help": "evaluate on this many images", "default": "all"}
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    output: str = field(default="runs/pspnet", metadata={"help": "run folder"})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda or cuda:N", "default": "cuda when available"}
+    )
+    workers: int = field(default=0, metadata={"help": "data-loading processes"})
+    progress: bool = field(
+        default=True,
+        metadata={"help": "no progress bar", "flag": "no-progress", "default": "a progress bar"},
+    )
+    log_interval: int = field(
+        default=50,
+        metadata={
+            "help": "without a progress bar (`progress`, or output not a terminal): a line every this many "
+            "steps, 0 for none"
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace a run already in the `output` folder, starting afresh", "default": "off"},
+    )

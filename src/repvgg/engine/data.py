@@ -52,6 +52,14 @@ FASHION_MNIST_CLASSES = [
 SMALL_IMAGE_LIMIT = 64  # images at most this size are "small": no resizing, crop-with-padding augmentation
 
 
+def dataset_folder(data: str, data_dir: str | Path | None) -> str | None:
+    """Where a dataset is read from, as an absolute path (so that a saved configuration works from any
+    folder): ``data_dir``, or the Debian package's folder for Fashion-MNIST and its mosaics."""
+    if data_dir is not None:
+        return str(Path(os.path.normpath(Path(data_dir).absolute())))
+    return str(FASHION_MNIST_DIR) if data.startswith("fashion-mnist") else None
+
+
 @dataclass
 class DataBundle:
     """The two splits of a dataset and what a model needs to know about them."""

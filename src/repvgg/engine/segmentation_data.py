@@ -122,6 +122,13 @@ def build_segmentation_data(
 ) -> SegmentationBundle:
     """Both splits of a segmentation set (one of :data:`SEG_DATASETS`)."""
     if name == "fashion-mnist-seg":
+        fixed = {"num_classes": (num_classes, 11), "image_size": (image_size, 56)}
+        for option, (given, own) in fixed.items():
+            if given is not None and given != own:
+                raise DataError(
+                    f"fashion-mnist-seg has {own} {option.split('_')[1].replace('size', 'px images')} "
+                    f"(2x2 mosaics of 28 px garments and the background), not {given}: drop `{option}`."
+                )
         root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
         splits = {train: fashion_mnist_split(root, train) for train in (True, False)}
         train_set = FashionMosaics(*splits[True], train=True)

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -33,11 +34,12 @@ from repvgg.core.blocks import RepVGGBlock
 from repvgg.core.models import RepVGG
 from repvgg.core.registry import create_model
 from repvgg.core.reparam import is_convertible, reparameterize
-from repvgg.engine.config import TrainConfig, load_run_config
+from repvgg.engine.config import Config, TrainConfig, load_run_config
 from repvgg.engine.data import (
     DataBundle,
     build_data,
     collate_reporting_bad,
+    dataset_folder,
     default_workers,
     strides_for_image_size,
 )
@@ -763,6 +765,7 @@ class ClassificationRun:
             image_size=self.data.image_size,
             device=str(self.context.device.type),
             workers=self.workers,
+            data_dir=dataset_folder(config.data, config.data_dir),
         )
 
     def header(self) -> str:
@@ -842,7 +845,7 @@ class ClassificationRun:
         return summary
 
 
-#: The files of a run folder; a folder holding any of them is a run.
+#: The files of a run folder (a classification or a segmentation run); a folder holding any of them is a run.
 RUN_FILES = (
     STATE_FILE,
     "config.json",
@@ -851,25 +854,74 @@ RUN_FILES = (
     "best_train.safetensors",
     "model_train.safetensors",
     "model_deploy.safetensors",
+    "pspnet_train.safetensors",
+    "pspnet_deploy.safetensors",
 )
 
 
 def check_run_folder(output: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse an output that is a file, a folder that cannot be written, a run folder about to be replaced
-    without ``overwrite``, and resuming where there is nothing to resume."""
+    without ``overwrite``, and resuming where there is nothing to resume.
+
+    A run stopped before its first checkpoint (its ``config.json`` written, no ``last.pt``, no epoch
+    recorded) can be resumed: it starts from epoch 1 with its configuration (see :func:`prepare_run`)."""
     found = [name for name in RUN_FILES if (output / name).exists()]
+    if resume and overwrite:
+        raise TrainingError(
+            "`resume` continues the run in `output` and `overwrite` replaces it: give one of them."
+        )
     if resume:
-        if not (output / STATE_FILE).is_file() or not (output / "config.json").is_file():
+        if not (output / "config.json").is_file():
             raise TrainingError(
-                f"Nothing to resume in {output}: it has no {STATE_FILE} and config.json; start without "
-                "`resume`."
+                f"Nothing to resume in {output}: it has no config.json; start without `resume`."
             )
+        if not (output / STATE_FILE).is_file():
+            epochs = _recorded_epochs(output / "metrics.jsonl")
+            results = [n for n in found if n not in (STATE_FILE, "config.json", "metrics.jsonl")]
+            if epochs or results:
+                held = ", ".join([f"metrics of {epochs} epoch(s)"] * bool(epochs) + results)
+                raise TrainingError(
+                    f"{output} holds {held} but no {STATE_FILE} to continue from; start the run again there "
+                    "(`overwrite`, without `resume`), or choose another `output`."
+                )
     elif found and not overwrite:
         raise TrainingError(
             f"{output} already holds a run ({', '.join(found)}); continue it (`resume`), or choose another "
             "`output`, or replace it (`overwrite`)."
         )
     output_folder(output, TrainingError)
+
+
+def _recorded_epochs(metrics: Path) -> int:
+    """How many epoch records ``metrics.jsonl`` holds (0 when there is none)."""
+    if not metrics.is_file():
+        return 0
+    return sum(1 for line in metrics.read_text().splitlines() if line.strip())
+
+
+def prepare_run(config: Config, resume: bool) -> tuple[Config, bool]:
+    """The configuration a run goes on with, and whether it continues from a saved state: the one rule of
+    ``repvgg train`` and ``repvgg train-seg``.
+
+    The folder is checked (:func:`check_run_folder`). On ``resume`` the saved ``config.json`` holds the run's
+    own values: a change outside the configuration's ``RESUMABLE`` fields is refused, a value left to the run
+    (None) is the saved one. A run stopped before its first checkpoint has nothing to continue from: it is
+    started from epoch 1 with its saved configuration, and says so."""
+    config.validate()
+    output = Path(config.output)
+    check_run_folder(output, resume=resume, overwrite=config.overwrite)
+    if not resume:
+        return config, False
+    config = config.resumed(load_run_config(output / "config.json"))
+    config.validate()
+    continues = (output / STATE_FILE).is_file()
+    if not continues and os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: {output} stopped before its first checkpoint (no {STATE_FILE}): starting it from epoch 1 "
+            "with its config.json",
+            flush=True,
+        )
+    return config, continues
 
 
 def train(
@@ -882,23 +934,11 @@ def train(
     :data:`~repvgg.engine.config.RESUMABLE_CHANGES`: more (or fewer) ``epochs`` stretch the cosine schedule
     over the new total from the step reached, and ``config.json`` records the new count.
     ``build_network`` builds a network other than a registry RepVGG (the ablation's residual baseline)."""
-    config.validate()
-    check_run_folder(Path(config.output), resume=resume, overwrite=config.overwrite)
-    if resume:
-        saved = load_run_config(Path(config.output) / "config.json")
-        changed = config.changes_from(saved)
-        left_to_the_run = {k: saved[k] for k in saved if hasattr(config, k) and getattr(config, k) is None}
-        config = dataclasses.replace(config, **left_to_the_run)  # the run's own values, as config.json says
-        if changed:
-            names = ", ".join(f"`{name}` ({saved[name]!r} -> {getattr(config, name)!r})" for name in changed)
-            raise TrainingError(
-                f"Resuming cannot change {names}: the saved state was trained with the run's own values; "
-                "drop those options, or start a new run from the checkpoint (`init`)."
-            )
+    config, continues = prepare_run(config, resume)
     context = init_distributed(config.device)
     try:
         run = ClassificationRun(config, context, build_network)
-        if resume:
+        if continues:
             run.resume()
         return run.run()
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,17 @@ from torch.utils.data import DataLoader
 
 from repvgg.core.reparam import refuse_nonfinite, reparameterize
 from repvgg.core.segmentation import PSPNet, pspnet
-from repvgg.engine.config import DATASETS, load_run_config
+from repvgg.engine.config import DATASETS, SegTrainConfig
+from repvgg.engine.data import dataset_folder
 from repvgg.engine.distributed import DistContext
 from repvgg.engine.evaluation import check_results_file, csv_field
 from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
-from repvgg.engine.training import LRSchedule, Task, Trainer, check_run_folder
+from repvgg.engine.training import LRSchedule, Task, Trainer, prepare_run
 from repvgg.exceptions import DataError, TrainingError
 from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
 from repvgg.io.jsonfile import write_json
-from repvgg.runtime.device import resolve_device
+from repvgg.runtime.device import device_name, resolve_device
 from repvgg.runtime.measure import time_interleaved
 from repvgg.runtime.progress import progress_bar
 
@@ -57,42 +57,6 @@ def mean_iou(confusion: Tensor) -> float:
     """Mean over the classes present (in truth or prediction) of intersection / union, in percent."""
     present = [iou for iou in class_iou(confusion) if iou is not None]
     return sum(present) / len(present) if present else 0.0
-
-
-@dataclass
-class SegTrainConfig:
-    """A PSPNet training run (``repvgg train-seg``); saved as ``config.json`` in the output folder."""
-
-    model: str = "repvgg_a0"
-    data: str = "fashion-mnist-seg"
-    data_dir: str | None = None
-    num_classes: int | None = None  # the folder format needs it
-    image_size: int | None = None
-    epochs: int = 2
-    batch_size: int = 16
-    lr: float = 0.01
-    weight_decay: float = 1e-4
-    output_stride: int = 8
-    dilation_mode: str = "full"
-    head_channels: int = 128
-    aux_weight: float = 0.4
-    backbone_weights: str | None = None  # a classification checkpoint; its head is dropped with a note
-    train_subset: int | None = None
-    val_subset: int | None = None
-    seed: int = 0
-    output: str = "runs/pspnet"
-    device: str | None = None  # None: CUDA when available
-    workers: int = 0
-    progress: bool = True
-    log_interval: int = 50
-    overwrite: bool = False  # replace a run already in ``output``; never saved in config.json
-
-    def as_saved(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "overwrite"}
-
-
-#: What may change when a segmentation run is resumed (more epochs re-stretch the poly schedule).
-RESUMABLE = ("epochs", "progress", "log_interval", "output", "data_dir", "device", "workers")
 
 
 @torch.inference_mode()
@@ -173,16 +137,10 @@ class Segmentation(Task):
 
 def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train PSPNet-RepVGG with SGD and the poly schedule (the one Trainer), then convert it and evaluate
-    both forms."""
+    both forms. The run folder follows :func:`repvgg.engine.training.prepare_run`, as ``repvgg train``'s:
+    ``config.json`` holds every resolved value, ``resume`` continues with the run's own settings."""
+    config, continues = prepare_run(config, resume)
     output = Path(config.output)
-    check_run_folder(output, resume=resume, overwrite=config.overwrite)  # the rules of `repvgg train`
-    if resume:
-        saved = load_run_config(output / "config.json")
-        current = config.as_saved()
-        changed = [k for k in current if k not in RESUMABLE and k in saved and saved[k] != current[k]]
-        if changed:
-            names = ", ".join(f"`{k}`" for k in changed)
-            raise TrainingError(f"Resuming cannot change {names}: drop those options, or start a new run.")
     device = resolve_device(config.device, TrainingError)
     torch.manual_seed(config.seed)
     bundle = build_segmentation_data(
@@ -204,9 +162,10 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
         aux_weight=config.aux_weight,
     )
     model.class_names, model.preprocessing = bundle.class_names, bundle.preprocessing
+    loaded = None
     if config.backbone_weights is not None:
         load_checkpoint(config.backbone_weights, model.backbone, adapt_in_chans=True)
-    write_json(output / "config.json", config.as_saved(), what="the run's configuration")
+        loaded = f"backbone loaded from {config.backbone_weights}"
     model = model.to(device)
     train_loader = DataLoader(
         bundle.train,
@@ -218,7 +177,20 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
     )
     val_loader = DataLoader(bundle.val, config.batch_size, num_workers=config.workers)
     if len(train_loader) == 0:
-        raise TrainingError(f"The training set has fewer images than one batch ({config.batch_size}).")
+        raise TrainingError(
+            f"The training set has {len(bundle.train)} images, fewer than one batch of "  # type: ignore[arg-type]
+            f"{config.batch_size}; lower `batch_size` or raise `train_subset`."
+        )
+    resolved = dataclasses.replace(
+        config,
+        data_dir=dataset_folder(config.data, config.data_dir),
+        num_classes=bundle.num_classes,
+        image_size=bundle.image_size,
+        device=device.type,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "config.json", resolved.as_saved(), what="the run's configuration")
+    print(_header(config, bundle, model, device, loaded), flush=True)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
     )
@@ -235,7 +207,7 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
         progress=config.progress,
         log_interval=config.log_interval,
     )
-    if resume:
+    if continues:
         trainer.resume()
     trainer.fit()
     deployed_model = reparameterize(model.eval())
@@ -258,6 +230,21 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
     save_checkpoint(deployed_model, output / "pspnet_deploy.safetensors")
     write_json(output / "summary.json", summary, what="the run's summary")
     return summary
+
+
+def _header(
+    config: SegTrainConfig, bundle: Any, model: PSPNet, device: torch.device, loaded: str | None
+) -> str:
+    """What a segmentation run is about to do, in a few lines (printed at the start, as train's)."""
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (
+        f"PSPNet over {config.model} ({parameters:,} trainable parameters, output stride "
+        f"{config.output_stride}, {config.dilation_mode} dilation) on {config.data}: "
+        f"{len(bundle.train):,} training / {len(bundle.val):,} validation images, {bundle.image_size} px, "
+        f"{bundle.num_classes} classes\n{config.epochs} epochs, batch {config.batch_size}, lr {config.lr:g} "
+        f"(poly), device {device_name(device)}, {config.workers} data workers; writing to {config.output}"
+        + (f"\n{loaded}" if loaded else "")
+    )
 
 
 def evaluate_segmentation_checkpoint(

@@ -1,0 +1,151 @@
+"""One set of run-folder rules for ``repvgg train`` and ``repvgg train-seg``: resuming takes the run's own
+settings, a run stopped before its first checkpoint can be continued, ``config.json`` holds every resolved
+value (an absolute ``data_dir``) so that ``--config`` repeats the run from any folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from repvgg.cli import main
+from repvgg.engine.training import Trainer
+from repvgg.exceptions import DataError
+from tests.test_data import fake_fashion_mnist
+
+pytestmark = pytest.mark.slow
+
+SMALL = {  # command -> a small run's options (the subsets are part of the run)
+    "train": ["--batch-size", "16", "--train-subset", "32", "--val-subset", "16"],
+    "train-seg": ["--batch-size", "4", "--head-channels", "16", "--train-subset", "8", "--val-subset", "4"],
+}
+WEIGHTS = {"train": "model_train.safetensors", "train-seg": "pspnet_train.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fashion"), train=64, test=32)
+
+
+def _run(command: str, fashion: Path, output: Path, *more: str) -> int:
+    return main([command, "--data-dir", str(fashion), "--output", str(output), "--no-progress", *more])
+
+
+def _epochs(run: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("command", ["train", "train-seg"])
+def test_resume_after_a_subset_run_takes_the_run_s_own_settings(
+    command: str, fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """train-seg once refused to resume a subset run "for changing --train-subset" that nobody gave."""
+    run = tmp_path / "run"
+    assert _run(command, fashion, run, *SMALL[command], "--epochs", "1") == 0
+    assert main([command, "--output", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert _epochs(run) == [1, 2]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["train_subset"] == int(
+        SMALL[command][SMALL[command].index("--train-subset") + 1]
+    )
+    capsys.readouterr()
+    assert main([command, "--output", str(run), "--resume", "--epochs", "3", "--seed", "7"]) == 2
+    assert "Resuming cannot change --seed (0 -> 7)" in capsys.readouterr().err
+    assert main([command, "--output", str(run), "--resume", "--config", str(run / "config.json")]) == 2
+    assert "drop --config" in capsys.readouterr().err
+    assert main([command, "--output", str(run), "--resume", "--overwrite"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "train-seg"])
+def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume(
+    command: str,
+    fashion: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopped in epoch 1 (an unreadable image, a kill): config.json but no last.pt. Starting again says
+    "continue it (--resume)"; resuming once said "start without --resume". Now the advice works."""
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+
+        def stop(self: Trainer, epoch: int) -> None:
+            raise DataError("An image could not be read.")
+
+        patch.setattr(Trainer, "_train_epoch", stop)
+        assert _run(command, fashion, run, *SMALL[command], "--epochs", "1") == 2
+    assert (run / "config.json").is_file() and not (run / "last.pt").exists()
+    capsys.readouterr()
+    assert _run(command, fashion, run, *SMALL[command], "--epochs", "1") == 2
+    assert "continue it (--resume)" in capsys.readouterr().err
+    assert main([command, "--output", str(run), "--resume", "--no-progress"]) == 0
+    assert (
+        "stopped before its first checkpoint (no last.pt): starting it from epoch 1"
+        in capsys.readouterr().out
+    )
+    assert _epochs(run) == [1] and (run / WEIGHTS[command]).is_file()
+    fresh = tmp_path / "fresh"
+    assert _run(command, fashion, fresh, *SMALL[command], "--epochs", "1") == 0
+    resumed, uninterrupted = load_file(run / WEIGHTS[command]), load_file(fresh / WEIGHTS[command])
+    assert all((resumed[k] == uninterrupted[k]).all() for k in uninterrupted), "the same run, from epoch 1"
+
+
+def test_a_folder_with_results_but_no_checkpoint_is_not_restarted_by_resume(
+    fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert _run("train", fashion, run, *SMALL["train"], "--epochs", "1") == 0
+    (run / "last.pt").unlink()
+    capsys.readouterr()
+    assert main(["train", "--output", str(run), "--resume", "--epochs", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "holds metrics of 1 epoch(s), summary.json" in error and "(--overwrite, without --resume)" in error
+    assert _run("train", fashion, run, *SMALL["train"], "--epochs", "1", "--overwrite") == 0
+
+
+@pytest.mark.parametrize("command", ["train", "train-seg"])
+def test_config_json_is_resolved_and_repeats_the_run_from_another_folder(
+    command: str,
+    fashion: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    first.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(first)
+    relative = Path("..") / ".." / fashion.relative_to(fashion.parents[1])
+    (first / relative.parent).mkdir(parents=True, exist_ok=True)
+    link = first / "data"
+    link.symlink_to(fashion)
+    assert main([command, "--data-dir", "data", "--output", "run", *SMALL[command], "--epochs", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = "PSPNet over repvgg_a0 (" if command == "train-seg" else "repvgg_a0 (repvgg blocks, "
+    assert (out[0].startswith(header) and "8 training / 4 validation images" in out[0]) or command == "train"
+    assert "writing to run" in out[1]
+    saved = json.loads((first / "run" / "config.json").read_text())
+    resolved = ["data_dir", "image_size", "device"] + (["num_classes"] if command == "train-seg" else [])
+    assert all(saved[k] is not None for k in resolved), "no nulls: config.json repeats this very run"
+    assert saved["data_dir"] == str(first / "data") and Path(saved["data_dir"]).is_absolute()
+    if command == "train-seg":
+        assert (saved["num_classes"], saved["image_size"], saved["device"]) == (11, 56, "cpu")
+    monkeypatch.chdir(elsewhere)
+    again = ["--config", str(first / "run" / "config.json"), "--output", "again", "--no-progress"]
+    assert main([command, *again]) == 0
+    before, repeated = (
+        load_file(first / "run" / WEIGHTS[command]),
+        load_file(elsewhere / "again" / WEIGHTS[command]),
+    )
+    assert all((before[k] == repeated[k]).all() for k in before), "--config repeats the very run"
+
+
+@pytest.mark.parametrize(("option", "value"), [("--image-size", "64"), ("--num-classes", "5")])
+def test_train_seg_refuses_settings_fashion_mnist_seg_cannot_take(
+    option: str, value: str, fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run("train-seg", fashion, tmp_path / "run", *SMALL["train-seg"], option, value) == 2
+    assert f"drop {option}" in capsys.readouterr().err and not list((tmp_path / "run").glob("*"))
