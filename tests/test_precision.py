@@ -108,7 +108,18 @@ def test_repvgg_optimize_writes_the_winner_and_eval_runs_it_that_way(
     common = ["optimize", str(checkpoint), "--data-dir", str(data), "--backend", "eager", "--repeats", "2"]
     common += ["--calib", "32", "--max-drop", "100"]
     assert main([*common, str(tmp_path / "int8.safetensors"), "--precision", "int8"]) == 0
-    out = capsys.readouterr().out
+    out, steps = capsys.readouterr()
+    steps = [line.split(" (")[0] for line in steps.splitlines()]  # not a terminal: a line per step, timed
+    for expected in (  # never silent for minutes: each candidate named as it is built, judged and timed
+        "optimize: reading {checkpoint}",
+        "optimize: building eager/fp32",
+        "optimize: building x86/int8",
+        "optimize: judging eager/fp32, the reference",
+        "optimize: judging x86/int8",
+        "optimize: timing eager/fp32, x86/int8",
+    ):
+        assert expected.format(checkpoint=checkpoint) in steps, steps
+    assert steps[-1].startswith("optimize: writing ")
     assert out.startswith("backend      precision  images/s   vs fp32") and "x86          int8" in out
     chosen = out.splitlines()[-1]
     assert chosen.startswith("chose ") and "judged on 64 held-out images, guard 100 points" in chosen
@@ -118,6 +129,8 @@ def test_repvgg_optimize_writes_the_winner_and_eval_runs_it_that_way(
     assert main(["eval", str(tmp_path / "int8.safetensors"), "--data-dir", str(data), "--no-progress"]) == 0
     if not cpu_features()["fast_bf16"]:
         return
+    assert main([*common, str(tmp_path / "bf16.safetensors"), "--precision", "bf16", "--no-progress"]) == 0
+    assert "optimize:" not in capsys.readouterr().err, "--no-progress: no step lines"
     assert (
         main([*common, str(tmp_path / "bf16.safetensors"), "--precision", "bf16", "--max-drop", "100"]) == 0
     )

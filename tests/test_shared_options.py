@@ -32,7 +32,7 @@ EXPECTED = {
     "predict": EVERY - {"log_interval"},
     "bench": EVERY - {"workers", "log_interval"},  # times random batches: no data to read, nothing trained
     "export": {"batch_size", "image_size", "output"},  # traced and checked on the CPU
-    "optimize": EVERY - {"progress", "log_interval"},  # nothing trained; its work is a table of candidates
+    "optimize": EVERY - {"log_interval"},  # nothing trained; its progress is the candidates' steps
     "convert": {"output"},  # float64 arithmetic on the CPU, no data
     "verify": set(),  # compares two files: nothing to read in batches, nothing written
     "models": set(),  # prints a table

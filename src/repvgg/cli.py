@@ -425,24 +425,30 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    from repvgg.runtime.progress import StepProgress
     from repvgg.studies.optimization import optimize_checkpoint
 
-    result = optimize_checkpoint(
-        args.checkpoint,
-        args.output,
-        data=args.data,
-        data_dir=args.data_dir,
-        precision=args.precision,
-        backend=args.backend,
-        max_top1_drop=args.max_drop,
-        calib=args.calib,
-        val_subset=args.val_subset,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        device=args.device,
-        workers=args.workers,
-        repeats=args.repeats,
-    )
+    steps = StepProgress("optimize", enabled=args.progress)
+    try:
+        result = optimize_checkpoint(
+            args.checkpoint,
+            args.output,
+            data=args.data,
+            data_dir=args.data_dir,
+            precision=args.precision,
+            backend=args.backend,
+            max_top1_drop=args.max_drop,
+            calib=args.calib,
+            val_subset=args.val_subset,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            device=args.device,
+            workers=args.workers,
+            repeats=args.repeats,
+            on_step=steps,
+        )
+    finally:
+        steps.close()
     fp32 = next((r for r in result.report if r.precision == "fp32" and r.images_per_s), None)
     print("backend      precision  images/s   vs fp32   top-1    drop  agreement  chosen, or why not")
     for row in result.report:
@@ -929,6 +935,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _shared(fast, "image_size", help="image size (default: the checkpoint's)")
     _shared(fast, "device", help=DEVICE_HELP)
     _shared(fast, "workers", help=WORKERS_HELP)
+    _shared(fast, "progress")
 
     _add_run_parser(
         commands,

@@ -63,10 +63,17 @@ def load_pretrained(
 
 
 def create_model(
-    name: str, *, pretrained: PathLike | bool | None = None, num_classes: int = 1000, **options: Any
+    name: str,
+    num_classes: int = 1000,
+    deploy: bool = False,
+    in_chans: int = 3,
+    features_only: bool = False,
+    *,
+    pretrained: PathLike | bool | None = None,
+    **options: Any,
 ) -> RepVGG:
-    """A named model (see :func:`repvgg.core.registry.create_model` for ``options``), started from the
-    checkpoint file ``pretrained`` when one is given (timm's argument; nothing is downloaded).
+    """A named model (see :func:`repvgg.core.registry.create_model`, whose arguments these are), started
+    from the checkpoint file ``pretrained`` when one is given (timm's argument; nothing is downloaded).
 
     As in timm, a ``num_classes`` other than the checkpoint's gets a new head, and ``in_chans`` other than
     the checkpoint's an adapted stem; :func:`load_pretrained` says which in a :class:`RepVGGWarning`.
@@ -76,7 +83,14 @@ def create_model(
             "This package downloads no weights: give `pretrained` the path of a checkpoint file, e.g. the "
             "authors' RepVGG-A0-train.pth, timm's or mmpretrain's file, or one this package wrote."
         )
-    model = build_named_model(name, num_classes=num_classes, **options)
+    model = build_named_model(
+        name,
+        num_classes=num_classes,
+        deploy=deploy,
+        in_chans=in_chans,
+        features_only=features_only,
+        **options,
+    )
     if pretrained is None or pretrained is False:
         return model
     if not Path(pretrained).is_file():

@@ -179,6 +179,7 @@ def optimize(
     calibration: Iterable[Tensor] | None = None,
     eval_data: Iterable[Sequence[Tensor]] | None = None,
     max_top1_drop: float = 0.5,
+    on_step: Callable[[str], None] | None = None,
 ) -> OptimizedModel:
     """The fastest way we have to run ``model``, with the same outputs (or, with ``precision``, the same
     accuracy).
@@ -195,7 +196,11 @@ def optimize(
     judges every candidate, which must lose at most ``max_top1_drop`` points of float32's top-1;
     ``calibration`` (batches of training images) calibrates INT8. The fastest candidate that passes is
     kept, and :attr:`OptimizedModel.report` lists them all.
+
+    ``on_step`` is told each step as it begins (a candidate built, checked, judged; the timing), e.g. a
+    :class:`repvgg.runtime.progress.StepProgress`: a search can take minutes.
     """
+    step = on_step or (lambda _: None)
     if backend not in BACKEND_CHOICES:
         raise InferenceError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}.")
     if precision not in PRECISION_CHOICES:
@@ -214,6 +219,7 @@ def optimize(
             calibration=calibration,
             eval_data=eval_data,
             max_top1_drop=max_top1_drop,
+            step=step,
         )
     target = torch.device(device) if device is not None else example_input.device
     cpu_bf16 = dtype == torch.bfloat16 and cpu_features()["fast_bf16"]
@@ -236,6 +242,7 @@ def optimize(
     errors: dict[str, float] = {}
     skipped: dict[str, str] = {}
     for name in names:
+        step(f"building and checking {name}")
         try:
             runner = _BUILDERS[name](deployed, setting, example)
             with torch.inference_mode():
@@ -255,6 +262,7 @@ def optimize(
         raise InferenceError(f"No backend could run this model here ({reasons}).")
     timings: dict[str, float] = {}
     if len(runners) > 1:
+        step(f"timing {', '.join(runners)} ({repeats} rounds)")
         with torch.inference_mode():
             measured = time_interleaved(runners, example, rounds=repeats)
         timings = {name: result.median_s for name, result in measured.items()}
@@ -323,9 +331,10 @@ def _search_precisions(
     calibration: Iterable[Tensor] | None,
     eval_data: Iterable[Sequence[Tensor]] | None,
     max_top1_drop: float,
+    step: Callable[[str], None],
 ) -> OptimizedModel:
     """Build every candidate of the precisions asked for, score each on ``eval_data``, time those that
-    keep float32's accuracy, keep the fastest."""
+    keep float32's accuracy, keep the fastest; ``step`` is told each step as it begins."""
     if eval_data is None:
         raise InferenceError(
             "Choosing a precision needs held-out labelled images (`eval_data`) to check each candidate's "
@@ -342,16 +351,23 @@ def _search_precisions(
     if calibration is not None:
         calibration = [batch.float().cpu() for batch in calibration]  # both INT8 candidates read it
     options = _candidates(deployed, backend, wanted, device, channels_last, calibration, example)
-    candidates = {f"{c.backend}/{c.precision}": (c, _build(c, build)) for c, build in options}
+    candidates: dict[str, tuple[Candidate, Runner | None]] = {}
+    for candidate, build in options:
+        key = f"{candidate.backend}/{candidate.precision}"
+        if candidate.why_not is None:
+            step(f"building {key}" + (" (calibrating)" if candidate.precision == "int8" else ""))
+        candidates[key] = (candidate, _build(candidate, build))
     fp32_eager = _eager(deployed, _Setting(device, torch.float32, channels_last), example)
+    step("checking the float32 candidates' outputs")
     errors = _check_float32(candidates, fp32_eager, example)
-    reference_top1 = _judge(candidates, fp32_eager, eval_data, device, max_top1_drop)
+    reference_top1 = _judge(candidates, fp32_eager, eval_data, device, max_top1_drop, step)
     passing = {
         key: runner for key, (candidate, runner) in candidates.items() if runner and not candidate.why_not
     }
     if not passing:
         reasons = "; ".join(f"{key}: {c.why_not}" for key, (c, _) in candidates.items())
         raise InferenceError(f"No candidate could run this model within the guard here ({reasons}).")
+    step(f"timing {', '.join(passing)} ({repeats} rounds)")
     with torch.inference_mode():
         measured = time_interleaved(passing, example, rounds=repeats)
     for key, throughput in measured.items():
@@ -410,13 +426,16 @@ def _judge(
     eval_data: Iterable[Sequence[Tensor]],
     device: torch.device,
     max_top1_drop: float,
+    step: Callable[[str], None],
 ) -> float:
     """Score every runnable candidate on ``eval_data`` against eager float32 (returned: its top-1); those
     that lose more than ``max_top1_drop`` points say so."""
+    step("judging eager/fp32, the reference")
     reference_top1, reference_predictions = _score(reference, eval_data, device)
-    for candidate, runner in candidates.values():
+    for key, (candidate, runner) in candidates.items():
         if runner is None or candidate.why_not is not None:
             continue
+        step(f"judging {key}")
         top1, predictions = _score(runner, eval_data, device)
         candidate.top1, candidate.top1_drop = top1, reference_top1 - top1
         candidate.agreement = 100.0 * float((predictions == reference_predictions).float().mean())

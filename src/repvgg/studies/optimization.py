@@ -11,6 +11,7 @@ when bfloat16 wins) whose record names the backend and precision that won (``eva
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +62,12 @@ def optimize_checkpoint(
     workers: int | None = None,
     repeats: int = 10,
     seed: int = 0,
+    on_step: Callable[[str], None] | None = None,
 ) -> OptimizeResult:
     """Search backends and precisions for ``checkpoint`` (see :func:`repvgg.optimize`), judging each on
     ``data``'s validation split, and write the winner to ``output``, whose suffix (``.safetensors`` or
-    ``.onnx``) is set by the winner."""
+    ``.onnx``) is set by the winner. ``on_step`` is told each step as it begins (minutes in all)."""
+    step = on_step or (lambda _: None)
     if Path(output).suffix not in ARTEFACT_SUFFIXES:
         raise InferenceError(
             f"`output` is a .safetensors or .onnx file (the winner sets which), got {Path(output).name}."
@@ -72,12 +75,14 @@ def optimize_checkpoint(
     for suffix in ARTEFACT_SUFFIXES:
         writable_or_raise(Path(output).with_suffix(suffix), InferenceError)
         refuse_same_file(checkpoint, Path(output).with_suffix(suffix), InferenceError)
+    step(f"reading {checkpoint}")
     model = load_checkpoint(checkpoint)
     if isinstance(model, QuantizedRepVGG) or not isinstance(model, RepVGG):
         raise InferenceError(f"{checkpoint} is not a float RepVGG classifier: optimize its float checkpoint.")
     refuse_nonfinite(model, str(checkpoint), InferenceError)
     recorded = model.preprocessing.image_size if model.preprocessing else None
     size = image_size or (recorded if data == "imagefolder" else None)  # small sets: one native size
+    step(f"reading {data}")
     bundle = build_data(data, data_dir, image_size=size, val_subset=val_subset, seed=seed)
     if (bundle.in_chans, bundle.num_classes) != (model.in_chans, model.num_classes):
         raise InferenceError(
@@ -104,7 +109,9 @@ def optimize_checkpoint(
         eval_data=judged,
         max_top1_drop=max_top1_drop,
         repeats=repeats,
+        on_step=step,
     )
+    step(f"writing {chosen.backend}/{chosen.precision}")
     deployed, _ = to_deploy_form(model)
     if chosen.backend == "onnxruntime":
         path = Path(output).with_suffix(".onnx")
