@@ -75,6 +75,29 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 POSITIVE = ("lr", "ema_decay", "head_lr_mult")
 
 
+#: The fields every run's configuration has alike: default and command-line metadata (see the module's doc).
+RUN_FIELDS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "progress": (True, {"help": "no progress bar", "flag": "no-progress", "default": "a progress bar"}),
+    "log_interval": (
+        50,
+        {
+            "help": "without a progress bar (`progress`, or output not a terminal): a line every this many "
+            "steps, 0 for none"
+        },
+    ),
+    "overwrite": (
+        False,
+        {"help": "replace a run already in the `output` folder, starting afresh", "default": "off"},
+    ),
+}
+
+
+def run_field(name: str) -> Any:
+    """The dataclass field ``name`` of :data:`RUN_FIELDS`, for each run configuration that has it."""
+    default, metadata = RUN_FIELDS[name]
+    return field(default=default, metadata=metadata)
+
+
 class RunConfig:
     """What every run's configuration shares (:class:`TrainConfig`, :class:`SegTrainConfig`): reading it
     from a ``config.json`` (unknown keys and wrong types refused), what is saved, the checks of its values
@@ -305,21 +328,9 @@ class TrainConfig(RunConfig):
     device: str | None = field(
         default=None, metadata={"help": "cpu or cuda", "default": "cuda when available"}
     )
-    progress: bool = field(
-        default=True,
-        metadata={"help": "no progress bar", "flag": "no-progress", "default": "a progress bar"},
-    )
-    log_interval: int = field(
-        default=50,
-        metadata={
-            "help": "without a progress bar (`progress`, or output not a terminal): a line every this many "
-            "steps, 0 for none"
-        },
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "replace a run already in the `output` folder, starting afresh", "default": "off"},
-    )
+    progress: bool = run_field("progress")
+    log_interval: int = run_field("log_interval")
+    overwrite: bool = run_field("overwrite")
 
     RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = RANGES
     POSITIVE: ClassVar[tuple[str, ...]] = POSITIVE
@@ -383,7 +394,7 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
 @dataclass
 class SegTrainConfig(RunConfig):
     """A PSPNet training run (``repvgg train-seg``); saved as ``config.json`` in the output folder, with the
-    same rules as :class:`TrainConfig` (``--config`` repeats it, ``--resume`` continues it)."""
+    same rules as :class:`TrainConfig` (a saved one repeats the run, resuming continues it)."""
 
     RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
         "epochs": (1, None),
@@ -472,18 +483,6 @@ class SegTrainConfig(RunConfig):
         default=None, metadata={"help": "cpu, cuda or cuda:N", "default": "cuda when available"}
     )
     workers: int = field(default=0, metadata={"help": "data-loading processes"})
-    progress: bool = field(
-        default=True,
-        metadata={"help": "no progress bar", "flag": "no-progress", "default": "a progress bar"},
-    )
-    log_interval: int = field(
-        default=50,
-        metadata={
-            "help": "without a progress bar (`progress`, or output not a terminal): a line every this many "
-            "steps, 0 for none"
-        },
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "replace a run already in the `output` folder, starting afresh", "default": "off"},
-    )
+    progress: bool = run_field("progress")
+    log_interval: int = run_field("log_interval")
+    overwrite: bool = run_field("overwrite")
