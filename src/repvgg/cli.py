@@ -292,13 +292,15 @@ def _verify(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from repvgg.core.info import model_info
     from repvgg.exceptions import ExportError
-    from repvgg.io.checkpoints import load_checkpoint
+    from repvgg.io.checkpoints import load_checkpoint, require_kind
     from repvgg.io.files import refuse_same_file, writable_or_raise
+    from repvgg.runtime.convert import CONVERTIBLE
     from repvgg.runtime.export import export_model, export_target
 
     writable_or_raise(args.output, ExportError)
     refuse_same_file(args.checkpoint, args.output, ExportError)
     to = export_target(args.output, args.to)  # a name that does not fit the format: before any work
+    require_kind(args.checkpoint, CONVERTIBLE, "export", ExportError)
     _note_guesses(args.checkpoint)
     model = load_checkpoint(args.checkpoint)
     if model_info(model).form == "train":
@@ -361,9 +363,11 @@ def _predict(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     """``predict`` with a PSPNet checkpoint: a mask PNG per image in --output, each class's share printed."""
     from repvgg.exceptions import InferenceError
+    from repvgg.io.checkpoints import require_kind
     from repvgg.io.images import image_files
     from repvgg.runtime.predict import segment
 
+    require_kind(args.checkpoint, ("segmenter",), "segmentation", InferenceError)
     if args.output is None or Path(args.output).suffix in (".csv", ".json"):
         raise InferenceError(
             f"{args.checkpoint} is a PSPNet: its predictions are masks, written as PNGs into a folder; give "

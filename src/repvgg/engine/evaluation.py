@@ -22,7 +22,7 @@ from repvgg.engine.config import AMP_CHOICES
 from repvgg.engine.data import build_data, collate_reporting_bad, default_workers
 from repvgg.engine.distributed import DistContext, all_reduce_sum, init_distributed
 from repvgg.exceptions import DataError, InferenceError, TrainingError
-from repvgg.io.checkpoints import load_checkpoint
+from repvgg.io.checkpoints import load_checkpoint, require_kind
 from repvgg.io.files import atomic_write, writable_or_raise
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import write_json
@@ -243,6 +243,7 @@ def evaluate_checkpoint(
         writable_or_raise(results_file, DataError)
     if amp not in AMP_DTYPES:
         raise TrainingError(f"`amp` must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")
+    require_kind(checkpoint, ("classifier", "int8", "onnx"), "classification", InferenceError)
     model = load_checkpoint(checkpoint)
     assert isinstance(model, RepVGG | QuantizedRepVGG | OnnxModel)
     refuse_nonfinite(model, str(checkpoint), InferenceError)

@@ -224,16 +224,102 @@ def guessed(checkpoint: Checkpoint) -> str | None:
 
 
 def is_segmenter(source: PathLike) -> bool:
-    """Whether a checkpoint file of this package holds a PSPNet (from its header alone); False for anything
-    else, unreadable files included (the command reading it then says what is wrong)."""
+    """Whether a file holds a PSPNet (its checkpoint, ``last.pt`` or ONNX export); False for anything else,
+    unreadable files included (the command reading it then says what is wrong)."""
+    return file_kind(source) in ("segmenter", "onnx-segmenter")
+
+
+#: What each kind of model file is, in words (see :func:`file_kind`).
+KIND_WORDS = {
+    "classifier": "a RepVGG classifier checkpoint",
+    "segmenter": "a PSPNet (segmentation) checkpoint",
+    "int8": "an INT8 (quantized) checkpoint",
+    "onnx": "an ONNX model",
+    "onnx-segmenter": "a PSPNet's ONNX export",
+    "torchscript": "a TorchScript program (as `repvgg export` writes .pt files)",
+}
+_KIND_SHORT = {
+    "classifier": "a classifier's checkpoint",
+    "segmenter": "a PSPNet's checkpoint",
+    "int8": "an INT8 checkpoint",
+    "onnx": "an ONNX classifier",
+}
+#: Where a kind of file goes instead, said when a command refuses it.
+_KIND_ADVICE = {
+    "classifier": "give it a PSPNet's checkpoint",
+    "segmenter": "its network is a PSPNet: eval, predict, verify, convert, export and bench take it",
+    "int8": "it can be evaluated, predicted and benchmarked; the rest needs the float checkpoint it was "
+    "quantized from",
+    "onnx": "it runs as it is (eval, predict, bench); the rest needs the checkpoint it was exported from",
+    "onnx-segmenter": "it runs with onnxruntime as it is; the commands here take the PSPNet's .safetensors "
+    "checkpoint it was exported from",
+    "torchscript": "run it with torch.jit.load; the commands here take the checkpoint it was exported from",
+}
+
+
+def file_kind(source: PathLike | Mapping[str, Any]) -> str | None:
+    """What kind of model file ``source`` is (a key of :data:`KIND_WORDS`), from its header where it can:
+    None for what is not a readable file (the reader then says what is wrong with it). A state dict in
+    another code base's names, like a run's ``last.pt``, is the kind of the network it holds."""
+    if isinstance(source, Mapping):
+        return "classifier"
     path = Path(source)
     try:
-        if path.is_file() and _is_safetensors(path):
+        if not path.is_file():
+            return None
+        if path.suffix.lower() == ".onnx":
+            return _onnx_kind(path)
+        if _is_safetensors(path):
             with safe_open(str(path), framework="pt") as handle:
-                return (handle.metadata() or {}).get("module_type") == "PSPNet"
-    except (SafetensorError, OSError):
-        pass
-    return False
+                metadata = handle.metadata() or {}
+            if metadata.get("format") == INT8_FORMAT_TAG:
+                return "int8"
+            return "segmenter" if metadata.get("module_type") == "PSPNet" else "classifier"
+        if _is_torchscript(path):
+            return "torchscript"
+        if _is_torch_file(path):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            record = state.get("info") if isinstance(state, dict) else None
+            if isinstance(record, dict) and record.get("module_type") == "PSPNet":
+                return "segmenter"
+            return "classifier"
+    except Exception:  # unreadable: the command reading it says what is wrong
+        return None
+    return None
+
+
+def _onnx_kind(path: Path) -> str:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    return "onnx-segmenter" if metadata.get("module_type") == "PSPNet" else "onnx"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (``torch.jit.save``): a zip holding compiled code and constants."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def require_kind(
+    source: PathLike | Mapping[str, Any],
+    accepted: Sequence[str],
+    purpose: str,
+    error_type: type[RepVGGError] = CheckpointError,
+) -> None:
+    """Refuse, in one sentence before any work, a model file of a kind ``purpose`` does not take (see
+    :func:`file_kind`); a file whose kind cannot be told is left to the reader, which says what is wrong."""
+    kind = file_kind(source)
+    if kind is None or kind in accepted:
+        return
+    takes = [_KIND_SHORT[k] for k in accepted]
+    listed = ", ".join(takes[:-1]) + f" or {takes[-1]}" if len(takes) > 1 else takes[0]
+    raise error_type(f"{source} is {KIND_WORDS[kind]}, but {purpose} takes {listed}; {_KIND_ADVICE[kind]}.")
 
 
 def source_note(source: PathLike) -> str | None:

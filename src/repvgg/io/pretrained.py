@@ -17,7 +17,7 @@ from repvgg.core.info import model_info
 from repvgg.core.models import RepVGG
 from repvgg.core.registry import create_model as build_named_model
 from repvgg.exceptions import CheckpointError, RepVGGWarning
-from repvgg.io.checkpoints import FORMAT_NAMES, load_checkpoint, read_checkpoint
+from repvgg.io.checkpoints import FORMAT_NAMES, load_checkpoint, read_checkpoint, require_kind
 from repvgg.io.files import PathLike
 
 
@@ -30,6 +30,7 @@ def load_pretrained(
     Its stem is adapted to ``model``'s input channels. A checkpoint with another number of classes is
     refused unless ``replace_head``: then ``model`` keeps its own, newly initialised head.
     """
+    require_kind(source, ("classifier",), "a classifier's training", CheckpointError)
     checkpoint = read_checkpoint(source)
     where = str(source) if not isinstance(source, Mapping) else "the state dict"
     form = model_info(model).form

@@ -6,6 +6,7 @@ renamed into place, so a failed step never leaves a damaged file behind.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from repvgg.core.info import model_info
 from repvgg.core.models import DEFAULT_STRIDES, RepVGG
 from repvgg.core.reparam import (
     EquivalenceReport,
@@ -27,11 +29,14 @@ from repvgg.io.checkpoints import (
     build_model,
     load_state_dict_strict,
     read_checkpoint,
+    require_kind,
     save_checkpoint,
 )
 from repvgg.io.files import PathLike, atomic_write, refuse_same_file
 from repvgg.io.formats import convert_state_dict
 from repvgg.runtime.names import OUTPUT_FORMATS
+
+CONVERTIBLE = ("classifier", "segmenter")  # the float networks with a training form
 
 
 def _train_form_model(checkpoint: Checkpoint, source: PathLike) -> RepVGG:
@@ -66,6 +71,7 @@ def convert_checkpoint(source: PathLike, output: PathLike, *, to: str = "repvgg"
     refuse_same_file(source, output, ConversionError)
     if to not in OUTPUT_FORMATS:
         raise ConversionError(f"Unknown output format {to!r}: choose one of {', '.join(OUTPUT_FORMATS)}.")
+    require_kind(source, CONVERTIBLE, "conversion", ConversionError)
     checkpoint = read_checkpoint(source)
     model = _train_form_model(checkpoint, source).double()
     deployed = reparameterize(model)
@@ -125,6 +131,9 @@ def verify_checkpoints(train_source: PathLike, deploy_source: PathLike | None = 
     are loaded into the training checkpoint's architecture, so a file in the authors' or timm's names
     (which record no strides) is checked as it will be used.
     """
+    for source in (train_source, deploy_source):
+        if source is not None:
+            require_kind(source, CONVERTIBLE, "the check", ConversionError)
     trained = _train_form_model(read_checkpoint(train_source), train_source)
     if deploy_source is None:
         return verify_equivalence(trained, dtype=torch.float64, tolerance=tolerance_for(torch.float64))
@@ -144,6 +153,6 @@ def verify_checkpoints(train_source: PathLike, deploy_source: PathLike | None = 
             f"{deploy_source} was saved for another architecture than {train_source} (their "
             f"{', '.join(differ)} differ); they are not a train/deploy pair."
         )
-    deployed = RepVGG(**trained.config, deploy=True)
+    deployed = build_model(dataclasses.replace(checkpoint, info=model_info(trained).replace(form="deploy")))
     load_state_dict_strict(deployed, checkpoint)
     return verify_equivalence(trained, deployed.eval(), dtype=torch.float64)

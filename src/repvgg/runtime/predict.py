@@ -20,7 +20,7 @@ from repvgg.core.int8 import QuantizedRepVGG
 from repvgg.core.reparam import refuse_nonfinite
 from repvgg.core.segmentation import PSPNet
 from repvgg.exceptions import DataError, InferenceError
-from repvgg.io.checkpoints import load_checkpoint
+from repvgg.io.checkpoints import load_checkpoint, require_kind
 from repvgg.io.files import PathLike, atomic_write, output_folder, writable_or_raise
 from repvgg.io.images import BadImage, open_image
 from repvgg.io.jsonfile import write_json
@@ -95,6 +95,8 @@ def predict(
     """
     if topk < 1 or batch_size < 1 or workers < 0:
         raise InferenceError("`topk` and `batch_size` must be at least 1, and `workers` at least 0.")
+    if not isinstance(source, nn.Module):
+        require_kind(source, ("classifier", "int8", "onnx"), "classification", InferenceError)
     model = load_checkpoint(source) if not isinstance(source, nn.Module) else source
     refuse_nonfinite(model, str(source) if not isinstance(source, nn.Module) else "The model", InferenceError)
     info = model_info(model)
@@ -204,6 +206,8 @@ def segment(
     from PIL import Image
     from torchvision.transforms import v2
 
+    if not isinstance(source, nn.Module):
+        require_kind(source, ("segmenter",), "segmentation", InferenceError)
     unique: dict[Path, PathLike] = {}
     for path in images:  # an image named twice (as a file and in its folder) is one image, one mask
         unique.setdefault(_absolute(path), path)

@@ -26,7 +26,7 @@ from repvgg.core.int8 import quantize_ptq
 from repvgg.core.registry import MODEL_SPECS, canonical_name, create_model
 from repvgg.core.reparam import reparameterize
 from repvgg.exceptions import ModelConfigError
-from repvgg.io.checkpoints import load_checkpoint
+from repvgg.io.checkpoints import load_checkpoint, require_kind
 from repvgg.io.files import atomic_write
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import device_name
@@ -99,7 +99,8 @@ def candidates(
     if timm_peers and _timm_available():
         for name in names:
             result.append(Candidate(f"timm:{name}", f"timm {name} (re-param)", "timm"))
-    for path in checkpoints:
+    for path in checkpoints:  # before the minutes of measuring: a file that cannot be timed is said now
+        require_kind(path, ("classifier", "segmenter", "int8", "onnx"), "timing", ModelConfigError)
         result.append(Candidate(f"file:{path}", Path(path).name, "checkpoint"))
     return result
 

@@ -24,7 +24,7 @@ from repvgg.core.models import RepVGG
 from repvgg.core.reparam import refuse_nonfinite, to_deploy_form
 from repvgg.engine.data import build_data, calibration_images, collate_refusing_bad, default_workers
 from repvgg.exceptions import InferenceError
-from repvgg.io.checkpoints import load_checkpoint, save_checkpoint, save_quantized
+from repvgg.io.checkpoints import load_checkpoint, require_kind, save_checkpoint, save_quantized
 from repvgg.io.files import PathLike, atomic_write, refuse_same_file, writable_or_raise
 from repvgg.runtime.device import resolve_device
 from repvgg.runtime.export import onnx_with_record
@@ -75,6 +75,7 @@ def optimize_checkpoint(
     for suffix in ARTEFACT_SUFFIXES:
         writable_or_raise(Path(output).with_suffix(suffix), InferenceError)
         refuse_same_file(checkpoint, Path(output).with_suffix(suffix), InferenceError)
+    require_kind(checkpoint, ("classifier",), "the search (judged by top-1)", InferenceError)
     step(f"reading {checkpoint}")
     model = load_checkpoint(checkpoint)
     if isinstance(model, QuantizedRepVGG) or not isinstance(model, RepVGG):

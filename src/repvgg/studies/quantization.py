@@ -27,7 +27,7 @@ from repvgg.core.reparam import is_deployed, refuse_nonfinite
 from repvgg.engine.data import build_data, calibration_images, collate_refusing_bad
 from repvgg.engine.training import LRSchedule, Task, Trainer
 from repvgg.exceptions import QuantizationError
-from repvgg.io.checkpoints import load_checkpoint, save_quantized
+from repvgg.io.checkpoints import file_kind, load_checkpoint, require_kind, save_quantized
 from repvgg.io.files import PathLike, refuse_same_file, writable_or_raise
 from repvgg.io.machine import int8_activation_bits
 
@@ -126,9 +126,10 @@ def quantize_checkpoint(
         raise QuantizationError(
             f"`qat_lr` must be above 0 and `qat_subset` at least 1, got {qat_lr}, {qat_subset}."
         )
-    model = load_checkpoint(checkpoint)
-    if isinstance(model, QuantizedRepVGG):
+    if file_kind(checkpoint) == "int8":
         raise QuantizationError(f"{checkpoint} is already INT8; quantize the float checkpoint instead.")
+    require_kind(checkpoint, ("classifier",), "INT8 quantization", QuantizationError)
+    model = load_checkpoint(checkpoint)
     refuse_nonfinite(model, str(checkpoint), QuantizationError)
     notes = []
     if not is_deployed(model):

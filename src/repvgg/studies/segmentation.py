@@ -28,7 +28,7 @@ from repvgg.engine.evaluation import check_results_file, csv_field
 from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
 from repvgg.engine.training import LRSchedule, Task, Trainer, prepare_run
 from repvgg.exceptions import DataError, TrainingError
-from repvgg.io.checkpoints import load_checkpoint, save_checkpoint
+from repvgg.io.checkpoints import file_kind, load_checkpoint, read_checkpoint, require_kind, save_checkpoint
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import device_name, resolve_device
@@ -140,6 +140,13 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
     both forms. The run folder follows :func:`repvgg.engine.training.prepare_run`, as ``repvgg train``'s:
     ``config.json`` holds every resolved value, ``resume`` continues with the run's own settings."""
     config, continues = prepare_run(config, resume)
+    if config.backbone_weights is not None:
+        require_kind(config.backbone_weights, ("classifier",), "a PSPNet's backbone", TrainingError)
+        if read_checkpoint(config.backbone_weights).form != "train":
+            raise TrainingError(
+                f"{config.backbone_weights} is a deploy-form (converted) checkpoint; a PSPNet's backbone "
+                "trains from a training-form one (e.g. model_train.safetensors)."
+            )
     output = Path(config.output)
     device = resolve_device(config.device, TrainingError)
     torch.manual_seed(config.seed)
@@ -266,6 +273,8 @@ def evaluate_segmentation_checkpoint(
     if results_file is not None:
         check_results_file(Path(results_file))
         writable_or_raise(results_file, DataError)
+    if file_kind(checkpoint) != "classifier":  # a classifier is told below what to evaluate it on
+        require_kind(checkpoint, ("segmenter",), "segmentation", DataError)
     model = load_checkpoint(checkpoint)
     if not isinstance(model, PSPNet):
         raise DataError(
