@@ -226,7 +226,7 @@ NUMERIC: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
         "--image-size": IMAGE_SIZE,
     },
     "optimize": {
-        "--max-drop": NON_NEGATIVE_FLOAT,
+        "--max-drop": (*NON_NEGATIVE_FLOAT, "100.5", "1000"),  # top-1 points: at most 100
         "--calib": POSITIVE_INT,
         "--val-subset": POSITIVE_INT,
         "--repeats": POSITIVE_INT,

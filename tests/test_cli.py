@@ -51,6 +51,9 @@ def test_demo_trains_converts_and_times(tmp_path: Path, capsys: pytest.CaptureFi
     for name in ("model_train.safetensors", "model_deploy.safetensors", "model.onnx"):
         assert (tmp_path / "demo" / name).is_file()
     assert len(list((tmp_path / "demo" / "images").glob("*.png"))) == 3
+    tiny = ["--images", "2", "--repeats", "1", "--backend", "eager", "--output", str(tmp_path / "tiny")]
+    assert main([*arguments[:-6], *tiny]) == 0, "eager, the fast backend too, once ended in IndexError"
+    assert "deploy / training speed: " in capsys.readouterr().out
 
 
 def test_errors_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

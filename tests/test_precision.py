@@ -94,6 +94,8 @@ def test_a_precision_search_needs_held_out_images_and_says_what_is_missing(
     )
     int8 = next(row for row in chosen.report if row.precision == "int8")
     assert int8.why_not == "no calibration images were given (`calibration`)" and chosen.precision == "fp32"
+    with pytest.raises(InferenceError, match="must be from 0 to 100 points, got 150"):
+        _search(setting, max_top1_drop=150.0)
     with pytest.raises(InferenceError, match="Unknown precision 'fp8'"):
         repvgg.optimize(setting["model"], precision="fp8", example_input=setting["example"])  # type: ignore[arg-type]
 

@@ -923,7 +923,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     fast.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="backends to search")
     fast.add_argument(
-        "--max-drop", type=non_negative_float, default=0.5, help="largest top-1 loss allowed, in points"
+        "--max-drop", type=_number(float, 0, 100), default=0.5, help="largest top-1 loss allowed, in points"
     )
     fast.add_argument(
         "--calib", type=positive_int, default=512, help="INT8 calibration images (training split)"

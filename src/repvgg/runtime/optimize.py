@@ -340,8 +340,8 @@ def _search_precisions(
             "Choosing a precision needs held-out labelled images (`eval_data`) to check each candidate's "
             "top-1 against float32's; give them, or use `precision` fp32."
         )
-    if not max_top1_drop >= 0:
-        raise InferenceError(f"`max_top1_drop` must be at least 0 points, got {max_top1_drop}.")
+    if not 0 <= max_top1_drop <= 100:  # top-1 is a percentage: a larger drop is no guard at all
+        raise InferenceError(f"`max_top1_drop` must be from 0 to 100 points, got {max_top1_drop}.")
     if isinstance(model, QuantizedRepVGG):
         raise InferenceError("The model is INT8 already; choose a precision for its float checkpoint.")
     deployed, _ = to_deploy_form(model)
