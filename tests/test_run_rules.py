@@ -5,6 +5,7 @@ value (an absolute ``data_dir``) so that ``--config`` repeats the run from any f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,67 @@ def test_train_seg_refuses_settings_fashion_mnist_seg_cannot_take(
 ) -> None:
     assert _run("train-seg", fashion, tmp_path / "run", *SMALL["train-seg"], option, value) == 2
     assert f"drop {option}" in capsys.readouterr().err and not list((tmp_path / "run").glob("*"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One writer per run folder.
+
+
+@pytest.mark.parametrize("command", ["train", "train-seg", "ablate"])
+def test_a_second_process_on_a_run_folder_is_refused_in_one_sentence(
+    command: str, fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs on one folder once both exited 0, the folder mixing them (one's weights, the other's config,
+    every epoch twice in metrics.jsonl). The lock is the kernel's: held here, refused there."""
+    from repvgg.io.files import LOCK_FILE, folder_lock
+
+    run = tmp_path / "run"
+    options = SMALL["train-seg" if command == "train-seg" else "train"]
+    if command == "ablate":
+        options = [*options, "--seeds", "1", "--variants", "repvgg"]
+    with folder_lock(run, "the test") as held:
+        assert (held / LOCK_FILE).read_text().startswith(f"process {os.getpid()} (")
+        assert _run(command, fashion, run, *options, "--epochs", "1") == 2
+        assert {p.name for p in run.iterdir()} == {LOCK_FILE}, "the refused run wrote nothing"
+    error = capsys.readouterr().err.strip()
+    assert (
+        error.startswith(f"repvgg {command}: error: {run} is being written by process ") and "\n" not in error
+    )
+    assert not run.exists(), "the holder made the folder and wrote nothing in it: it is gone with the lock"
+    assert _run(command, fashion, run, *options, "--epochs", "1") == 0, "released with its holder"
+
+
+def test_two_runs_started_together_leave_one_whole_run(fashion: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "repvgg", "train", "--data-dir", str(fashion), "--output", str(run)]
+    argv += [*SMALL["train"], "--epochs", "2", "--no-progress"]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    out, err = first.communicate(timeout=300)
+    codes = sorted([first.returncode, second.returncode])
+    assert codes == [0, 2], (out, err, second.stderr)
+    refused = second.stderr if second.returncode == 2 else err
+    assert "is being written by process " in refused and "Traceback" not in refused
+    assert _epochs(run) == [1, 2], "every epoch once: one run wrote the folder"
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+
+
+def test_a_lock_left_by_a_dead_process_blocks_nobody(fashion: Path, tmp_path: Path) -> None:
+    from repvgg.io.files import LOCK_FILE
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text("process 999999 (repvgg train)")  # killed: its kernel lock went with it
+    assert _run("train", fashion, run, *SMALL["train"], "--epochs", "1") == 0
+    assert _epochs(run) == [1]
+
+
+def test_a_refused_run_leaves_no_folder_behind(fashion: Path, tmp_path: Path) -> None:
+    run = tmp_path / "new"
+    assert main(["train", "--output", str(run), "--resume"]) == 2  # nothing to resume there
+    assert not run.exists()

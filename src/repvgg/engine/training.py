@@ -21,6 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from repvgg.io.checkpoints import (
     save_checkpoint,
     save_training_state,
 )
-from repvgg.io.files import atomic_write, output_folder
+from repvgg.io.files import atomic_write, folder_lock, output_folder
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import json_text, write_json
 from repvgg.io.pretrained import load_pretrained
@@ -899,6 +900,14 @@ def _recorded_epochs(metrics: Path) -> int:
     return sum(1 for line in metrics.read_text().splitlines() if line.strip())
 
 
+def run_lock(output: str | Path) -> AbstractContextManager[Any]:
+    """The run folder's lock (:func:`repvgg.io.files.folder_lock`), held by the one process that writes it
+    (rank 0 under torchrun): a second run started on the same folder is refused in one sentence."""
+    if os.environ.get("RANK", "0") != "0":
+        return nullcontext()
+    return folder_lock(output, "this run", TrainingError)
+
+
 def prepare_run(config: Config, resume: bool) -> tuple[Config, bool]:
     """The configuration a run goes on with, and whether it continues from a saved state: the one rule of
     ``repvgg train`` and ``repvgg train-seg``.
@@ -934,12 +943,13 @@ def train(
     :data:`~repvgg.engine.config.RESUMABLE_CHANGES`: more (or fewer) ``epochs`` stretch the cosine schedule
     over the new total from the step reached, and ``config.json`` records the new count.
     ``build_network`` builds a network other than a registry RepVGG (the ablation's residual baseline)."""
-    config, continues = prepare_run(config, resume)
-    context = init_distributed(config.device)
-    try:
-        run = ClassificationRun(config, context, build_network)
-        if continues:
-            run.resume()
-        return run.run()
-    finally:
-        shutdown()
+    with run_lock(config.output):
+        config, continues = prepare_run(config, resume)
+        context = init_distributed(config.device)
+        try:
+            run = ClassificationRun(config, context, build_network)
+            if continues:
+                run.resume()
+            return run.run()
+        finally:
+            shutdown()

@@ -6,9 +6,11 @@ import errno
 import os
 import re
 import stat
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from repvgg.exceptions import CheckpointError, RepVGGError
@@ -268,3 +270,48 @@ def output_folder(path: PathLike, error_type: type[RepVGGError] = CheckpointErro
         raise error_type(f"The output {folder} is a file; give a folder.")
     writable_or_raise(folder / ".write-test", error_type)
     return folder
+
+
+LOCK_FILE = ".repvgg.lock"
+
+
+@contextmanager
+def folder_lock(
+    folder: PathLike, what: str, error_type: type[RepVGGError] = CheckpointError
+) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed) while one process writes ``what`` there.
+
+    A second process asking for the same folder is refused at once in one sentence naming the holder. The
+    lock is the kernel's (``flock`` on ``folder/.repvgg.lock``), so it ends with its process however that
+    ends (SIGKILL included): the lock file a dead process left behind blocks nobody. A folder this call
+    created and nothing but the lock file was put in is removed again on the way out (a refused run
+    leaves no empty folder behind).
+    """
+    import fcntl
+
+    created = not Path(folder).exists()
+    path = output_folder(folder, error_type)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_FILE
+    handle = lock.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise error_type(
+                f"{path} is being written by {holder}; wait for it to end, or choose another `output` "
+                f"for {what}."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv and sys.argv[0] else "python"
+        handle.write(f"process {os.getpid()} ({command})")
+        handle.flush()
+        yield path
+    finally:
+        if created and {p.name for p in path.iterdir()} == {LOCK_FILE}:
+            lock.unlink(missing_ok=True)
+            path.rmdir()
+        handle.close()

@@ -31,7 +31,7 @@ from repvgg.engine.data import DataBundle, strides_for_image_size
 from repvgg.engine.training import STATE_FILE, build_repvgg, train
 from repvgg.exceptions import ModelConfigError
 from repvgg.io.checkpoints import load_checkpoint, read_checkpoint
-from repvgg.io.files import atomic_write, output_folder
+from repvgg.io.files import atomic_write, folder_lock
 from repvgg.io.jsonfile import write_json
 from repvgg.runtime.device import device_name, resolve_device
 from repvgg.runtime.measure import time_interleaved
@@ -179,10 +179,11 @@ def load_trained(checkpoint: Path, config: TrainConfig) -> nn.Module:
 
 
 def run_folder_state(folder: Path) -> str:
-    """``done`` (summary written), ``partial`` (a checkpoint to resume) or ``new``."""
+    """``done`` (summary written), ``partial`` (a run to resume: a checkpoint, or a run stopped before its
+    first one, which resuming starts from epoch 1) or ``new``."""
     if (folder / "summary.json").is_file():
         return "done"
-    if (folder / STATE_FILE).is_file():
+    if (folder / STATE_FILE).is_file() or (folder / "config.json").is_file():
         return "partial"
     return "new"
 
@@ -242,7 +243,11 @@ def refuse_other_settings(config: AblationConfig, saved_file: Path) -> None:
 def run_ablation(config: AblationConfig) -> dict[str, Any]:
     """Train (or resume, or skip) every variant x seed, time each variant, write the tables."""
     config.validate()
-    output = output_folder(config.output, ModelConfigError)
+    with folder_lock(config.output, "this study", ModelConfigError) as output:
+        return _study(config, output)
+
+
+def _study(config: AblationConfig, output: Path) -> dict[str, Any]:
     refuse_other_settings(config, output / "ablation_config.json")
     write_json(output / "ablation_config.json", dataclasses.asdict(config), what="the study's settings")
     rows = []
@@ -254,7 +259,8 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
             state = run_folder_state(folder)
             if state != "done":
                 print(
-                    f"{variant}, seed {seed}: {'resuming' if state == 'partial' else 'training'}", flush=True
+                    f"{variant}, seed {seed}: {'resuming' if state == 'partial' else 'training'}",
+                    flush=True,
                 )
                 train(run_config, resume=state == "partial", build_network=build_network)
             summaries.append(json.loads((folder / "summary.json").read_text()))

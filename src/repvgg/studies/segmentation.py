@@ -26,7 +26,7 @@ from repvgg.engine.data import dataset_folder
 from repvgg.engine.distributed import DistContext
 from repvgg.engine.evaluation import check_results_file, csv_field
 from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
-from repvgg.engine.training import LRSchedule, Task, Trainer, prepare_run
+from repvgg.engine.training import LRSchedule, Task, Trainer, prepare_run, run_lock
 from repvgg.exceptions import DataError, TrainingError
 from repvgg.io.checkpoints import file_kind, load_checkpoint, read_checkpoint, require_kind, save_checkpoint
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
@@ -139,6 +139,11 @@ def train_segmentation(config: SegTrainConfig, *, resume: bool = False) -> dict[
     """Train PSPNet-RepVGG with SGD and the poly schedule (the one Trainer), then convert it and evaluate
     both forms. The run folder follows :func:`repvgg.engine.training.prepare_run`, as ``repvgg train``'s:
     ``config.json`` holds every resolved value, ``resume`` continues with the run's own settings."""
+    with run_lock(config.output):
+        return _train_segmentation(config, resume)
+
+
+def _train_segmentation(config: SegTrainConfig, resume: bool) -> dict[str, Any]:
     config, continues = prepare_run(config, resume)
     if config.backbone_weights is not None:
         require_kind(config.backbone_weights, ("classifier",), "a PSPNet's backbone", TrainingError)
