@@ -63,6 +63,22 @@ def _bitflipped(good: bytes) -> bytes:
     return good[:at] + bytes([good[at] ^ 0x01]) + good[at + 1 :]
 
 
+def _edited_record(good: bytes, **changes: object) -> bytes:
+    """``good`` (a safetensors file of this package) with its record edited: ``config`` keys merged into the
+    architecture, any other key replacing that metadata entry (a string, or JSON of anything else)."""
+    length = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8 : 8 + length])
+    metadata = header["__metadata__"]
+    for key, value in changes.items():
+        if key == "config":
+            metadata["config"] = json.dumps({**json.loads(metadata["config"]), **value})  # type: ignore[dict-item]
+        else:
+            metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + good[8 + length :]
+
+
 def _nan_weights(good: bytes) -> bytes:
     """``good`` with the first float32 of a kernel overwritten by NaN (a damaged copy that still reads)."""
     length = int.from_bytes(good[:8], "little")
@@ -100,6 +116,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "bitflip": _bitflipped(good),
         "nan_weights": _nan_weights(good),
         "huge_header": (2**40).to_bytes(8, "little") + good[8:],
+        **{name: _edited_record(good, **changes) for name, changes in EDITED_RECORDS.items()},
     }
     for name, content in files.items():
         a[name] = root / f"{name}.safetensors"
@@ -357,6 +374,20 @@ CUDA_ONLY = {  # right on a GPU machine, a mistake on this one
     "demo": [("--device", "cuda")],
 }
 
+EDITED_RECORDS: dict[str, dict[str, object]] = {  # the record of a good file, edited: never trusted
+    "record_unknown_name": {"model_name": "repvgg_z9"},
+    "record_other_variant": {"model_name": "repvgg_b0"},
+    "record_other_blocks": {"config": {"num_blocks": [1, 1, 3, 1]}},
+    "record_other_widths": {"config": {"width_multiplier": [0.5, 0.5, 0.5, 1.0]}},
+    "record_huge_blocks": {"config": {"num_blocks": [1, 1, 10**8, 1]}},
+    "record_huge_widths": {"config": {"width_multiplier": [10**5, 1, 1, 1]}},
+    "record_huge_classes": {"config": {"num_classes": 10**12}},
+    "record_huge_image_size": {
+        "preprocessing": {"image_size": 10**9, "resize": 10**9, "mean": [0.3], "std": [0.3]}
+    },
+}
+RECORD_SLOTS = args("eval predict convert verify export quantize optimize bench")  # they build the record's
+
 BAD_CHECKPOINTS = args(
     "missing folder empty text truncated bitflip huge_header nan_weights png0 timm_partial random_tensors "
     "pickle_class pickle_exploit torch_truncated"
@@ -498,6 +529,8 @@ def _cases() -> Iterator[Case]:
         for bad in BAD_CHECKPOINTS:
             if (slot, bad) == ("bench", "nan_weights"):
                 continue  # timing does not look at the values
+            yield Case(f"checkpoint-{slot}-{bad}", tuple(t.replace("{x}", "{" + bad + "}") for t in template))
+        for bad in EDITED_RECORDS if slot in RECORD_SLOTS else ():
             yield Case(f"checkpoint-{slot}-{bad}", tuple(t.replace("{x}", "{" + bad + "}") for t in template))
     for group, table in (("wrong-kind", WRONG_KIND), ("combination", COMBINATIONS), ("argparse", ARGPARSE)):
         for name, argv in table.items():

@@ -94,6 +94,8 @@ class Preprocessing:
                 mean=tuple(float(m) for m in values["mean"]),
                 std=tuple(float(s) for s in values["std"]),
             )
+        except DataError:
+            raise
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(
                 f"The preprocessing record {dict(values)!r} is incomplete: it needs image_size, resize, "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from repvgg.core.info import ModelInfo, model_info
 from repvgg.core.int8 import QuantizedRepVGG, convert_int8, example_input, prepare_int8, x86_engine
-from repvgg.core.models import RepVGG, adapt_input_conv
+from repvgg.core.models import RepVGG, adapt_input_conv, stage_widths
 from repvgg.core.registry import name_for_config
 from repvgg.core.segmentation import PSPNet
 from repvgg.exceptions import CheckpointError, ConversionError, QuantizationError, RepVGGError, RepVGGWarning
@@ -379,18 +379,93 @@ def build_model(checkpoint: Checkpoint) -> RepVGG | PSPNet:
             f"This checkpoint holds the {info.config['layout']} baseline, not a RepVGG; build it "
             "(repvgg.studies.ablation.ResidualReorg) and pass it as model=."
         )
+    _check_record(checkpoint)
+    model = _construct(info)
+    label_model(model, info)
+    return model
+
+
+def _construct(info: ModelInfo) -> RepVGG | PSPNet:
+    """The untrained network a record describes (on the current default device)."""
+    assert info.config is not None
     deploy = info.form == "deploy"
     try:
         if info.module_type == "PSPNet":
-            model: RepVGG | PSPNet = PSPNet.from_config(info.config, deploy=deploy)
-        else:
-            model = RepVGG(**info.config, deploy=deploy)
-    except (TypeError, KeyError, AttributeError) as error:
+            return PSPNet.from_config(info.config, deploy=deploy)
+        return RepVGG(**info.config, deploy=deploy)
+    except (TypeError, KeyError, AttributeError, ValueError) as error:
         raise CheckpointError(
             f"The checkpoint's architecture record is damaged ({error!r}); save it again."
         ) from error
-    label_model(model, info)
-    return model
+
+
+#: Sizes beyond these in a record are damage or an edit: refused before anything is allocated.
+RECORD_LIMITS = {"blocks": 1_000, "channels": 16_384, "num_classes": 1_000_000, "in_chans": 1_024}
+
+
+def _check_record(checkpoint: Checkpoint) -> None:
+    """Refuse a record that cannot be this file's: sizes no network has (before any allocation), a model
+    name that is not its architecture's, an architecture whose tensors are not the file's (compared on the
+    meta device, which allocates nothing)."""
+    info = checkpoint.info
+    assert info.config is not None
+    backbone = info.config.get("backbone", info.config) if info.module_type == "PSPNet" else info.config
+    try:
+        blocks = sum(int(n) for n in backbone["num_blocks"])
+        widest = max(stage_widths(backbone["width_multiplier"], int(backbone.get("base_channels", 64))))
+        sizes = {
+            "blocks": blocks,
+            "channels": max(widest, int(info.config.get("head_channels", 0))),
+            "num_classes": int(info.config["num_classes"]),
+            "in_chans": int(info.config["in_chans"]),
+        }
+    except (TypeError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"The checkpoint's architecture record is damaged ({error!r}); save it again."
+        ) from error
+    for name, value in sizes.items():
+        if not 0 <= value <= RECORD_LIMITS[name]:
+            raise CheckpointError(
+                f"The checkpoint's record describes a network with {value:,} {name.replace('_', ' ')} (at "
+                f"most {RECORD_LIMITS[name]:,} make sense); the record is damaged or was edited: save the "
+                "model again."
+            )
+    named = name_for_config(backbone)
+    if checkpoint.source_format != FORMAT_TAG:
+        return  # a foreign file's record is read off its tensors: it fits them
+    with torch.device("meta"):
+        probe = _construct(info)
+    wanted = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    held = {k: tuple(v.shape) for k, v in checkpoint.state_dict.items()}
+    if wanted != held:
+        key = next(k for k in sorted(set(wanted) | set(held)) if wanted.get(k) != held.get(k))
+        record, file = wanted.get(key, "no tensor"), held.get(key, "no tensor")
+        raise CheckpointError(
+            f"The checkpoint's record describes {_describe(named, backbone)} but its tensors are "
+            f"{_tensors_described(checkpoint.state_dict)} ({key}: the record gives {record}, the file "
+            f"{file}); the record is damaged or was edited: save the model again."
+        )
+    expected = None if named is None else (f"pspnet_{named}" if info.module_type == "PSPNet" else named)
+    if info.model_name is not None and info.model_name != expected:
+        architecture = f"that of {expected}" if expected else "no named model's"
+        raise CheckpointError(
+            f"The checkpoint's record names the model {info.model_name!r} but its architecture is "
+            f"{architecture}; the record is damaged or was edited: save the model again."
+        )
+
+
+def _tensors_described(state: Mapping[str, Tensor]) -> str:
+    """What network a state dict's shapes are (its registry name where it has one)."""
+    inner = {
+        k.removeprefix("backbone."): v
+        for k, v in state.items()
+        if not k.startswith(("ppm.", "head.", "aux_head."))
+    }
+    try:
+        config = infer_architecture(inner).config
+    except CheckpointError:
+        return "another network's"
+    return f"{name_for_config(config) or _describe(None, config)}'s"
 
 
 def label_model(model: RepVGG | PSPNet, info: ModelInfo) -> None:
