@@ -35,6 +35,8 @@ _EXPORTS = {
         "verify_equivalence",
     ),
     "repvgg.exceptions": (
+        "ArgumentTypeError",
+        "ArgumentValueError",
         "CheckpointError",
         "ConversionError",
         "ExportError",
@@ -55,6 +57,8 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "MODEL_SPECS",
+    "ArgumentTypeError",
+    "ArgumentValueError",
     "Checkpoint",
     "CheckpointError",
     "ConvBN",
@@ -124,6 +128,8 @@ if TYPE_CHECKING:
     )
     from repvgg.core.segmentation import PSPNet, pspnet
     from repvgg.exceptions import (
+        ArgumentTypeError,
+        ArgumentValueError,
         CheckpointError,
         ConversionError,
         ExportError,

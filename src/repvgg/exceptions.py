@@ -45,3 +45,13 @@ class InferenceError(RepVGGError, RuntimeError):
 
 class QuantizationError(RepVGGError, ValueError):
     """INT8 quantization cannot go ahead: no calibration images, an unsupported model, and so on."""
+
+
+class ArgumentTypeError(RepVGGError, TypeError):
+    """A function of the package was given an argument of the wrong type (a string for a number, None for a
+    model); raised before any work, naming the parameter."""
+
+
+class ArgumentValueError(RepVGGError, ValueError):
+    """A function of the package was given an argument of the right type but a value it cannot take (an
+    example batch with the wrong channels, labels outside the model's classes); raised before any work."""

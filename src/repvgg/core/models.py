@@ -14,6 +14,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from repvgg.core.arguments import switch, whole_number
 from repvgg.core.blocks import RepVGGBlock, form_of
 from repvgg.core.designs import block_design
 from repvgg.core.info import ModelInfo, Preprocessing
@@ -72,6 +73,10 @@ class RepVGG(nn.Module):
         frozen_stages: int = -1,
     ) -> None:
         super().__init__()
+        whole_number(num_classes, "num_classes", 0)
+        whole_number(in_chans, "in_chans", 1)
+        for flag, given in (("deploy", deploy), ("use_se", use_se), ("use_checkpoint", use_checkpoint)):
+            switch(given, flag)
         block_design(block)  # an unknown design fails here, before any layer is built
         if width_multiplier is None or len(width_multiplier) != 4 or len(num_blocks) != 4:
             raise ModelConfigError(

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from repvgg.core.arguments import switch, text
 from repvgg.core.backbone import RepVGGFeatures
 from repvgg.core.models import RepVGG
 from repvgg.exceptions import ModelConfigError
@@ -103,7 +104,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the registered models matching a shell-style ``pattern`` (timm's ``list_models("*b1*")``),
     in the paper's order."""
-    return [name for name in MODEL_SPECS if fnmatch.fnmatchcase(name, pattern.lower())]
+    return [name for name in MODEL_SPECS if fnmatch.fnmatchcase(name, text(pattern, "pattern").lower())]
 
 
 def canonical_name(name: str) -> str:
@@ -140,7 +141,7 @@ def create_model(
         )
     key = canonical_name(name)
     architecture: type[RepVGG] = RepVGG
-    if features_only:
+    if switch(features_only, "features_only"):
         architecture = RepVGGFeatures
     elif {"out_indices", "norm_eval"} & set(options):
         raise ModelConfigError("out_indices and norm_eval are backbone options: add features_only=True.")

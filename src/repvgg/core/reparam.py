@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from repvgg.core import arguments
 from repvgg.core.blocks import TRAIN_MODE_WARNING, RepVGGBlock, form_of
 from repvgg.core.designs import block_design
 from repvgg.core.models import RepVGG
@@ -105,7 +106,7 @@ def reparameterize(module: nn.Module, inplace: bool = False) -> nn.Module:
     unless ``inplace=True``. The conversion always uses BatchNorm running statistics; converting a
     module in training mode warns once, since its train-mode outputs use batch statistics instead.
     """
-    blocks = reparameterizable_blocks(module)
+    blocks = reparameterizable_blocks(arguments.module(module, "module"))
     if not blocks:
         raise ConversionError(
             f"{type(module).__name__} contains no RepVGG blocks, so there is nothing to "
@@ -205,6 +206,9 @@ def verify_equivalence(
     of its stored weights (~1e-7 for float32). The default tolerance is :data:`TOLERANCE`'s for the least
     precise of ``dtype`` and those weights. The default input is non-square, ``(2, C, 64, 48)``.
     """
+    arguments.module(reference, "reference")
+    if converted is not None:
+        arguments.module(converted, "converted")
     train_copy = copy.deepcopy(reference).to(dtype).eval()
     if converted is None:
         deploy_copy = reparameterize(train_copy)

@@ -9,6 +9,7 @@ weights_only=True)``: checkpoints are data, never code to unpickle.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,12 +22,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from repvgg.core import arguments
 from repvgg.core.info import ModelInfo, model_info
 from repvgg.core.int8 import QuantizedRepVGG, convert_int8, example_input, prepare_int8, x86_engine
 from repvgg.core.models import RepVGG, adapt_input_conv, stage_widths
 from repvgg.core.registry import name_for_config
+from repvgg.core.reparam import refuse_nonfinite
 from repvgg.core.segmentation import PSPNet
-from repvgg.exceptions import CheckpointError, ConversionError, QuantizationError, RepVGGError, RepVGGWarning
+from repvgg.exceptions import (
+    ArgumentTypeError,
+    CheckpointError,
+    ConversionError,
+    QuantizationError,
+    RepVGGError,
+    RepVGGWarning,
+)
 from repvgg.io.files import PathLike, atomic_write
 from repvgg.io.formats import (
     CONVENTIONS,
@@ -39,6 +49,9 @@ from repvgg.io.machine import cpu_features
 from repvgg.io.onnxfile import load_onnx
 
 FORMAT_TAG = "repvgg"
+#: Networks without an architecture record that this package saves all the same: the caller rebuilds them
+#: and loads the file with ``model=`` (the ablation's residual baseline).
+REBUILT_BY_CALLER = ("ResidualReorg",)
 INT8_FORMAT_TAG = "repvgg-int8"
 STATE_FORMAT_TAG = "repvgg-training-state"
 FORMAT_VERSION = "1"
@@ -92,6 +105,10 @@ def _record_of(model: nn.Module, class_names: Sequence[str] | None) -> ModelInfo
         info = info.replace(model_name=name_for_config(info.config))
     if class_names is None:
         return info
+    if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
+        raise ArgumentTypeError(
+            f"`class_names` must be a list of strings, one per class, got {class_names!r}."
+        )
     try:
         return info.replace(class_names=tuple(class_names))
     except CheckpointError as error:
@@ -106,7 +123,19 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, class_names: Sequence[s
     """
     if isinstance(model, QuantizedRepVGG):
         return save_quantized(model, path)
+    arguments.module(model, "model")
+    if Path(path).suffix.lower() == ".onnx":
+        raise CheckpointError(
+            f"{path} names an ONNX file, but save_checkpoint writes safetensors: give a .safetensors path, "
+            "or export ONNX with repvgg.export_model."
+        )
     info = _record_of(model, class_names)
+    if info.config is None and info.module_type not in REBUILT_BY_CALLER:
+        raise CheckpointError(
+            f"save_checkpoint writes RepVGG networks and PSPNets over them, got {type(model).__name__}; "
+            "save another network with torch.save(model.state_dict(), path)."
+        )
+    refuse_nonfinite(model, "The model", CheckpointError)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.bfloat16}:
         info = info.replace(precision="bfloat16")  # the record says how the weights are stored
@@ -493,6 +522,10 @@ def load_checkpoint(
     nothing is loaded partially. With ``adapt_in_chans`` (fine-tuning pretrained weights on grey images, say)
     stem kernels for another number of input channels are adapted, with a warning (:func:`adapt_input_conv`).
     """
+    if not isinstance(source, Mapping | str | os.PathLike):
+        raise ArgumentTypeError(f"`source` must be a path or a state dict, got {type(source).__name__}.")
+    if model is not None:
+        arguments.module(model, "model")
     if not isinstance(source, Mapping) and Path(source).suffix.lower() == ".onnx":
         if model is not None:
             raise CheckpointError(f"{source} is an ONNX model: it runs as it is and loads into no `model`.")

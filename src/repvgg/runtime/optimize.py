@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from repvgg.core import arguments
 from repvgg.core.info import model_info
 from repvgg.core.int8 import QuantizedRepVGG, quantize_ptq
 from repvgg.core.reparam import relative_error, to_deploy_form, tolerance_for
-from repvgg.exceptions import InferenceError, RepVGGError
+from repvgg.exceptions import ArgumentTypeError, ArgumentValueError, InferenceError, RepVGGError
 from repvgg.io.machine import cpu_features, int8_activation_bits
 from repvgg.io.onnxfile import OnnxModel, onnx_session
 from repvgg.runtime.export import onnx_bytes
@@ -201,6 +202,7 @@ def optimize(
     :class:`repvgg.runtime.progress.StepProgress`: a search can take minutes.
     """
     step = on_step or (lambda _: None)
+    _check_model_and_example(model, example_input)
     if backend not in BACKEND_CHOICES:
         raise InferenceError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}.")
     if precision not in PRECISION_CHOICES:
@@ -552,6 +554,42 @@ def onnxruntime_int8(
     return _onnx_runner(payload, model)
 
 
+def _check_model_and_example(model: Any, example: Any) -> None:
+    """``model`` a module and ``example`` a float batch of images with the model's channels (when its record
+    says them), refused before any backend is built."""
+    arguments.module(model, "model")
+    if not isinstance(example, Tensor):
+        raise ArgumentTypeError(
+            f"`example_input` must be a tensor, a batch of images (N, C, H, W), got {type(example).__name__}."
+        )
+    if example.ndim != 4 or not example.is_floating_point():
+        raise ArgumentValueError(
+            f"`example_input` must be a floating-point batch of images (N, C, H, W), got shape "
+            f"{tuple(example.shape)} of {str(example.dtype).removeprefix('torch.')}."
+        )
+    info = model_info(model)
+    if info.config is not None and example.shape[1] != info.in_chans:
+        raise ArgumentValueError(
+            f"`example_input` has {example.shape[1]} channels but the model takes {info.in_chans}-channel "
+            "images."
+        )
+
+
+def _check_labels(labels: Any, classes: int) -> None:
+    """Labels of ``eval_data``: integer class indices of the model's classes."""
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        kind = (
+            str(labels.dtype).removeprefix("torch.") if isinstance(labels, Tensor) else type(labels).__name__
+        )
+        raise ArgumentValueError(f"`eval_data` labels must be class indices (an integer tensor), got {kind}.")
+    outside = labels[(labels < 0) | (labels >= classes)]
+    if len(outside):
+        raise ArgumentValueError(
+            f"`eval_data` holds the label {int(outside[0])} but the model has {classes} classes (0 to "
+            f"{classes - 1}): give the labels of the model's classes."
+        )
+
+
 def _score(runner: Runner, batches: Iterable[Sequence[Tensor]], device: torch.device) -> tuple[float, Tensor]:
     """Top-1 (percent) of ``runner`` over labelled batches, and its predicted class for every image."""
     predictions, correct, count = [], 0, 0
@@ -560,7 +598,9 @@ def _score(runner: Runner, batches: Iterable[Sequence[Tensor]], device: torch.de
             images, labels = batch[0], batch[1]
             if len(labels) == 0:
                 continue
-            predicted = runner(images.to(device)).float().argmax(1).cpu()
+            logits = runner(images.to(device)).float()
+            _check_labels(labels, logits.shape[1])
+            predicted = logits.argmax(1).cpu()
             predictions.append(predicted)
             correct += int((predicted == labels.cpu()).sum())
             count += len(labels)
