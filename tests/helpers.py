@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import repvgg
 from repvgg.core.info import PREPROCESSING_PRESETS
 from repvgg.core.reparam import relative_error
 
-__all__ = ["SMALL", "STRIDES", "relative_error", "small_model", "trained_looking"]
+__all__ = ["SMALL", "STRIDES", "relative_error", "small_model", "trained_looking", "with_nan_in"]
 
 
 def trained_looking(name: str, **kwargs: object) -> repvgg.RepVGG:
@@ -32,3 +34,17 @@ def small_model(seed: int = 1, **kwargs: object) -> repvgg.RepVGG:
     model.class_names = [f"class {i}" for i in range(model.num_classes)]
     model.preprocessing = PREPROCESSING_PRESETS["fashion-mnist"]
     return model.eval()
+
+
+def with_nan_in(path: Path, key: str) -> Path:
+    """A checkpoint file of this package rewritten with a NaN in tensor ``key`` (a diverged run's file, which
+    save_checkpoint itself refuses to write); its record kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    return path

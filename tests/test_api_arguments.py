@@ -113,7 +113,7 @@ CASES: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "save_checkpoint-Linear": (
         lambda tmp: repvgg.save_checkpoint(nn.Linear(2, 2), tmp / "m.safetensors"),
         CheckpointError,
-        "save_checkpoint writes RepVGG networks and PSPNets over them, got Linear",
+        "got a Linear without any; save it with torch.save(model.state_dict(), path)",
     ),
     "save_checkpoint-nan-weights": (
         lambda tmp: repvgg.save_checkpoint(_nan_model(), tmp / "m.safetensors"),

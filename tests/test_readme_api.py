@@ -61,7 +61,7 @@ def api_calls() -> list[str]:
 
 def dotted_names() -> list[str]:
     """Every ``repvgg.a.b`` name in the README's prose."""
-    return sorted(set(re.findall(r"\brepvgg(?:\.[A-Za-z_]\w*)+", _prose())))
+    return sorted(set(re.findall(r"(?<![\w./])repvgg(?:\.[A-Za-z_]\w*)+", _prose())))  # not .repvgg.lock
 
 
 def _resolve(dotted: str) -> object:
@@ -330,7 +330,19 @@ def _block_custom_l2() -> None:
     assert _block().get_custom_L2().item() > 0
 
 
+def _argument_checks(tmp_path: Path) -> None:
+    with pytest.raises(repvgg.ArgumentTypeError, match="`num_classes` must be a whole number"):
+        repvgg.create_model("repvgg_a0", num_classes="10")
+    with pytest.raises(repvgg.ArgumentTypeError, match="`model` must be a PyTorch module"):
+        repvgg.save_checkpoint(None, tmp_path / "m.safetensors")
+    with pytest.raises(repvgg.ArgumentValueError, match="`example_input` has 3 channels"):
+        repvgg.optimize(small_model(), example_input=torch.randn(2, 3, 28, 28))
+
+
 EXERCISES: dict[str, Callable[..., None]] = {
+    'create_model(num_classes="10")': _argument_checks,
+    "save_checkpoint(None, ...)": _argument_checks,
+    "optimize(model, example_input=x)": _argument_checks,
     "RepVGG(num_blocks, num_classes, width_multiplier, override_groups_map, deploy, use_se, "
     "use_checkpoint)": _repvgg_positional,
     "RepVGGBlock(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, "

@@ -17,7 +17,7 @@ from repvgg.engine.training import train
 from repvgg.exceptions import InferenceError, ModelConfigError, TrainingError
 from repvgg.io.jsonfile import json_text
 from repvgg.studies.ablation import AblationConfig, run_ablation
-from tests.helpers import small_model
+from tests.helpers import small_model, with_nan_in
 from tests.test_data import fake_fashion_mnist, make_image_folder
 
 SMALL = {"batch_size": 32, "progress": False, "epochs": 1}
@@ -178,10 +178,7 @@ def test_results_are_strict_json() -> None:
 def test_non_finite_weights_are_named_by_convert_eval_and_predict(
     fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model = small_model()
-    with torch.no_grad():
-        model.linear.weight[0, 0] = float("nan")
-    path = repvgg.save_checkpoint(model, tmp_path / "nan.safetensors")
+    path = with_nan_in(repvgg.save_checkpoint(small_model(), tmp_path / "nan.safetensors"), "linear.weight")
     image = tmp_path / "x.png"
     from PIL import Image
 

@@ -27,7 +27,7 @@ from repvgg.core.info import ModelInfo, model_info
 from repvgg.core.int8 import QuantizedRepVGG, convert_int8, example_input, prepare_int8, x86_engine
 from repvgg.core.models import RepVGG, adapt_input_conv, stage_widths
 from repvgg.core.registry import name_for_config
-from repvgg.core.reparam import refuse_nonfinite
+from repvgg.core.reparam import refuse_nonfinite, reparameterizable_blocks
 from repvgg.core.segmentation import PSPNet
 from repvgg.exceptions import (
     ArgumentTypeError,
@@ -49,9 +49,6 @@ from repvgg.io.machine import cpu_features
 from repvgg.io.onnxfile import load_onnx
 
 FORMAT_TAG = "repvgg"
-#: Networks without an architecture record that this package saves all the same: the caller rebuilds them
-#: and loads the file with ``model=`` (the ablation's residual baseline).
-REBUILT_BY_CALLER = ("ResidualReorg",)
 INT8_FORMAT_TAG = "repvgg-int8"
 STATE_FORMAT_TAG = "repvgg-training-state"
 FORMAT_VERSION = "1"
@@ -130,10 +127,12 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, class_names: Sequence[s
             "or export ONNX with repvgg.export_model."
         )
     info = _record_of(model, class_names)
-    if info.config is None and info.module_type not in REBUILT_BY_CALLER:
+    says_what_it_is = isinstance(getattr(model, "info", None), ModelInfo)  # e.g. the ablation's baseline
+    if info.config is None and not says_what_it_is and not reparameterizable_blocks(model):
         raise CheckpointError(
-            f"save_checkpoint writes RepVGG networks and PSPNets over them, got {type(model).__name__}; "
-            "save another network with torch.save(model.state_dict(), path)."
+            f"save_checkpoint writes networks of RepVGG blocks (read back with `model` when the file cannot "
+            f"rebuild them), got a {type(model).__name__} without any; save it with "
+            "torch.save(model.state_dict(), path)."
         )
     refuse_nonfinite(model, "The model", CheckpointError)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
