@@ -167,6 +167,16 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
         raw = gzip.decompress((a["data"] / name).read_bytes())
         (a["data_truncated"] / name).write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    a["data_bad_label"] = shutil.copytree(a["data"], root / "fashion-bad-label")  # a label of no class
+    for name, count in (("train-labels-idx1-ubyte.gz", 128), ("t10k-labels-idx1-ubyte.gz", 64)):
+        write_idx(a["data_bad_label"] / name, np.full(count, 200, dtype=np.uint8))
+    a["one_class"] = root / "one-class"  # an image folder of a single class
+    for split in ("train", "val"):
+        (a["one_class"] / split / "shoe").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                a["one_class"] / split / "shoe" / f"{i}.png"
+            )
     a["data_mismatch"] = shutil.copytree(a["data"], root / "fashion-mismatch")  # 5 labels for 128 images
     write_idx(a["data_mismatch"] / "train-labels-idx1-ubyte.gz", np.zeros(5, dtype=np.uint8))
     write_idx(a["data_mismatch"] / "t10k-labels-idx1-ubyte.gz", np.zeros(5, dtype=np.uint8))
@@ -284,8 +294,8 @@ NUMERIC: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
     "train-seg": {
         "--epochs": POSITIVE_INT,
         "--batch-size": POSITIVE_INT,
-        "--lr": NON_NEGATIVE_FLOAT,  # 0 keeps the backbone as it was loaded
-        "--num-classes": POSITIVE_INT,
+        "--lr": POSITIVE_FLOAT,  # as train's
+        "--num-classes": (*POSITIVE_INT, "1"),  # a segmenter needs two classes at least
         "--image-size": IMAGE_SIZE,
         "--head-channels": POSITIVE_INT,
         "--aux-weight": NON_NEGATIVE_FLOAT,
@@ -328,6 +338,7 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
         "--forms": ("x",),
         "--models": ("repvgg_z9",),
         "--baselines": ("resnet999",),
+        "--baseline": ("resnet999", "resnet50"),  # unknown, or not among the networks timed
     },
     "train": {
         "--device": BAD_DEVICES,
@@ -446,6 +457,8 @@ COMBINATIONS: dict[str, tuple[str, ...]] = {  # values each fine alone, wrong to
     "export-onnx-to-a-torchscript-name": args("export {ckpt} --to onnx {tmp}/model.pt"),
     "export-torchscript-to-an-onnx-name": args("export {ckpt} --to torchscript {tmp}/model.onnx"),
     "quantize-on-cuda": (*BASE["quantize"], "--device", "cuda"),
+    "train-one-class-imagefolder": (*BASE["train"], *args("--data imagefolder --data-dir {one_class}")),
+    "eval-one-class-imagefolder": (*BASE["eval"], *args("--data imagefolder --data-dir {one_class}")),
     "train-resume-with-config": (*BASE["train"], "--resume", "--config", "{cfg_good}"),
     "train-resume-and-overwrite": (*BASE["train"], "--resume", "--overwrite"),
     "train-seg-resume-nothing-to-resume": (*BASE["train-seg"], "--resume"),
@@ -488,7 +501,7 @@ CONFIGS = args(
     "cfg_nested cfg_empty png0 folder"
 )
 
-BAD_DATA_DIRS = args("data_missing data_empty text data_corrupt data_truncated data_mismatch")
+BAD_DATA_DIRS = args("data_missing data_empty text data_corrupt data_truncated data_mismatch data_bad_label")
 DATA_DIR_COMMANDS = args("eval quantize train train-seg ablate demo")
 
 BAD_IMAGES = args("missing text empty ckpt truncated")  # predict skips them, says so, exits 1

@@ -122,7 +122,9 @@ def test_repvgg_optimize_writes_the_winner_and_eval_runs_it_that_way(
     ):
         assert expected.format(checkpoint=checkpoint) in steps, steps
     assert steps[-1].startswith("optimize: writing ")
-    assert out.startswith("backend      precision  images/s   vs fp32") and "x86          int8" in out
+    named, table = out.split("\n", 1)  # eager only: the winner can be no ONNX file
+    assert named == f"the winner will be written to {tmp_path / 'int8.safetensors'}"
+    assert table.startswith("backend      precision  images/s   vs fp32") and "x86          int8" in out
     chosen = out.splitlines()[-1]
     assert chosen.startswith("chose ") and "judged on 64 held-out images, guard 100 points" in chosen
     written = repvgg.load_checkpoint(tmp_path / "int8.safetensors")
@@ -196,6 +198,15 @@ def test_when_onnxruntime_wins_the_artefact_is_an_onnx_file_that_eval_and_predic
     assert repvgg.model_info(loaded).precision == precision
     assert main(["eval", str(tmp_path / "fast.onnx"), "--data-dir", str(data), "--no-progress"]) == 0
     assert "on 64 fashion-mnist validation images" in capsys.readouterr().out
+    other = tmp_path / "other.onnx"  # a file the user did not name, that an ONNX winner would replace
+    other.write_bytes(b"the user's own file")
+    argv[2] = str(tmp_path / "other.safetensors")
+    assert main([*argv, "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other} exists and would be replaced if the winner is written as .onnx" in err
+    assert other.read_bytes() == b"the user's own file"
+    assert main([*argv, "--repeats", "1", "--overwrite"]) == 0
+    assert f"the winner will be written to {other}" in capsys.readouterr().out and other.stat().st_size > 100
 
 
 def test_an_onnx_file_is_a_model_for_every_command_and_a_foreign_one_is_read_from_its_shapes(

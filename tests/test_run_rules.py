@@ -214,3 +214,22 @@ def test_a_refused_run_leaves_no_folder_behind(fashion: Path, tmp_path: Path) ->
     run = tmp_path / "new"
     assert main(["train", "--output", str(run), "--resume"]) == 2  # nothing to resume there
     assert not run.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "train-seg"])
+def test_resume_with_fewer_epochs_than_trained_is_refused_and_changes_nothing(
+    command: str, fashion: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--resume --epochs 1`` after 2 epochs once rewrote config.json and summary.json to say 1 epoch while
+    the weights and metrics.jsonl held 2."""
+    import hashlib
+
+    run = tmp_path / "run"
+    assert _run(command, fashion, run, *SMALL[command], "--epochs", "2") == 0
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main([command, "--output", str(run), "--resume", "--epochs", "1", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "has trained 2 epochs already; --epochs 1 would leave" in error and "at least 2" in error
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
+    assert after == before

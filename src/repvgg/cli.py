@@ -430,8 +430,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _optimize(args: argparse.Namespace) -> int:
     from repvgg.runtime.progress import StepProgress
-    from repvgg.studies.optimization import optimize_checkpoint
+    from repvgg.studies.optimization import optimize_checkpoint, winner_paths
 
+    print(f"the winner will be written to {' or '.join(map(str, winner_paths(args.output, args.backend)))}")
     steps = StepProgress("optimize", enabled=args.progress)
     try:
         result = optimize_checkpoint(
@@ -449,6 +450,7 @@ def _optimize(args: argparse.Namespace) -> int:
             device=args.device,
             workers=args.workers,
             repeats=args.repeats,
+            overwrite=args.overwrite,
             on_step=steps,
         )
     finally:
@@ -530,6 +532,7 @@ def _bench(args: argparse.Namespace) -> int:
         default_protocol,
         extras_report,
         memory_of_residual_vs_plain,
+        names,
         print_table,
         run_bench,
         write_reports,
@@ -551,7 +554,14 @@ def _bench(args: argparse.Namespace) -> int:
     if device != "cpu" and any(c.spec.endswith(":int8") for c in chosen):
         raise ModelConfigError("INT8 models run on the CPU: drop the int8 form or pass --device cpu.")
     print(f"Measuring {len(chosen)} networks: {protocol.describe()} ...")
-    baseline = args.baseline if any(args.baseline in c.spec for c in chosen) else None
+    baseline = args.baseline or "resnet18"
+    if not any(names(c, baseline) for c in chosen):
+        if args.baseline is not None:  # asked for by name: it must be one of the networks timed (said now)
+            raise ModelConfigError(
+                f"`baseline` {args.baseline} is not among the networks timed "
+                f"({', '.join(c.spec for c in chosen)}); give one of them, or time it too."
+            )
+        baseline = None  # the default, not timed here: no ratios
     result = run_bench(
         chosen, protocol, baseline=baseline, measure_memory=not args.no_memory, progress=args.progress
     )
@@ -808,7 +818,11 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "--baselines", nargs="*", default=None, help="torchvision baselines (default: Table 4's)"
     )
     bench.add_argument("--no-timm", action="store_true", help="leave out timm's re-parameterized RepVGG")
-    bench.add_argument("--baseline", default="resnet18", help="speed ratios are relative to this network")
+    bench.add_argument(
+        "--baseline",
+        default=None,
+        help="speed ratios are relative to this network, one of those timed (default: resnet18 when timed)",
+    )
     _shared(bench, "device", help=DEVICE_HELP)
     _shared(bench, "batch_size", help="images per timed batch (default: the protocol's)")
     _shared(bench, "image_size", help="timed image size (default: the protocol's, 224)")
@@ -940,6 +954,11 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _shared(fast, "device", help=DEVICE_HELP)
     _shared(fast, "workers", help=WORKERS_HELP)
     _shared(fast, "progress")
+    fast.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the winner may replace a file of the other suffix (OUT.onnx for OUT.safetensors, or back)",
+    )
 
     _add_run_parser(
         commands,

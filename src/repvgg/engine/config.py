@@ -399,9 +399,9 @@ class SegTrainConfig(RunConfig):
     RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
         "epochs": (1, None),
         "batch_size": (1, None),
-        "lr": (0, None),
+        "lr": RANGES["lr"],
         "weight_decay": (0, None),
-        "num_classes": (1, None),
+        "num_classes": (2, None),
         "image_size": RANGES["image_size"],
         "head_channels": (2, None),
         "aux_weight": (0, None),
@@ -411,6 +411,7 @@ class SegTrainConfig(RunConfig):
         "train_subset": (1, None),
         "val_subset": (1, None),
     }
+    POSITIVE: ClassVar[tuple[str, ...]] = ("lr",)  # as train's: a learning rate of 0 trains nothing
     RESUMABLE: ClassVar[tuple[str, ...]] = (
         "epochs",
         "workers",

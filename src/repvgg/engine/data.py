@@ -123,7 +123,9 @@ def fashion_mnist_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Te
             f"{len(found['labels'])} labels); reinstall the dataset."
         )
     images = torch.from_numpy(found["images"].copy()).unsqueeze(1)
-    return images, torch.from_numpy(found["labels"].astype(np.int64))
+    labels = torch.from_numpy(found["labels"].astype(np.int64))
+    refuse_labels_outside(labels, len(FASHION_MNIST_CLASSES), f"The Fashion-MNIST labels in {root}")
+    return images, labels
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -168,8 +170,20 @@ def _cifar10_split(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     batches = [_unpickle_arrays(root / name) for name in names if (root / name).is_file()]
     data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+    labels = torch.from_numpy(np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches]))
+    refuse_labels_outside(labels, 10, f"The CIFAR-10 labels in {root}")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
+
+
+def refuse_labels_outside(labels: torch.Tensor, classes: int, what: str) -> None:
+    """One sentence, when the dataset is read, for a label that is no class (a damaged label file): it would
+    end training or evaluation in an index error far from its cause."""
+    outside = labels[(labels < 0) | (labels >= classes)]
+    if len(outside):
+        raise DataError(
+            f"{what} include {int(outside[0])}, but the dataset's {classes} classes are 0 to "
+            f"{classes - 1}: the label file is damaged; reinstall the dataset."
+        )
 
 
 def _cifar10_classes(root: Path) -> list[str]:
@@ -372,6 +386,11 @@ def _image_folder_bundle(
     if train.classes != val.classes:
         raise DataError(
             f"train/ and val/ in {root} have different class folders; both need the same class names."
+        )
+    if len(train.classes) < 2:
+        raise DataError(
+            f"{root}/train has {len(train.classes)} class folder ({', '.join(train.classes)}): a classifier "
+            "needs at least two classes (one folder per class), or every image is 100% right."
         )
     notes = []
     largest = train.largest_side() if image_size is None else None

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from repvgg.core.blocks import RepVGGBlock
 from repvgg.core.models import RepVGG
 from repvgg.core.registry import create_model
-from repvgg.core.reparam import is_convertible, reparameterize
+from repvgg.core.reparam import is_convertible, refuse_nonfinite, reparameterize
 from repvgg.engine.config import Config, TrainConfig, load_run_config
 from repvgg.engine.data import (
     DataBundle,
@@ -341,6 +341,13 @@ class Trainer:
         if self.output is None or not path.is_file():
             raise TrainingError(f"Nothing to resume in {self.output}: it has no {STATE_FILE}; start afresh.")
         state = load_training_state(path)
+        trained = int(state["epoch"])
+        if self.epochs < trained:
+            raise TrainingError(
+                f"{self.output} has trained {trained} epochs already; `epochs` {self.epochs} would leave its "
+                f"weights and metrics saying more than its record: give `epochs` of at least {trained} (more "
+                "trains on)."
+            )
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:
@@ -707,11 +714,15 @@ class ClassificationRun:
         return model
 
     def _load_initial_weights(self, model: nn.Module) -> str:
-        """Start from the `init` checkpoint; returns what was loaded and replaced (for the header)."""
+        """Start from the `init` checkpoint; returns what was loaded and replaced (for the header). Weights
+        that are not finite are named now, not found as a diverged loss later."""
         if isinstance(model, RepVGG):
-            return load_pretrained(self.config.init, model, replace_head=self.config.finetune)  # type: ignore[arg-type]
-        load_checkpoint(self.config.init, model=model, adapt_in_chans=True)  # type: ignore[arg-type]
-        return f"loaded {self.config.init}"
+            done = load_pretrained(self.config.init, model, replace_head=self.config.finetune)  # type: ignore[arg-type]
+        else:
+            load_checkpoint(self.config.init, model=model, adapt_in_chans=True)  # type: ignore[arg-type]
+            done = f"loaded {self.config.init}"
+        refuse_nonfinite(model, str(self.config.init), TrainingError)
+        return done
 
     def _train_loader(self, workers: int) -> DataLoader[Any]:
         config, context = self.config, self.context

@@ -526,9 +526,11 @@ def load_checkpoint(
     if model is not None:
         arguments.module(model, "model")
     if not isinstance(source, Mapping) and Path(source).suffix.lower() == ".onnx":
-        if model is not None:
+        if model is None:
+            return load_onnx(source)
+        if file_kind(source) in ("onnx", "onnx-segmenter"):
             raise CheckpointError(f"{source} is an ONNX model: it runs as it is and loads into no `model`.")
-        return load_onnx(source)
+        # named .onnx but no ONNX model: read by its content below, which says what it is
     raw, metadata = _read_source(source)
     if metadata.get("format") == INT8_FORMAT_TAG and model is None:
         return load_quantized(raw, metadata)

@@ -236,13 +236,13 @@ def writable_or_raise(path: PathLike, error_type: type[RepVGGError] = Checkpoint
         raise error_type(f"Cannot write to {target}: {blocker} is a file, not a folder; choose another path.")
     if target.exists() and not os.access(target, os.W_OK):
         raise error_type(f"{target} is read-only; make it writable (chmod u+w) or choose another path.")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=target.parent):
+    existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
+    try:  # the folders still to make are made by the writer: a refused command leaves none behind
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise error_type(
-            f"Cannot write to {target.parent} ({error.strerror or error}); choose a folder you can write to."
+            f"Cannot write to {existing} ({error.strerror or error}); choose a folder you can write to."
         ) from error
 
 
@@ -283,13 +283,13 @@ def folder_lock(
 
     A second process asking for the same folder is refused at once in one sentence naming the holder. The
     lock is the kernel's (``flock`` on ``folder/.repvgg.lock``), so it ends with its process however that
-    ends (SIGKILL included): the lock file a dead process left behind blocks nobody. A folder this call
-    created and nothing but the lock file was put in is removed again on the way out (a refused run
-    leaves no empty folder behind).
+    ends (SIGKILL included): the lock file a dead process left behind blocks nobody. The folders this call
+    created are removed again on the way out when nothing but the lock file was put in them (a refused
+    run leaves no empty folder behind).
     """
     import fcntl
 
-    created = not Path(folder).exists()
+    created = [f for f in (Path(folder), *Path(folder).parents) if not f.exists()]  # deepest first
     path = output_folder(folder, error_type)
     path.mkdir(parents=True, exist_ok=True)
     lock = path / LOCK_FILE
@@ -313,5 +313,9 @@ def folder_lock(
     finally:
         if created and {p.name for p in path.iterdir()} == {LOCK_FILE}:
             lock.unlink(missing_ok=True)
-            path.rmdir()
+            for made in created:  # the folders made for this, while nothing else went into them
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
         handle.close()

@@ -83,8 +83,8 @@ def export_target(path: PathLike, to: str | None = None) -> str:
         raise ExportError(f"Unknown export target {to!r}: choose one of {', '.join(EXPORT_TARGETS)}.")
     if to is None and named is None:
         raise ExportError(
-            f"{Path(path).name} does not say the format: end it in .onnx (ONNX) or .pt (TorchScript), or "
-            "give `to`."
+            f"{Path(path).name} does not say the format: name it {Path(path).with_suffix('.onnx').name} "
+            f"(ONNX) or {Path(path).with_suffix('.pt').name} (TorchScript)."
         )
     chosen = to or named
     assert chosen is not None

@@ -105,6 +105,12 @@ def candidates(
     return result
 
 
+def names(network: Any, name: str) -> bool:
+    """Whether ``name`` names a measured network (a candidate or a row): its label, spec or last part of the
+    spec (``resnet18`` for ``torchvision:resnet18``)."""
+    return name in (network.label, network.spec, network.spec.split(":")[-1])
+
+
 def _timm_available() -> bool:
     try:
         import timm  # noqa: F401
@@ -357,7 +363,7 @@ def run_bench(
     bar.close()
     chosen_baseline = None
     if baseline is not None:
-        reference = next((r for r in rows if baseline in (r.label, r.spec, r.spec.split(":")[-1])), None)
+        reference = next((r for r in rows if names(r, baseline)), None)
         if reference is None:
             raise ModelConfigError(f"The baseline {baseline!r} is not among the measured networks.")
         chosen_baseline = reference.label

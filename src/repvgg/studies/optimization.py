@@ -33,6 +33,19 @@ from repvgg.runtime.optimize import Candidate, optimize
 ARTEFACT_SUFFIXES = (".safetensors", ".onnx")
 
 
+def winner_paths(output: PathLike, backend: str = "auto") -> list[Path]:
+    """The files the winner of a search over ``backend`` may be written to: ``output`` with the suffix
+    ``.onnx`` when an onnxruntime candidate can win, ``.safetensors`` when another can."""
+    if Path(output).suffix not in ARTEFACT_SUFFIXES:
+        raise InferenceError(
+            f"`output` is a .safetensors or .onnx file (the winner sets which), got {Path(output).name}."
+        )
+    suffixes = [".safetensors"] * (backend != "onnxruntime") + [".onnx"] * (
+        backend in ("auto", "onnxruntime")
+    )
+    return [Path(output).with_suffix(suffix) for suffix in suffixes]
+
+
 @dataclass(frozen=True)
 class OptimizeResult:
     """What ``repvgg optimize`` chose and wrote, with every candidate it weighed."""
@@ -62,19 +75,25 @@ def optimize_checkpoint(
     workers: int | None = None,
     repeats: int = 10,
     seed: int = 0,
+    overwrite: bool = False,
     on_step: Callable[[str], None] | None = None,
 ) -> OptimizeResult:
     """Search backends and precisions for ``checkpoint`` (see :func:`repvgg.optimize`), judging each on
     ``data``'s validation split, and write the winner to ``output``, whose suffix (``.safetensors`` or
-    ``.onnx``) is set by the winner. ``on_step`` is told each step as it begins (minutes in all)."""
+    ``.onnx``) is set by the winner (:func:`winner_paths`). A file of the other suffix that the winner may
+    replace, which the caller did not name, is refused before any work unless ``overwrite``. ``on_step`` is
+    told each step as it begins (minutes in all)."""
     step = on_step or (lambda _: None)
-    if Path(output).suffix not in ARTEFACT_SUFFIXES:
+    targets = winner_paths(output, backend)
+    for target in targets:
+        writable_or_raise(target, InferenceError)
+        refuse_same_file(checkpoint, target, InferenceError)
+    unnamed = [t for t in targets if t != Path(output) and t.exists()]
+    if unnamed and not overwrite:
         raise InferenceError(
-            f"`output` is a .safetensors or .onnx file (the winner sets which), got {Path(output).name}."
+            f"{unnamed[0]} exists and would be replaced if the winner is written as {unnamed[0].suffix}; "
+            "move it, choose another `output`, or replace it (`overwrite`)."
         )
-    for suffix in ARTEFACT_SUFFIXES:
-        writable_or_raise(Path(output).with_suffix(suffix), InferenceError)
-        refuse_same_file(checkpoint, Path(output).with_suffix(suffix), InferenceError)
     require_kind(checkpoint, ("classifier",), "the search (judged by top-1)", InferenceError)
     step(f"reading {checkpoint}")
     model = load_checkpoint(checkpoint)

@@ -177,6 +177,7 @@ def _train_segmentation(config: SegTrainConfig, resume: bool) -> dict[str, Any]:
     loaded = None
     if config.backbone_weights is not None:
         load_checkpoint(config.backbone_weights, model.backbone, adapt_in_chans=True)
+        refuse_nonfinite(model.backbone, config.backbone_weights, TrainingError)
         loaded = f"backbone loaded from {config.backbone_weights}"
     model = model.to(device)
     train_loader = DataLoader(
@@ -200,9 +201,6 @@ def _train_segmentation(config: SegTrainConfig, resume: bool) -> dict[str, Any]:
         image_size=bundle.image_size,
         device=device.type,
     )
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "config.json", resolved.as_saved(), what="the run's configuration")
-    print(_header(config, bundle, model, device, loaded), flush=True)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
     )
@@ -220,7 +218,10 @@ def _train_segmentation(config: SegTrainConfig, resume: bool) -> dict[str, Any]:
         log_interval=config.log_interval,
     )
     if continues:
-        trainer.resume()
+        trainer.resume()  # before anything is written: a resume it refuses changes nothing
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "config.json", resolved.as_saved(), what="the run's configuration")
+    print(_header(config, bundle, model, device, loaded), flush=True)
     trainer.fit()
     deployed_model = reparameterize(model.eval())
     forms, changed = evaluate_forms(
