@@ -65,7 +65,6 @@ def _bounds(low: float | None, high: float | None, above: bool) -> str:
 positive_int = _number(int, 1)
 non_negative_int = _number(int, 0)
 positive_float = _number(float, 0, above=True)
-non_negative_float = _number(float, 0)
 image_size = _number(int, *RANGES["image_size"])  # the ranges of train's options, for every command
 workers = _number(int, *RANGES["workers"])
 seed = _number(int, *RANGES["seed"])

@@ -458,9 +458,9 @@ def _check_record(checkpoint: Checkpoint) -> None:
                 f"most {RECORD_LIMITS[name]:,} make sense); the record is damaged or was edited: save the "
                 "model again."
             )
-    named = name_for_config(backbone)
     if checkpoint.source_format != FORMAT_TAG:
         return  # a foreign file's record is read off its tensors: it fits them
+    named = name_for_config(backbone)
     with torch.device("meta"):
         probe = _construct(info)
     wanted = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
