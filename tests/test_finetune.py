@@ -11,7 +11,7 @@ import torch
 
 import repvgg
 from repvgg.cli import main
-from repvgg.engine.training import parameter_groups
+from repvgg.engine.recipe import parameter_groups
 from repvgg.exceptions import CheckpointError, ModelConfigError, RepVGGWarning
 from tests.test_data import fake_fashion_mnist
 

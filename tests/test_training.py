@@ -21,7 +21,8 @@ from repvgg.core.info import PREPROCESSING_PRESETS
 from repvgg.engine.config import TrainConfig
 from repvgg.engine.data import build_data, write_sample_images
 from repvgg.engine.distributed import DistContext
-from repvgg.engine.training import ClassificationRun, LRSchedule, Trainer, parameter_groups, train
+from repvgg.engine.recipe import LRSchedule, parameter_groups
+from repvgg.engine.training import ClassificationRun, Trainer, train
 from repvgg.exceptions import CheckpointError, DataError, TrainingError
 from repvgg.io.checkpoints import read_checkpoint
 from repvgg.studies.ablation import ResidualReorg, build_network, load_trained
@@ -66,7 +67,7 @@ def test_options_of_the_recipe_run_together(fashion: Path, tmp_path: Path) -> No
             ema_decay=0.99,
             label_smoothing=0.1,
             mixup=0.2,
-            autoaugment=True,
+            augment="autoaugment",
             amp="bf16",
             channels_last=True,
             grad_checkpointing=True,

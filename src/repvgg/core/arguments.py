@@ -40,3 +40,12 @@ def text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise ArgumentTypeError(f"`{name}` must be a string, got {value!r} ({type(value).__name__}).")
     return value
+
+
+def probability(value: Any, name: str, error: type[RepVGGError] = ModelConfigError) -> float:
+    """``value`` as a float if it is a real number from 0 to below 1 (a rate of dropping: 1 keeps nothing)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ArgumentTypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise error(f"`{name}` must be at least 0 and below 1, got {value}.")
+    return float(value)

@@ -6,7 +6,9 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import stochastic_depth
 
+from repvgg.core.arguments import probability
 from repvgg.core.designs import block_design
 from repvgg.core.fusion import (
     ConvBN,
@@ -81,6 +83,11 @@ class RepVGGBlock(nn.Module):
     ``padding`` defaults to ``dilation * (kernel_size // 2)`` ("same" padding), the only padding at which
     the three branches line up; any other value is refused.
 
+    ``drop_path`` (stochastic depth, as timm's RepVGG blocks) drops, per sample and while training, the sum
+    of the branches other than the identity, scaled by ``1 / (1 - drop_path)``; only a block with an identity
+    branch has it (without one, a dropped block would pass nothing). In eval mode it does nothing, so the
+    converted block computes the same function whatever the rate.
+
     ``block`` picks a :class:`BlockDesign` from :data:`BLOCK_DESIGNS` (default ``"repvgg"``): e.g.
     ``"qarepvgg"`` trains with a bare 1x1 and identity branch and one BatchNorm after the sum (named
     ``bn``). Every design has the same deploy form.
@@ -100,9 +107,11 @@ class RepVGGBlock(nn.Module):
         use_se: bool = False,
         block: str = "repvgg",
         se_reduction: int = 16,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         design = block_design(block)
+        drop_path = probability(drop_path, "drop_path")
         same_padding = dilation * (kernel_size // 2)
         if padding is None:
             padding = same_padding
@@ -126,6 +135,7 @@ class RepVGGBlock(nn.Module):
         self.padding_mode = padding_mode
         self.deploy = deploy
         self.block = block
+        self.drop_path = 0.0  # set below for a training-form block with an identity branch
 
         self.se: nn.Module = (
             SEBlock(out_channels, internal_neurons=max(1, out_channels // se_reduction))
@@ -179,6 +189,7 @@ class RepVGGBlock(nn.Module):
             self.rbr_identity = nn.BatchNorm2d(in_channels) if design.identity == "bn" else nn.Identity()
         self.bn = nn.BatchNorm2d(out_channels) if design.post_bn else None
         self.relu_in_branches = design.relu_in_branches
+        self.drop_path = float(drop_path) if self.rbr_identity is not None else 0.0
 
     def _deploy_conv(self, reference: Tensor | None = None) -> nn.Conv2d:
         factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
@@ -242,13 +253,21 @@ class RepVGGBlock(nn.Module):
     def forward(self, inputs: Tensor) -> Tensor:
         if self.deploy:
             return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
-        if self.relu_in_branches:
-            out = torch.stack([torch.relu(branch(inputs)) for branch in self.branches()]).sum(0)
+        if self.relu_in_branches:  # the paper's non-convertible reference: ReLU outputs are kept for backward
+            outputs = [
+                torch.relu(branch(inputs)) for branch in self.branches() if branch is not self.rbr_identity
+            ]
+            out = torch.stack(outputs).sum(0)
         else:
-            branches = self.branches()
-            out = next(branches)(inputs)  # a fresh tensor that no backward pass needs: safe to add into
-            for branch in branches:
+            convolutions = (branch for branch in self.branches() if branch is not self.rbr_identity)
+            out = next(convolutions)(inputs)  # a fresh tensor that no backward pass needs: safe to add into
+            for branch in convolutions:
                 out += branch(inputs)
+        if self.drop_path and self.training:
+            out = stochastic_depth(out, self.drop_path, "row", training=True)
+        if self.rbr_identity is not None:
+            identity = self.rbr_identity(inputs)
+            out += torch.relu(identity) if self.relu_in_branches else identity
         if self.bn is not None:
             out = self.bn(out)
         return self.nonlinearity(self.se(out))
@@ -363,7 +382,7 @@ class ScriptableBlock(nn.Module):
     """A :class:`RepVGGBlock` (either form) as TorchScript compiles it: it shares the block's layers, every
     branch is an attribute (None when absent), and the sum is written without a generator."""
 
-    __constants__ = ("relu_in_branches",)
+    __constants__ = ("relu_in_branches", "drop_path")
 
     def __init__(self, block: RepVGGBlock) -> None:
         super().__init__()
@@ -376,6 +395,7 @@ class ScriptableBlock(nn.Module):
         self.bn = None if deployed else block.bn
         self.se, self.nonlinearity = block.se, block.nonlinearity
         self.relu_in_branches = not deployed and block.relu_in_branches
+        self.drop_path = 0.0 if deployed else block.drop_path
 
     def forward(self, inputs: Tensor) -> Tensor:
         if self.reparam is not None:
@@ -388,11 +408,14 @@ class ScriptableBlock(nn.Module):
                 outputs.append(branch(inputs))
         if self.one_by_one is not None:
             outputs.append(self.one_by_one(inputs))
-        if self.identity is not None:
-            outputs.append(self.identity(inputs))
         out = torch.relu(outputs[0]) if self.relu_in_branches else outputs[0]
         for output in outputs[1:]:
             out = out + (torch.relu(output) if self.relu_in_branches else output)
+        if self.drop_path > 0.0 and self.training:
+            out = stochastic_depth(out, self.drop_path, "row", True)
+        if self.identity is not None:
+            identity = self.identity(inputs)
+            out = out + (torch.relu(identity) if self.relu_in_branches else identity)
         if self.bn is not None:
             out = self.bn(out)
         return self.nonlinearity(self.se(out))

@@ -27,6 +27,8 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MAX_IMAGE_SIZE = 4096  # larger sizes in a record are damage, not a model's input size
 #: How a checkpoint stores its weights; a bfloat16 one (written by ``repvgg optimize``) loads as float32.
 PRECISIONS = ("float32", "bfloat16", "int8")
+#: How an image is resized (torchvision's InterpolationMode names); records without one are bilinear.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,16 @@ class Preprocessing:
     """How an image file becomes a model input: saved in checkpoints so ``predict`` needs no dataset.
 
     The image is converted to ``in_chans`` channels (L or RGB), resized so its shorter side is
-    ``resize``, centre-cropped to ``image_size`` and normalised with ``mean`` and ``std``.
+    ``resize`` (with ``interpolation``), centre-cropped to ``image_size`` and normalised with ``mean`` and
+    ``std``. ``image_size / resize`` is the test-time crop ratio (timm's ``crop_pct``: 0.875 for the paper's
+    256 -> 224).
     """
 
     image_size: int
     resize: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         sizes_ok = 1 <= self.image_size <= self.resize <= MAX_IMAGE_SIZE
@@ -52,6 +57,16 @@ class Preprocessing:
                 f"The preprocessing {self.as_dict()} is not usable: it needs 1 <= image_size <= resize <= "
                 f"{MAX_IMAGE_SIZE} and one finite mean and positive std per channel (1 or 3)."
             )
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(
+                f"The preprocessing's interpolation {self.interpolation!r} is none of "
+                f"{', '.join(INTERPOLATIONS)}."
+            )
+
+    @property
+    def crop_pct(self) -> float:
+        """The test-time crop ratio: the crop's side over the resized shorter side."""
+        return self.image_size / self.resize
 
     @property
     def in_chans(self) -> int:
@@ -65,7 +80,9 @@ class Preprocessing:
         return v2.Compose(
             [
                 v2.ToImage(),
-                v2.Resize(self.resize, antialias=True),
+                v2.Resize(
+                    self.resize, interpolation=v2.InterpolationMode(self.interpolation), antialias=True
+                ),
                 v2.CenterCrop(self.image_size),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(self.mean, self.std),
@@ -83,6 +100,7 @@ class Preprocessing:
             "resize": self.resize,
             "mean": list(self.mean),
             "std": list(self.std),
+            "interpolation": self.interpolation,
         }
 
     @classmethod
@@ -93,6 +111,7 @@ class Preprocessing:
                 resize=_integer(values["resize"]),
                 mean=tuple(float(m) for m in values["mean"]),
                 std=tuple(float(s) for s in values["std"]),
+                interpolation=str(values.get("interpolation", "bilinear")),
             )
         except DataError:
             raise

@@ -14,7 +14,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from repvgg.core.arguments import switch, whole_number
+from repvgg.core.arguments import probability, switch, whole_number
 from repvgg.core.blocks import RepVGGBlock, form_of
 from repvgg.core.designs import block_design
 from repvgg.core.info import ModelInfo, Preprocessing
@@ -50,6 +50,9 @@ class RepVGG(nn.Module):
         se_reduction: the SE block's reduction, ``internal = out // se_reduction`` (the authors' 16).
         frozen_stages: stages 0..k are frozen while training (no gradients, BatchNorm statistics kept), as
             mmpretrain's ``frozen_stages``; -1 freezes none. Fine-tuning on few images often freezes 0-1.
+        drop_path_rate: stochastic depth while training (timm's ``drop_path_rate``), rising linearly from 0
+            at the first block to this rate at the last; it acts only in blocks with an identity branch and
+            only in training mode, so the deploy form and the record do not depend on it.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class RepVGG(nn.Module):
         base_channels: int = 64,
         se_reduction: int = 16,
         frozen_stages: int = -1,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         whole_number(num_classes, "num_classes", 0)
@@ -114,6 +118,7 @@ class RepVGG(nn.Module):
             raise ModelConfigError(
                 f"base_channels and se_reduction must be at least 1, got {base_channels} and {se_reduction}."
             )
+        self.drop_path_rate = probability(drop_path_rate, "drop_path_rate")
         self.dilations = tuple(int(d) for d in dilations) if dilations is not None else None
         self.base_channels, self.se_reduction = int(base_channels), int(se_reduction)
         stage_strides, stage_dilations = dilated_strides(self.strides, output_stride, dilation_mode)
@@ -125,7 +130,7 @@ class RepVGG(nn.Module):
         self.runtime: dict[str, str] | None = None  # the backend and precision `repvgg optimize` chose
 
         widths = stage_widths(self.width_multiplier, self.base_channels)
-        self._layer_index = 0
+        self._layer_index, self._layers = 0, layers
         depths = (1, *self.num_blocks)
         if self.dilations is not None:
             dilations = [[self.dilations[i]] * depths[i] for i in range(5)]
@@ -136,7 +141,7 @@ class RepVGG(nn.Module):
         self.stage2 = self._make_stage(widths[1], widths[2], stage_strides[2], dilations[2])
         self.stage3 = self._make_stage(widths[2], widths[3], stage_strides[3], dilations[3])
         self.stage4 = self._make_stage(widths[3], widths[4], stage_strides[4], dilations[4])
-        del self._layer_index
+        del self._layer_index, self._layers
         self.num_features = widths[4]
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.num_classes = num_classes
@@ -156,6 +161,7 @@ class RepVGG(nn.Module):
             use_se=self.use_se,
             block=self.block,
             se_reduction=self.se_reduction,
+            drop_path=self.drop_path_rate * self._layer_index / max(1, self._layers - 1),
         )
         self._layer_index += 1
         return block

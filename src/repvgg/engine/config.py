@@ -32,7 +32,14 @@ from repvgg.exceptions import TrainingError
 from repvgg.runtime.names import DEVICE_PATTERN
 
 AMP_CHOICES = ("none", "bf16", "fp16")
-DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")  # lamb and lars are timm's (repvgg[train])
+SCHEDULES = ("cosine", "step", "poly", "onecycle")
+AUGMENT_POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")  # torchvision v2's
+INTERPOLATIONS = ("bilinear", "bicubic")
+BEST_METRICS = ("top1", "loss")
+#: shards: WebDataset tar shards written by ``repvgg shard``; hf: a Hugging Face dataset saved to disk or
+#: Parquet files (``hf-stream`` reads the Parquet files as a stream)
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "shards", "hf", "hf-stream")
 SEG_DATASETS = ("fashion-mnist-seg", "folder")  # segmentation sets (repvgg.engine.segmentation_data)
 #: RepVGG, and the residual baseline of repvgg.studies.ablation (its LAYOUT_VARIANTS)
 LAYOUTS = ("repvgg", "residual_reorg")
@@ -63,6 +70,21 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "label_smoothing": (0, 1),
     "mixup": (0, None),
     "ema_decay": (0, 1),
+    "min_lr": (0, None),
+    "decay_epochs": (0, None),
+    "decay_rate": (0, 1),
+    "poly_power": (0, None),
+    "clip_grad": (0, None),
+    "accum_steps": (1, 1024),
+    "cutmix": (0, None),
+    "mixup_prob": (0, 1),
+    "mixup_switch_prob": (0, 1),
+    "augment_magnitude": (0, 30),
+    "random_erasing": (0, 1),
+    "drop_path": (0, 0.99),
+    "crop_pct": (0.05, 1),
+    "keep_best": (1, 100),
+    "patience": (1, None),
     "image_size": (8, 4096),
     "seed": (0, 2**63 - 1),
     "workers": (0, 256),
@@ -72,7 +94,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train_subset": (1, None),
     "val_subset": (1, None),
 }
-POSITIVE = ("lr", "ema_decay", "head_lr_mult")
+POSITIVE = ("lr", "ema_decay", "head_lr_mult", "decay_epochs", "decay_rate", "clip_grad", "poly_power")
 
 
 #: The fields every run's configuration has alike: default and command-line metadata (see the module's doc).
@@ -227,21 +249,105 @@ class TrainConfig(RunConfig):
     )
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     batch_size: int = field(default=128, metadata={"help": "images per step, per process"})
+    opt: str = field(
+        default="sgd",
+        metadata={
+            "help": "optimizer: SGD (the paper's), AdamW, or timm's LAMB or LARS for large batches",
+            "choices": OPTIMIZERS,
+        },
+    )
     lr: float | None = field(
         default=None,
-        metadata={"help": "peak learning rate (cosine schedule)", "default": "0.1 x global batch / 256"},
+        metadata={
+            "help": "peak learning rate",
+            "default": "the optimizer's rule: sgd/lars 0.1 x effective batch / 256, adamw 5e-4 x effective "
+            "batch / 512, lamb 5e-3 x effective batch / 2048",
+        },
     )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum", "default": "off"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay, with the authors' exclusions"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD and LARS momentum"})
+    nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (SGD)", "default": "off"})
+    weight_decay: float = field(
+        default=1e-4,
+        metadata={"help": "weight decay (decoupled for AdamW/LAMB), with the authors' exclusions"},
+    )
     custom_l2: bool = field(
         default=False, metadata={"help": "the authors' custom L2 on branch kernels", "default": "off"}
     )
+    sched: str = field(
+        default="cosine",
+        metadata={
+            "help": "learning-rate schedule per step: cosine, step (`decay_rate` every `decay_epochs`), poly "
+            "(`poly_power`) or one-cycle (its rise is the warm-up, 30% of training unless `warmup_epochs`)",
+            "choices": SCHEDULES,
+        },
+    )
+    min_lr: float = field(default=0.0, metadata={"help": "the schedule's lowest learning rate"})
+    decay_epochs: float = field(default=30.0, metadata={"help": "step schedule: epochs between decays"})
+    decay_rate: float = field(default=0.1, metadata={"help": "step schedule: factor at each decay"})
+    poly_power: float = field(default=0.9, metadata={"help": "poly schedule: the power of (1 - progress)"})
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear learning-rate warm-up, in epochs"})
+    clip_grad: float | None = field(
+        default=None,
+        metadata={
+            "help": "clip the gradients' global norm to this (before the optimizer step)",
+            "default": "off",
+        },
+    )
+    accum_steps: int = field(
+        default=1,
+        metadata={
+            "help": "accumulate gradients over this many batches per optimizer step (effective batch = "
+            "`batch_size` x processes x this)"
+        },
+    )
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
-    mixup: float = field(default=0.0, metadata={"help": "mixup alpha, 0 for none"})
-    autoaugment: bool = field(
-        default=False, metadata={"help": "AutoAugment on the training images", "default": "off"}
+    mixup: float = field(default=0.0, metadata={"help": "MixUp alpha, 0 for none"})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha, 0 for none"})
+    mixup_prob: float = field(
+        default=1.0, metadata={"help": "with `mixup` or `cutmix`: the share of batches that are mixed"}
+    )
+    mixup_switch_prob: float = field(
+        default=0.5,
+        metadata={"help": "with both `mixup` and `cutmix`: the share of mixed batches that use CutMix"},
+    )
+    augment: str = field(
+        default="none",
+        metadata={
+            "help": "augmentation policy after crop and flip (torchvision's AutoAugment, RandAugment, "
+            "TrivialAugmentWide)",
+            "choices": AUGMENT_POLICIES,
+        },
+    )
+    augment_magnitude: int = field(default=9, metadata={"help": "RandAugment's magnitude (0-30)"})
+    random_erasing: float = field(
+        default=0.0,
+        metadata={
+            "help": "probability of erasing a random rectangle of a training image",
+            "aliases": ("reprob",),
+        },
+    )
+    drop_path: float = field(
+        default=0.0,
+        metadata={
+            "help": "stochastic depth rate of the last block (rising from 0), in blocks with an identity "
+            "branch; training only, so conversion stays exact",
+            "aliases": ("drop-path-rate",),
+        },
+    )
+    crop_pct: float | None = field(
+        default=None,
+        metadata={
+            "help": "evaluation crop ratio: resize the shorter side to size / this, centre crop; recorded "
+            "in the checkpoint",
+            "default": "0.875 for image folders and shards, 1 for Fashion-MNIST/CIFAR-10",
+        },
+    )
+    interpolation: str = field(
+        default="bilinear",
+        metadata={
+            "help": "resizing of training crops and evaluation images; recorded",
+            "choices": INTERPOLATIONS,
+        },
     )
     ema_decay: float | None = field(
         default=None,
@@ -249,6 +355,27 @@ class TrainConfig(RunConfig):
             "help": "keep an EMA of the weights with this decay, e.g. 0.9998",
             "flag": "ema",
             "default": "no EMA",
+        },
+    )
+    keep_best: int = field(
+        default=1,
+        metadata={
+            "help": "keep the best this many checkpoints by `best_metric` (of the EMA weights when `ema`); "
+            "the best is best_train.safetensors, converted to best_deploy.safetensors at the end"
+        },
+    )
+    best_metric: str = field(
+        default="top1",
+        metadata={
+            "help": "the validation metric that ranks checkpoints (loss: lower is better)",
+            "choices": BEST_METRICS,
+        },
+    )
+    patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "stop early after this many epochs without a better `best_metric`",
+            "default": "off",
         },
     )
     amp: str = field(
@@ -354,9 +481,31 @@ class TrainConfig(RunConfig):
                 f"`custom_l2` needs 3x3 and 1x1 branches that end in BatchNorm; the {self.block!r} block "
                 "has not, so drop `custom_l2` (it trains with plain weight decay)."
             )
+        self._check_combinations()
         if self.finetune and not self.init:
             raise TrainingError(
                 "`finetune` replaces the head of the `init` checkpoint; give `init` a checkpoint too."
+            )
+
+    def _check_combinations(self) -> None:
+        """An option the rest of the configuration would ignore is refused: it would not do what it says."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        used_by = {
+            "nesterov": (self.opt == "sgd", "`opt` sgd"),
+            "momentum": (self.opt in ("sgd", "lars"), "`opt` sgd or lars"),
+            "decay_epochs": (self.sched == "step", "`sched` step"),
+            "decay_rate": (self.sched == "step", "`sched` step"),
+            "poly_power": (self.sched == "poly", "`sched` poly"),
+            "augment_magnitude": (self.augment == "randaugment", "`augment` randaugment"),
+            "mixup_prob": (self.mixup > 0 or self.cutmix > 0, "`mixup` or `cutmix`"),
+            "mixup_switch_prob": (self.mixup > 0 and self.cutmix > 0, "both `mixup` and `cutmix`"),
+        }
+        for name, (used, needs) in used_by.items():
+            if not used and getattr(self, name) != defaults[name]:
+                raise TrainingError(f"`{name}` acts only with {needs}; drop it or set that too.")
+        if self.drop_path > 0 and self.layout != "repvgg":
+            raise TrainingError(
+                f"`drop_path` acts in RepVGG blocks; the {self.layout!r} layout has none, so drop it."
             )
 
 
@@ -388,6 +537,10 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
         raise TrainingError(f"{path} is not valid JSON ({error}).") from error
     if not isinstance(values, dict):
         raise TrainingError(f"{path} must hold a JSON object of configuration keys.")
+    if "autoaugment" in values:  # an earlier release's switch, now one of the `augment` policies
+        values["augment"] = (
+            "autoaugment" if values.pop("autoaugment") is True else values.get("augment", "none")
+        )
     return {key: value for key, value in values.items() if key not in NOT_SAVED}
 
 

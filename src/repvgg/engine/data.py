@@ -30,7 +30,6 @@ from repvgg.core.info import (
     FASHION_MNIST_STATS,
     IMAGENET_STATS,
     Preprocessing,
-    imagenet_preprocessing,
 )
 from repvgg.engine.config import DATASETS
 from repvgg.exceptions import DataError
@@ -194,31 +193,96 @@ def _cifar10_classes(root: Path) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
+#: Augmentation policies of torchvision (``augment``): AutoAugment (the dataset's policy), RandAugment,
+#: TrivialAugmentWide.
+AUGMENT_POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How training images are augmented beyond crop and flip, and how every image is resized.
+
+    ``policy`` is one of :data:`AUGMENT_POLICIES` (``magnitude`` is RandAugment's, 0-30), applied to the
+    uint8 image after the crop and flip; ``random_erasing`` is the probability of erasing a random rectangle
+    of the normalised training image (timm's ``reprob``); ``interpolation`` resizes both training crops and
+    evaluation images, and is recorded in the checkpoint's preprocessing.
+    """
+
+    policy: str = "none"
+    magnitude: int = 9
+    random_erasing: float = 0.0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.policy not in AUGMENT_POLICIES:
+            raise DataError(
+                f"Unknown augmentation {self.policy!r}: choose one of {', '.join(AUGMENT_POLICIES)}."
+            )
+
+    def policy_steps(self, small: bool) -> list[Callable[..., Any]]:
+        """The policy's transform (AutoAugment takes CIFAR-10's policy for small images, ImageNet's else)."""
+        mode = v2.InterpolationMode(self.interpolation)
+        if self.policy == "autoaugment":
+            policy = v2.AutoAugmentPolicy.CIFAR10 if small else v2.AutoAugmentPolicy.IMAGENET
+            return [v2.AutoAugment(policy, interpolation=mode)]
+        if self.policy == "randaugment":
+            return [v2.RandAugment(magnitude=self.magnitude, interpolation=mode)]
+        if self.policy == "trivialaugment":
+            return [v2.TrivialAugmentWide(interpolation=mode)]
+        return []
+
+    def erasing_steps(self) -> list[Callable[..., Any]]:
+        return [v2.RandomErasing(p=self.random_erasing, value=0)] if self.random_erasing > 0 else []
+
+
 def small_image_transforms(
-    size: int, mean: Sequence[float], std: Sequence[float], *, train: bool, autoaugment: bool
+    size: int, mean: Sequence[float], std: Sequence[float], augmentation: Augmentation
 ) -> v2.Compose:
-    """Crop-with-padding and flip for 28-32 px images (no resizing); plain normalisation for eval."""
-    steps: list[Callable[..., Any]] = []
-    if train:
-        steps += [v2.RandomCrop(size, padding=max(2, size // 8)), v2.RandomHorizontalFlip()]
-        if autoaugment:
-            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    """Training transforms of 28-32 px images: crop-with-padding and flip (no resizing), the policy,
+    normalisation, random erasing."""
+    steps: list[Callable[..., Any]] = [
+        v2.RandomCrop(size, padding=max(2, size // 8)),
+        v2.RandomHorizontalFlip(),
+    ]
+    steps += augmentation.policy_steps(small=True)
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), *augmentation.erasing_steps()]
     return v2.Compose(steps)
 
 
 def imagenet_transforms(
-    size: int, mean: Sequence[float], std: Sequence[float], *, train: bool, autoaugment: bool
+    size: int, mean: Sequence[float], std: Sequence[float], augmentation: Augmentation
 ) -> v2.Compose:
-    """The paper's: random-resized crop + flip for training; resize to size*8/7, centre crop for eval."""
-    steps: list[Callable[..., Any]] = [v2.ToImage()]
-    if train:
-        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-        if autoaugment:
-            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        return v2.Compose(steps)
-    return Preprocessing(size, round(size * 8 / 7), tuple(mean), tuple(std)).transform()
+    """The paper's training transforms: random-resized crop + flip, then the policy, normalisation and
+    random erasing."""
+    mode = v2.InterpolationMode(augmentation.interpolation)
+    steps: list[Callable[..., Any]] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, interpolation=mode, antialias=True),
+        v2.RandomHorizontalFlip(),
+        *augmentation.policy_steps(small=False),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+        *augmentation.erasing_steps(),
+    ]
+    return v2.Compose(steps)
+
+
+def evaluation_preprocessing(
+    size: int, stats: tuple[Sequence[float], Sequence[float]], crop_pct: float, interpolation: str
+) -> Preprocessing:
+    """What evaluation (and every later use of the checkpoint) does to an image: resize the shorter side to
+    ``size / crop_pct``, centre crop ``size``."""
+    mean, std = stats
+    return Preprocessing(size, max(size, round(size / crop_pct)), tuple(mean), tuple(std), interpolation)
+
+
+def evaluation_transform(preprocessing: Preprocessing, in_memory: bool) -> Callable[[Any], torch.Tensor]:
+    """The evaluation transform; in-memory images at their own size (crop ratio 1) are only normalised."""
+    if in_memory and preprocessing.resize == preprocessing.image_size:
+        return v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing.mean, preprocessing.std)]
+        )
+    return preprocessing.transform()
 
 
 class ImageFiles(Dataset[Any]):
@@ -319,38 +383,42 @@ def build_data(
     data_dir: str | Path | None = None,
     *,
     image_size: int | None = None,
-    autoaugment: bool = False,
+    augmentation: Augmentation | None = None,
+    crop_pct: float | None = None,
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
 ) -> DataBundle:
-    """Both splits of ``name`` (one of :data:`DATASETS`) with training and evaluation transforms."""
+    """Both splits of ``name`` (one of :data:`DATASETS`) with training and evaluation transforms.
+
+    ``crop_pct`` is the evaluation crop ratio (None: 1 for in-memory sets, the paper's 0.875 for image
+    folders); it and the augmentation's interpolation are recorded in the bundle's preprocessing."""
     if name not in DATASETS:
         raise DataError(f"Unknown dataset {name!r}: choose one of {', '.join(DATASETS)}.")
+    augmentation = augmentation or Augmentation()
     if name == "fashion-mnist":
         root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
         splits = {train: fashion_mnist_split(root, train) for train in (True, False)}
-        classes, (mean, std), native = FASHION_MNIST_CLASSES, FASHION_MNIST_STATS, 28
+        classes, stats, native = FASHION_MNIST_CLASSES, FASHION_MNIST_STATS, 28
     elif name == "cifar10":
         if data_dir is None:
             raise DataError("CIFAR-10 needs `data_dir`: the folder holding cifar-10-batches-py.")
         root = _cifar10_root(Path(data_dir))
         splits = {train: _cifar10_split(root, train) for train in (True, False)}
-        classes, (mean, std), native = _cifar10_classes(root), CIFAR10_STATS, 32
+        classes, stats, native = _cifar10_classes(root), CIFAR10_STATS, 32
     else:
-        return _image_folder_bundle(data_dir, image_size, autoaugment, train_subset, val_subset, seed)
+        return _image_folder_bundle(
+            data_dir, image_size, augmentation, crop_pct, train_subset, val_subset, seed
+        )
     size = image_size or native
     if size != native:
         raise DataError(
             f"{name} images are {native} px, so `image_size` {size} is not supported: leave `image_size` out."
         )
     in_chans = int(splits[True][0].shape[1])
-    train = TensorImages(
-        *splits[True], small_image_transforms(size, mean, std, train=True, autoaugment=autoaugment)
-    )
-    val = TensorImages(
-        *splits[False], small_image_transforms(size, mean, std, train=False, autoaugment=False)
-    )
+    preprocessing = evaluation_preprocessing(size, stats, crop_pct or 1.0, augmentation.interpolation)
+    train = TensorImages(*splits[True], small_image_transforms(size, *stats, augmentation))
+    val = TensorImages(*splits[False], evaluation_transform(preprocessing, in_memory=True))
     return DataBundle(
         train=seeded_subset(train, train_subset, seed),
         val=seeded_subset(val, val_subset, seed),
@@ -359,14 +427,15 @@ def build_data(
         in_chans=in_chans,
         image_size=size,
         in_memory=True,
-        preprocessing=Preprocessing(size, size, tuple(mean), tuple(std)),
+        preprocessing=preprocessing,
     )
 
 
 def _image_folder_bundle(
     data_dir: str | Path | None,
     image_size: int | None,
-    autoaugment: bool,
+    augmentation: Augmentation,
+    crop_pct: float | None,
     train_subset: int | None,
     val_subset: int | None,
     seed: int,
@@ -378,11 +447,11 @@ def _image_folder_bundle(
         if not (root / split).is_dir():
             raise DataError(f"{root} has no {split}/ folder: expected {root}/{split}/<class name>/<images>.")
     size = image_size or 224
-    mean, std = IMAGENET_STATS
-    train = ImageFiles(
-        root / "train", imagenet_transforms(size, mean, std, train=True, autoaugment=autoaugment)
+    preprocessing = evaluation_preprocessing(
+        size, IMAGENET_STATS, crop_pct or 7 / 8, augmentation.interpolation
     )
-    val = ImageFiles(root / "val", imagenet_transforms(size, mean, std, train=False, autoaugment=False))
+    train = ImageFiles(root / "train", imagenet_transforms(size, *IMAGENET_STATS, augmentation))
+    val = ImageFiles(root / "val", preprocessing.transform())
     if train.classes != val.classes:
         raise DataError(
             f"train/ and val/ in {root} have different class folders; both need the same class names."
@@ -407,7 +476,7 @@ def _image_folder_bundle(
         in_chans=3,
         image_size=size,
         in_memory=False,
-        preprocessing=imagenet_preprocessing(size),
+        preprocessing=preprocessing,
         notes=tuple(notes),
     )
 

@@ -37,6 +37,7 @@ from repvgg.core.registry import create_model
 from repvgg.core.reparam import is_convertible, refuse_nonfinite, reparameterize
 from repvgg.engine.config import Config, TrainConfig, load_run_config
 from repvgg.engine.data import (
+    Augmentation,
     DataBundle,
     build_data,
     collate_reporting_bad,
@@ -54,6 +55,15 @@ from repvgg.engine.distributed import (
 )
 from repvgg.engine.environment import environment
 from repvgg.engine.evaluation import AMP_DTYPES, EvalResult, eval_loader, evaluate
+from repvgg.engine.recipe import (
+    BatchMixing,
+    LRSchedule,
+    batch_mixing,
+    build_optimizer,
+    default_lr,
+    lr_rule,
+    parameter_groups,
+)
 from repvgg.exceptions import DataError, ModelConfigError, TrainingError
 from repvgg.io.checkpoints import (
     load_checkpoint,
@@ -65,58 +75,17 @@ from repvgg.io.files import atomic_write, folder_lock, output_folder
 from repvgg.io.images import BadImage
 from repvgg.io.jsonfile import json_text, write_json
 from repvgg.io.pretrained import load_pretrained
+from repvgg.runtime.convert import verify_checkpoints
 from repvgg.runtime.device import device_name
 from repvgg.runtime.progress import progress_bar
 
 STATE_FILE = "last.pt"
+CHECKPOINT_FOLDER = "checkpoints"  # the best `keep_best` checkpoints of a run
 
 
-class LRSchedule:
-    """The one learning-rate schedule: a factor per optimizer step, linear warm-up, then cosine annealing
-    (classification, QAT) or the poly decay ``(1 - progress) ** power`` (segmentation) to zero."""
-
-    def __init__(self, total_steps: int, warmup_steps: int = 0, shape: str = "cosine", power: float = 0.9):
-        if shape not in ("cosine", "poly"):
-            raise ModelConfigError(f"Unknown schedule shape {shape!r}: choose cosine or poly.")
-        self.total_steps, self.warmup_steps, self.shape, self.power = total_steps, warmup_steps, shape, power
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        if self.shape == "poly":
-            return (1 - progress) ** self.power
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def parameter_groups(
-    model: nn.Module, weight_decay: float, custom_l2: bool, head_lr: float | None = None
-) -> list[dict[str, Any]]:
-    """The authors' weight-decay exclusions: none on biases and on the 3x3/1x1 branches' BN weights.
-
-    The identity branch's BN weight keeps its decay. With ``custom_l2`` the two branch kernels are
-    regularised through the loss instead, so they get no decay here either. With ``head_lr`` the classifier
-    head (``linear``) gets groups of its own at that learning rate (fine-tuning often trains a new head
-    faster than the pretrained body). Frozen parameters are left out.
-    """
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        branch_kernel = name.endswith(("rbr_dense.conv.weight", "rbr_1x1.conv.weight"))
-        decays = not (name.endswith("bias") or ".bn." in name or (custom_l2 and branch_kernel))
-        head = head_lr is not None and name.startswith("linear.")
-        groups.setdefault((head, decays), []).append(parameter)
-    return [
-        {
-            "params": groups.get((head, decays), []),
-            "weight_decay": weight_decay if decays else 0.0,
-            **({"lr": head_lr} if head else {}),
-        }
-        for head in ((False, True) if head_lr is not None else (False,))
-        for decays in (True, False)
-        if groups.get((head, decays)) or not head  # the body's two groups always, as before
-    ]
+def kept_name(epoch: int) -> str:
+    """The file name of a kept checkpoint in ``checkpoints/``."""
+    return f"epoch-{epoch:03d}.safetensors"
 
 
 def custom_l2_loss(model: nn.Module) -> torch.Tensor:
@@ -227,7 +196,8 @@ class Task:
     """What a :class:`Trainer` optimises and how it scores: the hooks that differ between uses.
 
     The defaults are classification's loss and accuracy; :meth:`evaluate` returns no metrics (QAT trains
-    without validation). ``primary`` names the validation metric that picks the best epoch (higher is better).
+    without validation). ``primary`` names the validation metric that picks the best epoch by default
+    (higher is better; a metric named ``loss`` is better lower).
     """
 
     primary = "top1"
@@ -261,7 +231,13 @@ class Trainer:
     ``skip_bad_images``. The loader's generator (and a ``DistributedSampler``'s epoch) is reseeded from
     ``seed`` and the epoch, so a resumed run replays the same batches. With ``output`` the run writes
     ``metrics.jsonl``, TensorBoard events and ``last.pt`` there every epoch (and ``best_file`` when the
-    task's primary metric improves); without it nothing is written.
+    ``best_metric``, the task's primary one by default, improves); without it nothing is written.
+
+    Each optimizer step accumulates the gradients of ``accum_steps`` batches (DDP synchronises only the
+    last), clips their global norm to ``clip_grad`` and steps the schedule once. The best ``keep_best``
+    checkpoints by ``best_metric`` (of the EMA weights when there is an EMA) are kept in ``checkpoints/``
+    with a ranking ``checkpoints/best.json``; with ``patience``, training stops after that many epochs
+    without a better one.
     """
 
     def __init__(
@@ -279,13 +255,18 @@ class Trainer:
         amp: str = "none",
         channels_last: bool = True,
         ema_decay: float | None = None,
-        mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        mixup: BatchMixing | None = None,
         regularizer: Callable[[], torch.Tensor] | None = None,
         on_step: Callable[[int], None] | None = None,
         skip_bad_images: bool = False,
         seed: int = 0,
         progress: bool = True,
         log_interval: int = 0,
+        accum_steps: int = 1,
+        clip_grad: float | None = None,
+        keep_best: int = 1,
+        best_metric: str | None = None,
+        patience: int | None = None,
     ) -> None:
         self.context = context or DistContext()
         if amp == "fp16" and self.context.device.type != "cuda":
@@ -301,7 +282,20 @@ class Trainer:
         )
         self.skip_bad_images, self.seed, self.progress = skip_bad_images, seed, progress
         self.log_interval = log_interval
-        self.steps_per_epoch = len(loader)
+        self.accum_steps, self.clip_grad, self.keep_best, self.patience = (
+            accum_steps,
+            clip_grad,
+            keep_best,
+            patience,
+        )
+        self.steps_per_epoch = len(loader) // accum_steps  # optimizer steps
+        if self.steps_per_epoch < 1:
+            raise TrainingError(
+                f"An epoch has {len(loader)} batches, fewer than the {accum_steps} accumulated per optimizer "
+                "step (`accum_steps`); lower `accum_steps` or `batch_size`."
+            )
+        self.metric = best_metric or task.primary
+        self.lower_is_better = self.metric == "loss"
         self.schedule = schedule  # kept apart: loading a scheduler's state rewrites its schedule objects
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, copy.copy(schedule))
         self.scaler = torch.amp.GradScaler(self.context.device.type, enabled=amp == "fp16")
@@ -315,7 +309,10 @@ class Trainer:
             device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
             self.network = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.start_epoch = 1
-        self.best = -math.inf
+        self.best = math.inf if self.lower_is_better else -math.inf
+        self.best_epoch: int | None = None
+        self.kept: list[tuple[float, int]] = []  # (score, epoch) of the checkpoints kept, best first
+        self.stopped_early: int | None = None  # the epoch after which patience ran out
         self.bad_images = 0
         self.records: list[dict[str, Any]] = []
         self.log: RunLog | None = None  # open while fit() runs
@@ -326,6 +323,8 @@ class Trainer:
         return {
             "epoch": epoch,
             "best": self.best,
+            "best_epoch": self.best_epoch,
+            "kept": [list(item) for item in self.kept],
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -368,7 +367,9 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"]) + 1
-        self.best = float(state.get("best", state.get("best_top1", -math.inf)))
+        self.best = float(state.get("best", state.get("best_top1", self.best)))
+        self.best_epoch = state.get("best_epoch")
+        self.kept = [(float(score), int(epoch)) for score, epoch in state.get("kept", [])]
         self.bad_images = int(state["bad_images"])
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -406,10 +407,16 @@ class Trainer:
             enabled=self.context.is_main and self.progress,
             leave=True,
         )
-        for step, (inputs, targets) in enumerate(self._batches(epoch)):
+        micro_batches = self.steps_per_epoch * self.accum_steps  # a last incomplete step is left out
+        for micro, (inputs, targets) in enumerate(self._batches(epoch)):
+            if micro >= micro_batches:
+                break
+            step, phase = divmod(micro, self.accum_steps)
             global_step = (epoch - 1) * self.steps_per_epoch + step
-            if self.on_step is not None:
-                self.on_step(global_step)
+            if phase == 0:
+                if self.on_step is not None:
+                    self.on_step(global_step)
+                self.optimizer.zero_grad(set_to_none=True)
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if self.channels_last:
@@ -417,26 +424,28 @@ class Trainer:
             labels = targets
             if self.mixup is not None:
                 inputs, targets = self.mixup(inputs, targets)
-            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                outputs = self.network(inputs)
-                loss = self.task.loss(outputs, targets)
-            if self.regularizer is not None:
-                loss = loss + self.regularizer()
-            self._stop_if_not_finite(loss, epoch, step)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.log is not None:
-                self.log.step(global_step, float(loss.detach()), self.optimizer.param_groups[0]["lr"])
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
+            last = phase == self.accum_steps - 1
+            with self._gradient_sync(last):
+                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    outputs = self.network(inputs)
+                    loss = self.task.loss(outputs, targets)
+                if self.regularizer is not None:
+                    loss = loss + self.regularizer()
+                self._stop_if_not_finite(loss, epoch, step)
+                self.scaler.scale(loss / self.accum_steps).backward()
             correct = self.task.correct(outputs, targets)
             counted = counted and correct is not None
             totals += torch.tensor(
                 [float(loss.detach()) * len(labels), correct or 0.0, len(labels)], dtype=torch.float64
             )
+            if not last:
+                continue
+            self._optimizer_step()
+            if self.log is not None:
+                self.log.step(global_step, float(loss.detach()), self.optimizer.param_groups[0]["lr"])
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             elapsed = time.perf_counter() - start
             bar.update(1)
             postfix = {"loss": f"{totals[0] / totals[2]:.3f}"}
@@ -465,6 +474,19 @@ class Trainer:
         if counted:
             record["train_top1"] = 100.0 * float(totals[1]) / count
         return {**record, "train_images_per_s": count / seconds, "epoch_seconds": seconds}
+
+    def _gradient_sync(self, last: bool) -> AbstractContextManager[Any]:
+        """DDP's all-reduce of the gradients runs on the last batch of an accumulated step only."""
+        if last or not isinstance(self.network, nn.parallel.DistributedDataParallel):
+            return nullcontext()
+        return self.network.no_sync()
+
+    def _optimizer_step(self) -> None:
+        if self.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _logs_step(self, step: int) -> bool:
         """Whether a line is printed after ``step`` (0-based) when no bar is drawn: every ``log_interval``
@@ -505,6 +527,40 @@ class Trainer:
         finally:
             model.train(was_training)
 
+    def _better(self, score: float, than: float) -> bool:
+        return score < than if self.lower_is_better else score > than
+
+    def _patience_spent(self, trained: int) -> bool:
+        """Whether ``patience`` epochs have passed since the best one (never before an epoch is scored)."""
+        return (
+            self.patience is not None
+            and self.best_epoch is not None
+            and trained - self.best_epoch >= self.patience
+        )
+
+    def _keep_checkpoint(self, model: nn.Module, epoch: int, score: float, improved: bool) -> None:
+        """``best_file`` for a new best; with ``keep_best`` > 1 also the best K in ``checkpoints/``, ranked in
+        ``checkpoints/best.json`` (the ones that drop out of the K are deleted)."""
+        assert self.output is not None and self.best_file is not None
+        if improved:
+            save_checkpoint(model, self.output / self.best_file)
+        if self.keep_best <= 1:
+            return
+        folder = self.output / CHECKPOINT_FOLDER
+        ranked = sorted(
+            [*self.kept, (score, epoch)],
+            key=lambda item: (item[0] if self.lower_is_better else -item[0], item[1]),
+        )
+        kept, dropped = ranked[: self.keep_best], ranked[self.keep_best :]
+        if (score, epoch) in kept:
+            folder.mkdir(exist_ok=True)
+            save_checkpoint(model, folder / kept_name(epoch))
+        for _, old in dropped:
+            (folder / kept_name(old)).unlink(missing_ok=True)
+        self.kept = kept
+        ranking = [{"epoch": e, self.metric: v, "file": kept_name(e)} for v, e in kept]
+        write_json(folder / "best.json", ranking, what="the ranking of the kept checkpoints")
+
     def fit(self) -> list[dict[str, Any]]:
         """Train from :attr:`start_epoch` to ``epochs``; returns the records of the epochs trained now."""
         context = self.context
@@ -515,6 +571,8 @@ class Trainer:
         self.log = log
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
+                if self._patience_spent(epoch - 1):
+                    break
                 record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
                 record.update(self._train_epoch(epoch))
                 average_buffers(self.model, context)
@@ -523,24 +581,35 @@ class Trainer:
                 metrics = self._evaluate(self.model)
                 self._stop_if_diverged(metrics, epoch)
                 record.update({f"val_{k}": v for k, v in metrics.items()})
+                scored, scores = self.model, metrics
                 if self.ema is not None:
-                    record.update({f"ema_val_{k}": v for k, v in self._evaluate(self.ema.module).items()})
+                    scored, scores = self.ema.module, self._evaluate(self.ema.module)
+                    record.update({f"ema_val_{k}": v for k, v in scores.items()})
                 record["bad_images"] = self.bad_images
-                score = metrics.get(self.task.primary)
-                improved = score is not None and score > self.best
+                score = scores.get(self.metric)
+                improved = score is not None and self._better(score, self.best)
                 if improved:
-                    self.best = score
+                    self.best, self.best_epoch = score, epoch
                 self.records.append(record)
                 if writing:
                     assert log is not None and self.output is not None
                     log.epoch(record)
-                    if improved and self.best_file:
-                        save_checkpoint(self.model, self.output / self.best_file)
+                    if score is not None and self.best_file:
+                        self._keep_checkpoint(scored, epoch, score, improved)
                     save_training_state(self.output / STATE_FILE, self._state(epoch), self.model)
                 self.start_epoch = epoch + 1
                 line = self.task.epoch_line(record, self.epochs)
                 if context.is_main and line:
                     print(line, flush=True)
+            if self._patience_spent(self.start_epoch - 1) and self.start_epoch <= self.epochs:
+                self.stopped_early = self.start_epoch - 1
+                if context.is_main:
+                    print(
+                        f"stopped early after epoch {self.stopped_early}: no better validation "
+                        f"{self.metric} for {self.patience} epochs (best {self.best:.4g} at epoch "
+                        f"{self.best_epoch})",
+                        flush=True,
+                    )
             return self.records
         finally:
             if log is not None:
@@ -610,6 +679,7 @@ def build_repvgg(config: TrainConfig, data: DataBundle) -> nn.Module:
         strides=strides,
         use_checkpoint=config.grad_checkpointing,
         block=config.block,
+        drop_path_rate=config.drop_path,
     )
 
 
@@ -628,11 +698,15 @@ class ClassificationRun:
                 "`sync_bn` needs CUDA devices (PyTorch's SyncBatchNorm runs only on GPUs); drop it on CPUs."
             )
         _seed_everything(config.seed + context.rank)  # DDP gives every rank rank 0's initial weights
+        augmentation = Augmentation(
+            config.augment, config.augment_magnitude, config.random_erasing, config.interpolation
+        )
         self.data = build_data(
             config.data,
             config.data_dir,
             image_size=config.image_size,
-            autoaugment=config.autoaugment,
+            augmentation=augmentation,
+            crop_pct=config.crop_pct,
             train_subset=config.train_subset,
             val_subset=config.val_subset,
             seed=config.seed,
@@ -642,26 +716,32 @@ class ClassificationRun:
         workers = config.workers if config.workers is not None else default_workers(self.data)
         self.workers = workers
         loader = self._train_loader(workers)
-        global_batch = config.batch_size * context.world_size
-        self.lr = config.lr if config.lr is not None else 0.1 * global_batch / 256
-        optimizer = torch.optim.SGD(
-            parameter_groups(
-                self.model,
-                config.weight_decay,
-                config.custom_l2,
-                head_lr=self.lr * config.head_lr_mult if config.head_lr_mult != 1 else None,
-            ),
-            lr=self.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
+        self.effective_batch = config.batch_size * context.world_size * config.accum_steps
+        self.lr = config.lr if config.lr is not None else default_lr(config.opt, self.effective_batch)
+        if config.min_lr >= self.lr:
+            raise TrainingError(f"`min_lr` {config.min_lr:g} must be below the learning rate {self.lr:g}.")
+        groups = parameter_groups(
+            self.model,
+            config.weight_decay,
+            config.custom_l2,
+            head_lr=self.lr * config.head_lr_mult if config.head_lr_mult != 1 else None,
         )
-        steps = len(loader)
-        schedule = LRSchedule(config.epochs * steps, round(config.warmup_epochs * steps))
-        mixup = None
-        if config.mixup > 0:
-            from torchvision.transforms import v2
-
-            mixup = v2.MixUp(alpha=config.mixup, num_classes=self.data.num_classes)
+        optimizer = build_optimizer(
+            config.opt, groups, self.lr, momentum=config.momentum, nesterov=config.nesterov
+        )
+        steps = len(loader) // config.accum_steps
+        schedule = LRSchedule(
+            config.epochs * steps,
+            round(config.warmup_epochs * steps),
+            shape=config.sched,
+            power=config.poly_power,
+            min_factor=config.min_lr / self.lr,
+            step_every=max(1, round(config.decay_epochs * steps)),
+            decay_rate=config.decay_rate,
+        )
+        mixing = batch_mixing(
+            self.data.num_classes, config.mixup, config.cutmix, config.mixup_prob, config.mixup_switch_prob
+        )
         self.task = Classification(
             eval_loader(self.data.val, config.batch_size, workers, context),
             context,
@@ -678,16 +758,21 @@ class ClassificationRun:
             epochs=config.epochs,
             context=context,
             output=self.output,
-            best_file="best_train.safetensors",
+            best_file=BEST_FILE,
             amp=config.amp,
             channels_last=config.channels_last,
             ema_decay=config.ema_decay,
-            mixup=mixup,
+            mixup=mixing,
             regularizer=self._custom_l2 if config.custom_l2 else None,
             skip_bad_images=config.skip_bad_images,
             seed=config.seed,
             progress=config.progress,
             log_interval=config.log_interval,
+            accum_steps=config.accum_steps,
+            clip_grad=config.clip_grad,
+            keep_best=config.keep_best,
+            best_metric=config.best_metric,
+            patience=config.patience,
         )
         self.task.on_bad_images = (
             self.trainer.report_bad
@@ -758,13 +843,18 @@ class ClassificationRun:
         self.trainer.resume()
 
     def _best_epoch(self) -> int | None:
-        """The epoch with the best validation top-1, from the whole run's metrics (a resumed run too)."""
+        """The epoch with the best `best_metric` (of the EMA when used), from the whole run's metrics (a run
+        resumed from an earlier release's state too)."""
+        if self.trainer.best_epoch is not None:
+            return self.trainer.best_epoch
         path = self.output / "metrics.jsonl"
         if not path.is_file():
             return None
+        key = ("ema_val_" if self.config.ema_decay is not None else "val_") + self.config.best_metric
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        scored = [r for r in records if isinstance(r.get("val_top1"), int | float)]
-        return max(scored, key=lambda r: r["val_top1"])["epoch"] if scored else None
+        scored = [r for r in records if isinstance(r.get(key), int | float)]
+        sign = 1 if self.config.best_metric == "loss" else -1
+        return min(scored, key=lambda r: sign * r[key])["epoch"] if scored else None
 
     def resolved_config(self) -> TrainConfig:
         """The configuration with every value the run chose filled in (learning rate, strides, image size,
@@ -778,6 +868,7 @@ class ClassificationRun:
             device=str(self.context.device.type),
             workers=self.workers,
             data_dir=dataset_folder(config.data, config.data_dir),
+            crop_pct=round(self.data.preprocessing.crop_pct, 6),
         )
 
     def header(self) -> str:
@@ -790,14 +881,17 @@ class ClassificationRun:
             start.append(f"stage{' 0' if frozen == 0 else f's 0-{frozen}'} frozen")
         if config.head_lr_mult != 1:
             start.append(f"head learning rate x{config.head_lr_mult:g}")
+        if config.accum_steps > 1:
+            start.append(f"gradients of {config.accum_steps} batches accumulated per optimizer step")
         fine_tuning = "\n" + "; ".join(start) if start else ""
         fine_tuning += "".join(f"\nnote: {note}" for note in data.notes)
         return (
             f"{config.model} ({config.block} blocks, {parameters:,} trainable parameters) on {config.data}: "
             f"{len(data.train):,} training / {len(data.val):,} validation images, "  # type: ignore[arg-type]
             f"{data.image_size} px, {data.num_classes} classes, strides {tuple(resolved.strides or ())}\n"
-            f"{config.epochs} epochs, batch {config.batch_size} x {self.context.world_size} process(es), lr "
-            f"{self.lr:g}{' (0.1 x global batch / 256)' if config.lr is None else ''}, device "
+            f"{config.epochs} epochs, batch {config.batch_size} x {self.context.world_size} process(es) x "
+            f"{config.accum_steps} = effective batch {self.effective_batch}, {config.opt} lr {self.lr:g}"
+            f"{f' ({lr_rule(config.opt)})' if config.lr is None else ''}, {config.sched} schedule, device "
             f"{device_name(self.context.device)}, {self.workers} data workers; writing to {self.output}"
             f"{fine_tuning}"
         )
@@ -835,6 +929,8 @@ class ClassificationRun:
             "processes": self.context.world_size,
             "ranks_hold_identical_weights": identical,
             "best_epoch": self._best_epoch(),
+            "best": None,
+            "stopped_early_after_epoch": trainer.stopped_early,
             "wall_seconds": seconds,
             "environment": environment(self.context.device),
         }
@@ -850,12 +946,42 @@ class ClassificationRun:
             save_checkpoint(final, self.output / "model_train.safetensors")
             if deployed_model is not None:
                 save_checkpoint(deployed_model, self.output / "model_deploy.safetensors")
+            summary["best"] = self._save_best_deploy_form(final)
             write_json(self.output / "summary.json", summary, what="the run's summary")
-            final = {f"train_form_{k}": v for k, v in summary["train_form"].items()}
-            final.update({f"deploy_form_{k}": v for k, v in (summary["deploy_form"] or {}).items()})
-            write_hparams(self.output, self.resolved_config().as_saved(), final)
+            figures = {f"train_form_{k}": v for k, v in summary["train_form"].items()}
+            figures.update({f"deploy_form_{k}": v for k, v in (summary["deploy_form"] or {}).items()})
+            write_hparams(self.output, self.resolved_config().as_saved(), figures)
         return summary
 
+    def _save_best_deploy_form(self, final: nn.Module) -> dict[str, Any] | None:
+        """The best checkpoint converted to ``best_deploy.safetensors`` and checked against it in float64
+        (a run whose best cannot be converted, the residual baseline's, keeps the training form only)."""
+        trained = self.output / BEST_FILE
+        if not trained.is_file():
+            return None
+        best: dict[str, Any] = {
+            "epoch": self.trainer.best_epoch,
+            "metric": ("ema_val_" if self.trainer.ema is not None else "val_") + self.trainer.metric,
+            "value": self.trainer.best if math.isfinite(self.trainer.best) else None,
+            "train_form": BEST_FILE,
+            "deploy_form": None,
+        }
+        if not is_convertible(final):
+            return best
+        model = load_checkpoint(trained, model=copy.deepcopy(final))
+        save_checkpoint(reparameterize(model.eval()), self.output / BEST_DEPLOY_FILE)
+        report = verify_checkpoints(trained, self.output / BEST_DEPLOY_FILE)
+        if not report.passed:
+            raise TrainingError(
+                f"The converted best checkpoint differs from {trained} ({report}); keep {trained} and "
+                f"convert it with `repvgg convert` to see why."
+            )
+        best.update(deploy_form=BEST_DEPLOY_FILE, max_abs_error=report.max_abs_error)
+        return best
+
+
+BEST_FILE = "best_train.safetensors"
+BEST_DEPLOY_FILE = "best_deploy.safetensors"
 
 #: The files of a run folder (a classification or a segmentation run); a folder holding any of them is a run.
 RUN_FILES = (
@@ -863,7 +989,9 @@ RUN_FILES = (
     "config.json",
     "metrics.jsonl",
     "summary.json",
-    "best_train.safetensors",
+    BEST_FILE,
+    BEST_DEPLOY_FILE,
+    CHECKPOINT_FOLDER,
     "model_train.safetensors",
     "model_deploy.safetensors",
     "pspnet_train.safetensors",

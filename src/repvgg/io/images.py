@@ -4,6 +4,7 @@ from deep inside a data loader."""
 from __future__ import annotations
 
 import glob
+import io
 import os
 import re
 import warnings
@@ -46,17 +47,28 @@ def open_image(path: PathLike, in_chans: int = 3) -> Any:
     - A file with more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused as a possible decompression
       bomb; missing, empty, damaged or foreign files are refused with a one-line reason.
     """
+    return _decode(path, str(path), in_chans)
+
+
+def decode_image(data: bytes, name: str, in_chans: int = 3) -> Any:
+    """The image encoded in ``data`` (a file's bytes, e.g. read from a shard) exactly as :func:`open_image`
+    gives it for a file holding those bytes, or a BadImage; ``name`` says where the bytes came from."""
+    return _decode(io.BytesIO(data), name, in_chans)
+
+
+def _decode(source: PathLike | io.BytesIO, name: str, in_chans: int) -> Any:
+    """What :func:`open_image` and :func:`decode_image` share: ``source`` is a path or a file's bytes."""
     try:
-        if os.path.isdir(path):
-            return BadImage(str(path), "a directory, not an image file")
+        if not isinstance(source, io.BytesIO) and os.path.isdir(source):
+            return BadImage(name, "a directory, not an image file")
         from PIL import Image, ImageOps
 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 return _to_8bit(ImageOps.exif_transpose(image), "L" if in_chans == 1 else "RGB")
     except Exception as error:  # PIL raises many types for damaged or foreign files
-        return BadImage(str(path), _reason(path, error))
+        return BadImage(name, _reason(source, error))
 
 
 def _to_8bit(image: Any, mode: str) -> Any:
@@ -84,8 +96,8 @@ def _grey_to_uint8(values: np.ndarray, floating: bool) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def _reason(path: PathLike, error: Exception) -> str:
-    """A short one-line reason for a BadImage."""
+def _reason(source: PathLike | io.BytesIO, error: Exception) -> str:
+    """A short one-line reason for a BadImage of ``source`` (a path or a file's bytes)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(error, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
@@ -96,7 +108,10 @@ def _reason(path: PathLike, error: Exception) -> str:
     if isinstance(error, FileNotFoundError):
         return "no such file"
     if isinstance(error, UnidentifiedImageError):
-        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        if isinstance(source, io.BytesIO):
+            empty = source.getbuffer().nbytes == 0
+        else:
+            empty = os.path.isfile(source) and os.path.getsize(source) == 0
         return "empty file" if empty else "not an image file that Pillow can read"
     message = " ".join(f"{type(error).__name__}: {error}".split())
     return message if len(message) <= MAX_REASON else message[: MAX_REASON - 3] + "..."

@@ -25,7 +25,8 @@ from repvgg.core.int8 import (
 from repvgg.core.models import RepVGG
 from repvgg.core.reparam import is_deployed, refuse_nonfinite
 from repvgg.engine.data import build_data, calibration_images, collate_refusing_bad
-from repvgg.engine.training import LRSchedule, Task, Trainer
+from repvgg.engine.recipe import LRSchedule
+from repvgg.engine.training import Task, Trainer
 from repvgg.exceptions import QuantizationError
 from repvgg.io.checkpoints import file_kind, load_checkpoint, require_kind, save_quantized
 from repvgg.io.files import PathLike, refuse_same_file, writable_or_raise

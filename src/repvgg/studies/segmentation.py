@@ -25,8 +25,9 @@ from repvgg.engine.config import DATASETS, SegTrainConfig
 from repvgg.engine.data import dataset_folder
 from repvgg.engine.distributed import DistContext
 from repvgg.engine.evaluation import check_results_file, csv_field
+from repvgg.engine.recipe import LRSchedule
 from repvgg.engine.segmentation_data import IGNORE_INDEX, build_segmentation_data
-from repvgg.engine.training import LRSchedule, Task, Trainer, prepare_run, run_lock
+from repvgg.engine.training import Task, Trainer, prepare_run, run_lock
 from repvgg.exceptions import DataError, TrainingError
 from repvgg.io.checkpoints import file_kind, load_checkpoint, read_checkpoint, require_kind, save_checkpoint
 from repvgg.io.files import PathLike, atomic_write, writable_or_raise
