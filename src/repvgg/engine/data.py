@@ -205,7 +205,8 @@ class Augmentation:
     ``policy`` is one of :data:`AUGMENT_POLICIES` (``magnitude`` is RandAugment's, 0-30), applied to the
     uint8 image after the crop and flip; ``random_erasing`` is the probability of erasing a random rectangle
     of the normalised training image (timm's ``reprob``); ``interpolation`` resizes both training crops and
-    evaluation images, and is recorded in the checkpoint's preprocessing.
+    evaluation images, and is recorded in the checkpoint's preprocessing (the policies keep torchvision's
+    own, nearest: their rotations and shears of uint8 tensors take nearest or bilinear only).
     """
 
     policy: str = "none"
@@ -221,14 +222,13 @@ class Augmentation:
 
     def policy_steps(self, small: bool) -> list[Callable[..., Any]]:
         """The policy's transform (AutoAugment takes CIFAR-10's policy for small images, ImageNet's else)."""
-        mode = v2.InterpolationMode(self.interpolation)
         if self.policy == "autoaugment":
             policy = v2.AutoAugmentPolicy.CIFAR10 if small else v2.AutoAugmentPolicy.IMAGENET
-            return [v2.AutoAugment(policy, interpolation=mode)]
+            return [v2.AutoAugment(policy)]
         if self.policy == "randaugment":
-            return [v2.RandAugment(magnitude=self.magnitude, interpolation=mode)]
+            return [v2.RandAugment(magnitude=self.magnitude)]
         if self.policy == "trivialaugment":
-            return [v2.TrivialAugmentWide(interpolation=mode)]
+            return [v2.TrivialAugmentWide()]
         return []
 
     def erasing_steps(self) -> list[Callable[..., Any]]:

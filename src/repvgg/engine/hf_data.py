@@ -131,9 +131,7 @@ def _parquet_splits(
     ``datasets`` reads (or converts) them."""
     found = {name: sorted((root / name).glob("*.parquet")) for name in ("train", *EVAL_SPLITS)}
     if not found["train"]:
-        raise DataError(
-            f"{root} has no training split: expected {root}/train/*.parquet, or {LAYOUT} in {root}."
-        )
+        raise DataError(f"{root} has no training split: give a folder holding {LAYOUT}.")
     eval_name = _eval_name([name for name in EVAL_SPLITS if found[name]], root)
     splits = []
     classes: tuple[str, ...] = ()
@@ -176,11 +174,10 @@ def _read_parquet_metadata(datasets: Any, files: list[Path], where: str) -> tupl
             if features is None:
                 features, first = datasets.Features.from_arrow_schema(schema), path.name
             wanted = [name for name in LABEL_COLUMNS if name in features]
-            for name in (*IMAGE_COLUMNS, *wanted):
-                if name in features and schema.get_field_index(name) < 0:
-                    raise ValueError(f"it has no column {name}")
-                if name in features and schema.field(name).type != features.arrow_schema.field(name).type:
-                    raise ValueError(f"its column {name} has another type than in {first}")
+            for name in (column for column in IMAGE_COLUMNS + LABEL_COLUMNS if column in features):
+                index = schema.get_field_index(name)
+                if index < 0 or schema.field(index).type != features.arrow_schema.field(name).type:
+                    raise ValueError(f"its column {name} is missing, or not of the type it has in {first}")
             tables.append(parquet.read(columns=wanted))
             file_rows.append(parquet.metadata.num_rows)
         except (OSError, ValueError, pa.ArrowException) as error:
@@ -299,27 +296,31 @@ class HFImages(Dataset[Any]):
 
 
 class HFStream(IterableDataset[Any]):
-    """A streamed split (as :func:`load_hf_splits` gives it with ``streaming``) read by one of
-    ``world_size`` processes: exactly ``len(self)`` samples per epoch on every rank.
+    """A streamed split (as :func:`load_hf_splits` gives it with ``streaming``) as ``(transform(image),
+    label)`` samples (or :class:`BadImage`), read by the process of rank ``rank`` among ``world_size``.
 
-    Every rank yields ``samples_per_rank = N // world_size`` samples (N rows in all), so that DDP's ranks
-    take the same number of steps. The split is shuffled with a buffer of ``buffer_size`` rows (and the
-    order of its files), the same way on every rank (the same ``seed``), differently in each epoch
-    (:meth:`set_epoch`). Which rows a rank reads comes from ``datasets.distributed.split_dataset_by_node``:
+    Every rank yields ``len(self) = N // world_size`` samples per epoch (N rows in all), so that DDP's ranks
+    take the same number of steps. Every rank must be given the same ``seed`` and, before each epoch, the
+    same :meth:`set_epoch`: then the order of the files and a buffer of ``buffer_size`` rows, filled from one
+    file at a time, shuffle the rows the same way on every rank, differently in each epoch (the buffer
+    mixes nearby rows only: store the rows in a random order, as datasets on the Hub are). Evaluation
+    streams take ``shuffle=False``. Which rows a rank gets, from ``datasets``' ``split_dataset_by_node``:
 
-    - Whole files per rank (its "shards" strategy) when the files divide evenly among the ranks and all
-      hold the same number of rows: then each rank reads only its files, and every row is read exactly
-      once per epoch by exactly one rank.
+    - Whole files (its "shards" strategy) when the files divide evenly among the ranks and all hold the
+      same number of rows: each rank reads only its files, and every row goes to exactly one rank, once
+      per epoch.
     - Otherwise every rank reads every file and keeps every ``world_size``-th row of the (identically
-      shuffled) stream ("examples"): every row goes to exactly one rank, at the cost of each rank reading
-      all the data; the last ``N % world_size`` rows of each epoch's order are left out. Whole files for
-      files of unequal sizes would give ranks different counts, which change with each epoch's file order.
+      shuffled) stream ("examples"): every row goes to at most one rank, once; the last ``N % world_size``
+      rows of each epoch's order go to none. (Whole files of unequal sizes would give the ranks unequal
+      shares, changing with each epoch's file order; truncating and padding them to equal counts would
+      repeat some rows and skip others.)
 
-    Among data-loading processes the rank's stream is split here, not by ``datasets`` (which deals whole
-    files to workers, so that workers, and so ranks, end with uneven numbers of batches): every worker
-    reads the rank's rows and decodes only its own, whole batches of ``batch_size`` in turn, so that the
-    loader gives the rows in the rank's order and ``ceil(len / batch_size)`` batches (give the loader's
-    batch size). Decoding, not reading stored bytes, is the cost that the workers share.
+    Among data-loading workers the rank's rows are split here, not by ``datasets`` (which deals whole
+    files to workers, leaving workers, and so ranks, with unequal numbers of batches): every worker reads
+    all the rank's rows and decodes only its own, whole batches of ``batch_size`` rows in turn, so that
+    the loader gives the rows in the rank's order in exactly ``ceil(len / batch_size)`` batches. Give
+    the loader's batch size: with another, the ranks still get equal counts of samples and of batches,
+    but ``len(loader)`` undercounts. Decoding, the expensive part, is what the workers share.
     """
 
     def __init__(
@@ -355,10 +356,13 @@ class HFStream(IterableDataset[Any]):
         self.samples_per_rank = split.rows // world_size
         files = split.file_rows
         even = len(files) % world_size == 0 and (world_size == 1 or len(set(files)) == 1)
-        self.strategy = "shards" if even and split.dataset.num_shards == len(files) else "examples"
+        one_shard_a_file = split.dataset.num_shards == len(files)  # as `datasets` streams Parquet files
+        self.strategy = "shards" if even and one_shard_a_file else "examples"
         stream = split.dataset.with_format("arrow")
         if shuffle:
-            stream = stream.shuffle(seed=seed, buffer_size=buffer_size)
+            # One file at a time into the buffer: interleaving files makes `datasets` sleep 5 s at the end of
+            # every pass over Parquet files (a guard against a pyarrow bug with reading threads).
+            stream = stream.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=1)
         self._stream = split_dataset_by_node(stream, rank=rank, world_size=world_size, strategy=self.strategy)
 
     def set_epoch(self, epoch: int) -> None:

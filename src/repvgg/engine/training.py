@@ -868,7 +868,7 @@ class ClassificationRun:
             device=str(self.context.device.type),
             workers=self.workers,
             data_dir=dataset_folder(config.data, config.data_dir),
-            crop_pct=round(self.data.preprocessing.crop_pct, 6),
+            crop_pct=config.crop_pct if config.crop_pct is not None else self.data.preprocessing.crop_pct,
         )
 
     def header(self) -> str:
