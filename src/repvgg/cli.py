@@ -427,6 +427,36 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(args: argparse.Namespace) -> int:
+    from repvgg.io.shards import write_shards
+    from repvgg.runtime.progress import progress_bar
+
+    bar = progress_bar(desc="shard", unit="img", enabled=args.progress)
+
+    def step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        summary = write_shards(
+            args.source,
+            args.output,
+            shard_size=args.shard_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            on_step=step,
+        )
+    finally:
+        bar.close()
+    for split, figures in summary.items():
+        print(
+            f"{args.output}/{split}: {figures['samples']:,} images in {figures['shards']} shard(s), "
+            f"{figures['bytes'] / 1e6:.1f} MB"
+        )
+    print(f"train from them with: repvgg train --data shards --data-dir {args.output}")
+    return 0
+
+
 def _optimize(args: argparse.Namespace) -> int:
     from repvgg.runtime.progress import StepProgress
     from repvgg.studies.optimization import optimize_checkpoint, winner_paths
@@ -993,6 +1023,24 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _shared(ablate, "progress")
     _shared(ablate, "log_interval", 50)
     _shared(ablate, "output", "runs/ablate", "study folder (resumed if it exists)")
+
+    shard = command(
+        "shard",
+        _shard,
+        "write an image folder (train/, val/) as WebDataset tar shards for `train --data shards`",
+    )
+    shard.add_argument(
+        "source", help="an ImageNet-layout folder: SOURCE/train/<class>/*, SOURCE/val/<class>/*"
+    )
+    shard.add_argument("output", help="the folder to write OUTPUT/train/shard-*.tar, OUTPUT/val/shard-*.tar")
+    shard.add_argument(
+        "--shard-size", type=positive_int, default=1000, help="images per shard (the last: fewer)"
+    )
+    shard.add_argument(
+        "--seed", type=seed, default=0, help="the shuffle of the training images across shards"
+    )
+    shard.add_argument("--overwrite", action="store_true", help="replace the shards in OUTPUT")
+    _shared(shard, "progress")
 
     quantize = command(
         "quantize", _quantize, "INT8 for the CPU: post-training calibration, or quantization-aware training"

@@ -8,20 +8,21 @@ All transforms come from ``torchvision.transforms.v2``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gzip
 import math
 import os
 import pickle
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -388,14 +389,29 @@ def build_data(
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int | None = None,
 ) -> DataBundle:
     """Both splits of ``name`` (one of :data:`DATASETS`) with training and evaluation transforms.
 
     ``crop_pct`` is the evaluation crop ratio (None: 1 for in-memory sets, the paper's 0.875 for image
-    folders); it and the augmentation's interpolation are recorded in the bundle's preprocessing."""
+    folders); it and the augmentation's interpolation are recorded in the bundle's preprocessing.
+    ``rank``, ``world_size`` and ``batch_size`` (per process) place this process in a distributed run for
+    the sets that split themselves among processes (``shards``, ``hf-stream``: :func:`_streamed_bundle`)."""
     if name not in DATASETS:
         raise DataError(f"Unknown dataset {name!r}: choose one of {', '.join(DATASETS)}.")
     augmentation = augmentation or Augmentation()
+    if name in ("shards", "hf", "hf-stream"):
+        if name != "hf" and (train_subset is not None or val_subset is not None):
+            raise DataError(
+                f"{name} are read whole, in their order, so `train_subset` and `val_subset` do not apply; "
+                "write a smaller set of shards (`repvgg shard`) for a quick run."
+            )
+        bundle = _streamed_bundle(
+            name, data_dir, image_size, augmentation, crop_pct, seed, rank, world_size, batch_size
+        )
+        return _seeded_subsets(bundle, train_subset, val_subset, seed)  # hf only: map-style
     if name == "fashion-mnist":
         root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
         splits = {train: fashion_mnist_split(root, train) for train in (True, False)}
@@ -479,6 +495,115 @@ def _image_folder_bundle(
         preprocessing=preprocessing,
         notes=tuple(notes),
     )
+
+
+def _seeded_subsets(
+    bundle: DataBundle, train_subset: int | None, val_subset: int | None, seed: int
+) -> DataBundle:
+    return dataclasses.replace(
+        bundle,
+        train=seeded_subset(bundle.train, train_subset, seed),
+        val=seeded_subset(bundle.val, val_subset, seed),
+    )
+
+
+def _streamed_bundle(
+    name: str,
+    data_dir: str | Path | None,
+    image_size: int | None,
+    augmentation: Augmentation,
+    crop_pct: float | None,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int | None,
+) -> DataBundle:
+    """WebDataset shards (``shards``: ``DIR/train`` and ``DIR/val`` written by ``repvgg shard``), or a Hugging
+    Face dataset (``hf``: memory-mapped; ``hf-stream``: Parquet files read as a stream), with the paper's
+    224 px transforms, as an image folder.
+
+    Shards and streams split themselves among processes and data-loading workers, each process reading
+    only its share: training takes the same number of batches on every process (each sample at most once
+    an epoch, reshuffled every epoch); evaluation counts every sample once (shards: a contiguous share per
+    process; a stream: rank 0 reads it all)."""
+    from repvgg.engine.hf_data import HFImages, HFStream, load_hf_splits
+    from repvgg.engine.shards import ShardedImages
+
+    if data_dir is None:
+        layout = {
+            "shards": "a folder with train/ and val/ shards written by `repvgg shard`",
+            "hf": "a DatasetDict saved with save_to_disk, or Parquet files in train/ and validation/",
+            "hf-stream": "Parquet files in train/ and validation/",
+        }[name]
+        raise DataError(f"{name} needs `data_dir`: {layout}.")
+    root = Path(data_dir)
+    size = image_size or 224
+    preprocessing = evaluation_preprocessing(
+        size, IMAGENET_STATS, crop_pct or 7 / 8, augmentation.interpolation
+    )
+    train_transform = imagenet_transforms(size, *IMAGENET_STATS, augmentation)
+    val_transform = preprocessing.transform()
+    train: Dataset[Any]
+    val: Dataset[Any]
+    if name == "shards":
+        train = ShardedImages(
+            root / "train",
+            train_transform,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        val = ShardedImages(
+            root / "val", val_transform, rank=rank, world_size=world_size, shuffle=False, whole=True
+        )
+        classes, val_classes = train.classes, val.classes
+    else:
+        train_split, val_split, classes = load_hf_splits(root, streaming=name == "hf-stream")
+        val_classes = list(val_split.classes)
+        if name == "hf":
+            train, val = HFImages(train_split, train_transform), HFImages(val_split, val_transform)
+        else:
+            train = HFStream(
+                train_split,
+                train_transform,
+                rank=rank,
+                world_size=world_size,
+                seed=seed,
+                batch_size=batch_size or 1,
+            )
+            val = HFStream(val_split, val_transform, shuffle=False) if rank == 0 else EmptyShare()
+    if list(classes) != list(val_classes):
+        raise DataError(
+            f"The training and evaluation splits in {root} name different classes; write them again."
+        )
+    if len(classes) < 2:
+        raise DataError(f"{root} holds {len(classes)} class: a classifier needs at least two.")
+    return DataBundle(
+        train=train,
+        val=val,
+        num_classes=len(classes),
+        class_names=list(classes),
+        in_chans=3,
+        image_size=size,
+        in_memory=False,
+        preprocessing=preprocessing,
+    )
+
+
+class EmptyShare(IterableDataset[Any]):
+    """No samples: the share of an evaluation stream that rank 0 reads whole, on the other ranks."""
+
+    transform = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to shuffle."""
 
 
 def strides_for_image_size(size: int) -> tuple[int, int, int, int, int]:

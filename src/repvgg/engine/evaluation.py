@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from repvgg.core.int8 import QuantizedRepVGG
 from repvgg.core.models import RepVGG
@@ -64,8 +64,9 @@ class EvalResult:
 
 
 def shard(dataset: Dataset[Any], context: DistContext) -> Dataset[Any]:
-    """This process's share of an evaluation set: every sample counted exactly once over all ranks."""
-    if not context.distributed:
+    """This process's share of an evaluation set: every sample counted exactly once over all ranks (shards
+    and streams are built for their process already: ``repvgg.engine.data.build_data``)."""
+    if not context.distributed or isinstance(dataset, IterableDataset):
         return dataset
     return Subset(dataset, list(range(context.rank, len(dataset), context.world_size)))  # type: ignore[arg-type]
 

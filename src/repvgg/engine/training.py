@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from repvgg.core.blocks import RepVGGBlock
 from repvgg.core.models import RepVGG
@@ -382,6 +382,9 @@ class Trainer:
         sampler = getattr(self.loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
+        dataset = getattr(self.loader, "dataset", None)
+        if isinstance(dataset, IterableDataset):  # shards and streams shuffle themselves, per epoch and seed
+            dataset.set_epoch(epoch)  # type: ignore[attr-defined]
         for inputs, targets, *rest in self.loader:
             if rest and rest[0]:
                 self.report_bad(rest[0])
@@ -710,6 +713,9 @@ class ClassificationRun:
             train_subset=config.train_subset,
             val_subset=config.val_subset,
             seed=config.seed,
+            rank=context.rank,
+            world_size=context.world_size,
+            batch_size=config.batch_size,
         )
         self.loaded: str | None = None  # what the `init` checkpoint gave, said in the header
         self.model = self._build_model(build_network)
@@ -810,26 +816,24 @@ class ClassificationRun:
         return done
 
     def _train_loader(self, workers: int) -> DataLoader[Any]:
-        config, context = self.config, self.context
-        if len(self.data.train) < config.batch_size * context.world_size:  # type: ignore[arg-type]
+        """The training batches of this process: a map-style set through a (distributed) sampler, shards and
+        streams split among processes and workers by themselves (see ``build_data``)."""
+        config, context, train = self.config, self.context, self.data.train
+        streamed = isinstance(train, IterableDataset)
+        if not streamed and len(train) < config.batch_size * context.world_size:  # type: ignore[arg-type]
             raise DataError(
-                f"The training set has {len(self.data.train)} images, fewer than one global batch of "  # type: ignore[arg-type]
+                f"The training set has {len(train)} images, fewer than one global batch of "  # type: ignore[arg-type]
                 f"{config.batch_size * context.world_size}; lower `batch_size` or raise `train_subset`."
             )
         sampler = None
-        if context.distributed:
+        if context.distributed and not streamed:
             sampler = DistributedSampler(
-                self.data.train,
-                context.world_size,
-                context.rank,
-                shuffle=True,
-                seed=config.seed,
-                drop_last=True,
+                train, context.world_size, context.rank, shuffle=True, seed=config.seed, drop_last=True
             )
         return DataLoader(
-            self.data.train,
+            train,
             batch_size=config.batch_size,
-            shuffle=sampler is None,
+            shuffle=sampler is None and not streamed,
             sampler=sampler,
             num_workers=workers,
             collate_fn=collate_reporting_bad,
