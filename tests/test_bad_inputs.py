@@ -21,7 +21,7 @@ from PIL import Image
 import repvgg
 from repvgg.cli import _build_parsers, main
 from tests.helpers import small_model
-from tests.test_data import fake_fashion_mnist, write_idx
+from tests.test_data import fake_fashion_mnist, make_image_folder, write_idx
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -93,6 +93,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("assets")
     a: dict[str, Path] = {"root": root, "marker": root / MARKER}
     a["data"] = fake_fashion_mnist(root / "fashion", train=128, test=64)
+    a["images"] = make_image_folder(root / "images")
+    a["shards"] = root / "shards"
+    assert main(["shard", str(a["images"]), str(a["shards"]), "--shard-size", "3", "--no-progress"]) == 0
     a["ckpt"] = repvgg.save_checkpoint(small_model(), root / "small.safetensors")
     a["deploy"] = root / "small_deploy.safetensors"
     repvgg.convert_checkpoint(a["ckpt"], a["deploy"])
@@ -233,6 +236,7 @@ BASE: dict[str, tuple[str, ...]] = {  # a small, valid run of every command; a c
         "--images 2 --backend eager"
     ),
     "models": args("models"),
+    "shard": args("shard {images} {tmp}/shards --shard-size 3 --no-progress"),
 }
 
 BAD_WORDS = ("abc", "1e999", "nan", "")  # not numbers, or not finite
@@ -290,7 +294,17 @@ NUMERIC: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
         "--workers": WORKERS,
         "--train-subset": POSITIVE_INT,
         "--val-subset": POSITIVE_INT,
+        "--accum-steps": (*POSITIVE_INT, "2000"),  # at most 1024
+        "--clip-grad": POSITIVE_FLOAT,
+        "--min-lr": NON_NEGATIVE_FLOAT,
+        "--cutmix": NON_NEGATIVE_FLOAT,
+        "--random-erasing": FRACTION,
+        "--drop-path": (*FRACTION, "1", "0.995"),  # below 1: a rate of 1 drops every path
+        "--crop-pct": ("0", "0.01", "1.5", "-1", *BAD_WORDS),
+        "--keep-best": (*POSITIVE_INT, "101"),
+        "--patience": POSITIVE_INT,
     },
+    "shard": {"--shard-size": POSITIVE_INT, "--seed": SEED},
     "train-seg": {
         "--epochs": POSITIVE_INT,
         "--batch-size": POSITIVE_INT,
@@ -347,6 +361,11 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {  # command -> option -> bad v
         "--block": ("x",),
         "--layout": ("x",),
         "--model": ("repvgg_z9", ""),
+        "--opt": ("adam", ""),
+        "--sched": ("linear",),
+        "--augment": ("augmix",),
+        "--interpolation": ("lanczos",),
+        "--best-metric": ("top5",),
     },
     "quantize": {"--data": ("x",), "--weights": ("x",), "--device": BAD_DEVICES},
     "optimize": {
@@ -443,6 +462,26 @@ WRONG_KIND: dict[str, tuple[str, ...]] = {  # a readable checkpoint that is not 
 COMBINATIONS: dict[str, tuple[str, ...]] = {  # values each fine alone, wrong together or here
     "train-resume-nothing-to-resume": (*BASE["train"], "--resume"),
     "train-batch-above-subset": (*BASE["train"], "--batch-size", "64"),
+    "train-nesterov-with-adamw": (*BASE["train"], *args("--opt adamw --nesterov")),
+    "train-decay-rate-without-step": (*BASE["train"], *args("--decay-rate 0.5")),
+    "train-magnitude-without-randaugment": (*BASE["train"], *args("--augment-magnitude 3")),
+    "train-switch-without-cutmix": (*BASE["train"], *args("--mixup 0.2 --mixup-switch-prob 0.2")),
+    "train-min-lr-above-lr": (*BASE["train"], *args("--lr 0.01 --min-lr 0.1")),
+    "train-accum-above-batches": (*BASE["train"], *args("--accum-steps 8")),
+    "train-shards-without-data-dir": args("train --data shards --output {tmp}/run --no-progress"),
+    "train-shards-with-subset": args(
+        "train --data shards --data-dir {shards} --train-subset 4 --output {tmp}/r"
+    ),
+    "train-shards-of-idx-files": args(
+        "train --data shards --data-dir {data} --output {tmp}/run --no-progress"
+    ),
+    "train-hf-of-idx-files": args("train --data hf --data-dir {data} --output {tmp}/run --no-progress"),
+    "train-shards-batch-above-share": args(
+        "train --data shards --data-dir {shards} --batch-size 64 --output {tmp}/run --no-progress"
+    ),
+    "shard-source-without-splits": args("shard {data} {tmp}/shards"),
+    "shard-over-shards": args("shard {images} {shards}"),
+    "shard-missing-source": args("shard {missing} {tmp}/shards"),
     "train-image-size-not-native": (*BASE["train"], "--image-size", "9"),
     "eval-image-size-not-native": (*BASE["eval"], "--image-size", "4096"),
     "eval-imagefolder-without-data-dir": args("eval {ckpt} --data imagefolder"),

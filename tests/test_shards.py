@@ -162,6 +162,22 @@ def test_two_ranks_of_two_workers_see_every_sample_once_per_epoch(written: Any, 
         assert len(left_out) > 1  # what is left out changes with the epoch
 
 
+@pytest.mark.parametrize(
+    ("split", "world", "shares"), [("train", 3, [14, 14, 13]), ("val", 8, [1] * 7 + [0])]
+)
+def test_evaluation_reads_every_sample_once_over_the_ranks(
+    written: Any, split: str, world: int, shares: list[int]
+) -> None:
+    folder = written(ODD) / split
+    seen = []
+    for rank in range(world):
+        dataset = ShardedImages(folder, np.asarray, rank=rank, world_size=world, whole=True, keys=True)
+        keys = [key for key, _ in DataLoader(dataset, batch_size=None, num_workers=2 if rank < 2 else 0)]
+        assert len(keys) == len(dataset) == shares[rank]
+        seen += keys
+    assert sorted(seen) == sorted(key for key, *_ in all_samples(folder))  # each exactly once
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than this CPU's cores
 @pytest.mark.parametrize(
     ("case", "world", "workers", "batch"),
@@ -393,6 +409,8 @@ def test_refusals_say_what_is_wrong(
     assert message.count("\n") == 0 and message.endswith(".")
 
 
-def test_rank_outside_the_world_is_refused(written: Any) -> None:
+def test_impossible_arguments_are_refused(written: Any) -> None:
     with pytest.raises(ArgumentValueError, match="rank 2 of 2"):
         ShardedImages(written(ODD) / "train", np.asarray, rank=2, world_size=2)
+    with pytest.raises(ArgumentValueError, match="leave `batch_size` out"):
+        ShardedImages(written(ODD) / "val", np.asarray, batch_size=4, whole=True)

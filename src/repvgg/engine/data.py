@@ -268,6 +268,12 @@ def imagenet_transforms(
     return v2.Compose(steps)
 
 
+def default_crop_pct(name: str) -> float:
+    """The evaluation crop ratio of a dataset when none is given: the paper's 224/256 for photographs, none
+    (1) for the 28-32 px sets, which are evaluated at their own size."""
+    return 1.0 if name in ("fashion-mnist", "cifar10") else 7 / 8
+
+
 def evaluation_preprocessing(
     size: int, stats: tuple[Sequence[float], Sequence[float]], crop_pct: float, interpolation: str
 ) -> Preprocessing:
@@ -432,7 +438,9 @@ def build_data(
             f"{name} images are {native} px, so `image_size` {size} is not supported: leave `image_size` out."
         )
     in_chans = int(splits[True][0].shape[1])
-    preprocessing = evaluation_preprocessing(size, stats, crop_pct or 1.0, augmentation.interpolation)
+    preprocessing = evaluation_preprocessing(
+        size, stats, crop_pct or default_crop_pct(name), augmentation.interpolation
+    )
     train = TensorImages(*splits[True], small_image_transforms(size, *stats, augmentation))
     val = TensorImages(*splits[False], evaluation_transform(preprocessing, in_memory=True))
     return DataBundle(
@@ -464,7 +472,7 @@ def _image_folder_bundle(
             raise DataError(f"{root} has no {split}/ folder: expected {root}/{split}/<class name>/<images>.")
     size = image_size or 224
     preprocessing = evaluation_preprocessing(
-        size, IMAGENET_STATS, crop_pct or 7 / 8, augmentation.interpolation
+        size, IMAGENET_STATS, crop_pct or default_crop_pct("imagefolder"), augmentation.interpolation
     )
     train = ImageFiles(root / "train", imagenet_transforms(size, *IMAGENET_STATS, augmentation))
     val = ImageFiles(root / "val", preprocessing.transform())
@@ -539,7 +547,7 @@ def _streamed_bundle(
     root = Path(data_dir)
     size = image_size or 224
     preprocessing = evaluation_preprocessing(
-        size, IMAGENET_STATS, crop_pct or 7 / 8, augmentation.interpolation
+        size, IMAGENET_STATS, crop_pct or default_crop_pct(name), augmentation.interpolation
     )
     train_transform = imagenet_transforms(size, *IMAGENET_STATS, augmentation)
     val_transform = preprocessing.transform()

@@ -8,7 +8,8 @@ shard order; none with one rank). With a ``batch_size`` the rank's share is cut 
 batches, dealt to the DataLoader's workers as contiguous runs of whole batches, so that a DataLoader with
 that batch size yields exactly B full batches on every rank (DDP needs the same number of steps on all) and
 ``len(loader)`` is right. Every sample is seen at most once per epoch, and all of them when nothing is left
-over. Each worker reads only the shards its range overlaps and shuffles within a buffer.
+over. Each worker reads only the shards its range overlaps and shuffles within a buffer. For evaluation
+(``whole``) the ranks instead share out all N samples, so that each is counted exactly once.
 """
 
 from __future__ import annotations
@@ -28,24 +29,34 @@ from repvgg.io.shards import REWRITE, iter_samples, read_index
 Item = TypeVar("Item")
 
 
-def rank_share(samples: int, world_size: int, batch_size: int | None = None) -> int:
-    """The samples each rank yields per epoch: ``samples // world_size``, cut to whole batches."""
+def _deal(count: int, parts: int, part: int) -> tuple[int, int]:
+    """Where one of ``parts`` contiguous runs of ``count`` items begins and how long it is: the first
+    ``count % parts`` runs take one more."""
+    each, extra = divmod(count, parts)
+    return part * each + min(part, extra), each + (part < extra)
+
+
+def rank_range(
+    samples: int, world_size: int, rank: int, batch_size: int | None = None, whole: bool = False
+) -> tuple[int, int]:
+    """The positions ``[start, stop)`` of the epoch's sequence that one rank reads: for training the same
+    ``samples // world_size`` on every rank, cut to whole batches; with ``whole`` (for evaluation) every
+    sample once over all ranks, their shares differing by at most one."""
+    if whole:
+        start, length = _deal(samples, world_size, rank)
+        return start, start + length
     share = samples // world_size
-    return share - share % batch_size if batch_size else share
+    return rank * share, rank * share + (share - share % batch_size if batch_size else share)
 
 
 def worker_range(
-    samples: int, world_size: int, rank: int, workers: int, worker: int, batch_size: int | None = None
+    start: int, stop: int, workers: int, worker: int, batch_size: int | None = None
 ) -> tuple[int, int]:
-    """The positions ``[start, stop)`` of the epoch's sequence that one worker of one rank reads: the rank's
-    share (see :func:`rank_share`) dealt to ``workers`` as contiguous runs of whole batches (of samples when
-    ``batch_size`` is None), the first ``units % workers`` workers taking one more."""
+    """One worker's part of a rank's ``[start, stop)``: contiguous runs of whole batches (of samples when
+    ``batch_size`` is None), the first ``runs % workers`` workers taking one more."""
     unit = batch_size or 1
-    units = rank_share(samples, world_size, batch_size) // unit
-    each, extra = divmod(units, workers)
-    first = worker * each + min(worker, extra)
-    start = rank * (samples // world_size) + first * unit
-    return start, start + (each + (worker < extra)) * unit
+    first, length = _deal((stop - start) // unit, workers, worker)
+    return start + first * unit, start + (first + length) * unit
 
 
 def buffer_shuffled(items: Iterator[Item], size: int, rng: random.Random) -> Iterator[Item]:
@@ -66,11 +77,14 @@ class ShardedImages(IterableDataset[Any]):
     """The images of one split folder of shards (e.g. ``shards/train``) as ``(transform(image), label)``,
     or a :class:`BadImage` for an image that cannot be decoded (``collate_reporting_bad`` reports those).
 
-    ``rank``/``world_size`` are this process's place in a distributed run; give the DataLoader's
-    ``batch_size`` as ``batch_size`` too (see the module's rule). Call :meth:`set_epoch` before each epoch:
-    the same seed and epoch give the same sequence (a resumed run replays it), another epoch another order.
-    It reaches the workers when they start anew for each epoch (``persistent_workers=False``). With
-    ``keys=True`` the items are ``(key, label)`` and no image is decoded (to see which samples come out).
+    ``rank``/``world_size`` are this process's place in a distributed run; for training give the
+    DataLoader's ``batch_size`` as ``batch_size`` too (see the module's rule); for evaluation ``whole``
+    reads every sample once over all ranks (shares differing by one at most, not cut to batches).
+
+    Call :meth:`set_epoch` before each epoch: the same seed and epoch give the same sequence (a resumed run
+    replays it), another epoch another order. It reaches the workers when they start anew for each epoch
+    (``persistent_workers=False``). With ``keys=True`` the items are ``(key, label)`` and no image is
+    decoded (to see which samples come out).
     """
 
     def __init__(
@@ -86,6 +100,7 @@ class ShardedImages(IterableDataset[Any]):
         batch_size: int | None = None,
         in_chans: int = 3,
         keys: bool = False,
+        whole: bool = False,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ArgumentValueError(
@@ -96,8 +111,11 @@ class ShardedImages(IterableDataset[Any]):
                 f"`batch_size` and `shuffle_buffer` must be at least 1, got {batch_size} and "
                 f"{shuffle_buffer}."
             )
+        if whole and batch_size is not None:
+            raise ArgumentValueError("`whole` reads every sample, not whole batches: leave `batch_size` out.")
         self.index = read_index(folder)
-        if rank_share(self.index.samples, world_size, batch_size) == 0:
+        self.start, self.stop = rank_range(self.index.samples, world_size, rank, batch_size, whole)
+        if self.start == self.stop and not whole:
             one = f"one batch of {batch_size}" if batch_size else "one sample"
             raise DataError(
                 f"The shards in {self.index.folder} hold {self.index.samples} samples, fewer than {one} for "
@@ -105,7 +123,7 @@ class ShardedImages(IterableDataset[Any]):
             )
         self.classes = list(self.index.classes)
         self.transform = transform
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+        self.rank, self.seed, self.epoch = rank, seed, 0
         self.shuffle, self.shuffle_buffer, self.batch_size = shuffle, shuffle_buffer, batch_size
         self.in_chans, self.keys = in_chans, keys
 
@@ -113,15 +131,12 @@ class ShardedImages(IterableDataset[Any]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return rank_share(self.index.samples, self.world_size, self.batch_size)
+        return self.stop - self.start
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start, stop = worker_range(
-            self.index.samples, self.world_size, self.rank, workers, worker, self.batch_size
-        )
-        samples = self._read(start, stop)
+        samples = self._read(*worker_range(self.start, self.stop, workers, worker, self.batch_size))
         if self.shuffle:
             rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")
             samples = buffer_shuffled(samples, self.shuffle_buffer, rng)

@@ -42,6 +42,7 @@ from repvgg.engine.data import (
     build_data,
     collate_reporting_bad,
     dataset_folder,
+    default_crop_pct,
     default_workers,
     strides_for_image_size,
 )
@@ -872,7 +873,7 @@ class ClassificationRun:
             device=str(self.context.device.type),
             workers=self.workers,
             data_dir=dataset_folder(config.data, config.data_dir),
-            crop_pct=config.crop_pct if config.crop_pct is not None else self.data.preprocessing.crop_pct,
+            crop_pct=config.crop_pct if config.crop_pct is not None else default_crop_pct(config.data),
         )
 
     def header(self) -> str:
@@ -925,7 +926,7 @@ class ClassificationRun:
             "data": self.config.data,
             "epochs": self.config.epochs,
             "weights": "ema" if trainer.ema is not None else "last",
-            "train_form": trained.as_dict(),
+            "train_form": {**trained.as_dict(), "images": trained.images},
             "deploy_form": None,
             "top1_difference": None,
             "forms_agree": None,
@@ -941,7 +942,7 @@ class ClassificationRun:
         deployed_model = reparameterize(final) if is_convertible(final) else None
         if deployed_model is not None:  # the relu_in_branch block and the residual layout have no plain form
             deployed = task.result(deployed_model)
-            summary["deploy_form"] = deployed.as_dict()
+            summary["deploy_form"] = {**deployed.as_dict(), "images": deployed.images}
             summary["top1_difference"] = abs(trained.top1 - deployed.top1)
             summary["forms_agree"] = (
                 abs(trained.top1 - deployed.top1) <= 0.01 and abs(trained.top5 - deployed.top5) <= 0.01
