@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from repvgg.core.info import IMAGENET_STATS
-from repvgg.engine.data import ImageFiles, collate_reporting_bad
+from repvgg.engine.data import Augmentation, ImageFiles, collate_reporting_bad, imagenet_transforms
 from repvgg.engine.shards import ShardedImages
 from repvgg.io.machine import cpu_features
 from repvgg.io.shards import write_shards
@@ -65,16 +65,7 @@ def synthesize(root: Path, count: int, size: tuple[int, int], classes: int, seed
 
 def training_transform() -> v2.Compose:
     """The ImageNet training transform of ``repvgg train`` (no augmentation policy, no random erasing)."""
-    mean, std = IMAGENET_STATS
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(224, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    return imagenet_transforms(224, *IMAGENET_STATS, Augmentation())
 
 
 def loader(source: str, data: Path, shards: Path, workers: int, batch: int) -> DataLoader[Any]:

@@ -64,7 +64,7 @@ def test_the_readme_recipe_runs_end_to_end_from_shards_on_two_processes(tmp_path
     )
     assert written.returncode == 0, written.stdout + written.stderr
     assert len(list((tmp_path / "shards" / "train").glob("shard-*.tar"))) == 5, "24 images, 5 per shard"
-    command = toy(standalone, paths) + ["--image-size", "32", "--no-progress"]
+    command = [*toy(standalone, paths), "--image-size", "32", "--no-progress"]
     assert command[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", *command[1:]],

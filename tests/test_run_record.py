@@ -29,7 +29,10 @@ def test_a_run_prints_a_header_resolves_its_config_and_records_its_environment(
         and "128 training / 64 validation images" in header[0]
     )
     assert "28 px, 10 classes, strides (1, 2, 2, 2, 2)" in header[0]
-    assert "lr 0.0125 (0.1 x global batch / 256)" in header[1] and "0 data workers" in header[1]
+    assert (
+        "effective batch 32, sgd lr 0.0125 (0.1 x effective batch / 256, sgd's rule)" in header[1]
+        and "0 data workers" in header[1]
+    )
     saved = json.loads((run / "config.json").read_text())
     assert saved["lr"] == 0.0125 and saved["strides"] == [1, 2, 2, 2, 2] and saved["image_size"] == 28
     assert saved["device"] == "cpu" and saved["workers"] == 0, "no nulls: config.json repeats this very run"

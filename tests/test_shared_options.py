@@ -36,6 +36,7 @@ EXPECTED = {
     "convert": {"output"},  # float64 arithmetic on the CPU, no data
     "verify": set(),  # compares two files: nothing to read in batches, nothing written
     "models": set(),  # prints a table
+    "shard": {"progress"},  # copies image files into tars: no model, no batches; OUTPUT is its argument
 }
 POSITIONALS = {  # what each command needs besides options, to be parsed
     "eval": ["c.safetensors"],
@@ -45,6 +46,7 @@ POSITIONALS = {  # what each command needs besides options, to be parsed
     "quantize": ["c.safetensors", "q.safetensors"],
     "optimize": ["c.safetensors", "o.safetensors"],
     "verify": ["c.safetensors"],
+    "shard": ["images", "shards"],
 }
 VALUES = {  # a value for each shared option, and what the parsed namespace then holds
     "device": ("cpu", "cpu"),

@@ -134,8 +134,7 @@ def _refuse_existing(output: Path, overwrite: bool) -> None:
     held = [output / split for split in SPLITS if _holds_shards(output / split)]
     if held and not overwrite:
         raise DataError(
-            f"{held[0]} already holds shards; choose another output folder, or overwrite them "
-            "(`overwrite=True`, `--overwrite`)."
+            f"{held[0]} already holds shards; choose another output folder, or replace them (`overwrite`)."
         )
 
 
