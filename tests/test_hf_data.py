@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import pickle
 import sys
@@ -20,6 +21,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import repvgg
 from repvgg.engine.hf_data import HFImages, HFSplit, HFStream, load_hf_splits
 from repvgg.exceptions import DataError
 from repvgg.io.images import BadImage
@@ -381,3 +383,22 @@ def test_each_reader_refuses_the_other_kind_of_split(parquet: Path, tmp_path: Pa
         HFStream(streamed, transform=_index, rank=2, world_size=2)
     with pytest.raises(DataError, match="has 36 rows, fewer than the 40 processes"):
         HFStream(streamed, transform=_index, rank=0, world_size=40)
+
+
+@pytest.mark.parametrize(("data", "fixture"), [("hf", "saved"), ("hf-stream", "parquet")])
+def test_repvgg_train_runs_from_a_hugging_face_dataset(
+    data: str, fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from repvgg.cli import main
+
+    folder = request.getfixturevalue(fixture)
+    run = tmp_path / "run"
+    arguments = ["train", "--data", data, "--data-dir", str(folder), "--image-size", "16", "--epochs", "1"]
+    arguments += ["--batch-size", "4", "--workers", "0", "--no-progress", "--output", str(run)]
+    assert main(arguments) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["forms_agree"] and summary["train_form"]["images"] == VAL, "every validation row once"
+    deployed = repvgg.load_checkpoint(run / "model_deploy.safetensors")
+    assert deployed.class_names == CLASSES
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["train_images_per_s"] > 0

@@ -99,6 +99,8 @@ def test_schedules_have_their_shapes() -> None:
     [
         ({"sched": "step", "decay_epochs": 1, "decay_rate": 0.5, "lr": 0.1}, [0.1, 0.05, 0.025]),
         ({"sched": "cosine", "min_lr": 0.01, "lr": 0.1}, [0.1, 0.0775, 0.0325]),  # 0.01 + 0.09 x cosine
+        ({"sched": "poly", "poly_power": 2.0, "lr": 0.1}, [0.1, 0.1 * (2 / 3) ** 2, 0.1 * (1 / 3) ** 2]),
+        ({"sched": "onecycle", "lr": 0.1}, [0.1 / 25, 0.1, 0.1 * (1 + 1 / 25e4) / 2]),  # rise: 2 of 6 steps
     ],
 )
 def test_the_schedule_chosen_sets_each_epoch_s_learning_rate(
@@ -186,6 +188,19 @@ def test_each_policy_is_in_the_training_transform_and_changes_the_images(
     second = torch.stack([augmented.train[i][0] for i in range(16)])
     assert not torch.equal(first, second)
     assert augmented.val[0][0].equal(plain.val[0][0]), "evaluation images are not augmented"
+
+
+def test_the_run_s_augmentation_and_mixing_are_the_configured_ones(fashion: Path, tmp_path: Path) -> None:
+    options = {"augment": "randaugment", "augment_magnitude": 5, "mixup": 0.2, "cutmix": 1.0}
+    options |= {"mixup_prob": 0.8, "mixup_switch_prob": 0.3}
+    run = ClassificationRun(config(fashion, tmp_path / "r", **options), DistContext())
+    steps = run.data.train.transform.transforms
+    assert [s.magnitude for s in steps if isinstance(s, v2.RandAugment)] == [5]
+    mixing = run.trainer.mixup
+    assert isinstance(mixing, v2.RandomApply) and mixing.p == 0.8
+    (choice,) = mixing.transforms
+    assert isinstance(choice, v2.RandomChoice) and choice.p == pytest.approx([0.7, 0.3])
+    assert [type(t).__name__ for t in choice.transforms] == ["MixUp", "CutMix"]
 
 
 def test_random_erasing_erases_rectangles_of_training_images_only(fashion: Path) -> None:
