@@ -15,7 +15,9 @@ class BlockDesign:
 
     ``dense``, the 3x3 branch: ``"bn"`` (conv + BN), ``"plain"`` (a bare conv), ``"trivial"`` (kernel
     ``I + W``) or ``"dirac"`` (DiracNet's ``diag(a) I + diag(b) W / ||W||``), see
-    :class:`~repvgg.core.fusion.IdentityPlusConv`. ``one_by_one`` and ``identity``: ``None`` (no such branch),
+    :class:`~repvgg.core.fusion.IdentityPlusConv`, or ``"online"`` (the 3x3, 1x1 and identity branches with
+    learned scales merged into one kernel every step, :class:`~repvgg.core.fusion.OnlineConv`).
+    ``one_by_one`` and ``identity``: ``None`` (no such branch),
     ``"bn"`` (the branch ends in BatchNorm) or ``"plain"`` (a bare 1x1 convolution / the input itself).
     ``asymmetric`` adds ACNet's 3x1 + BN and 1x3 + BN branches; ``post_bn`` puts one BatchNorm after the sum;
     ``relu_in_branches`` applies a ReLU to each branch before the sum, which makes the block impossible
@@ -23,12 +25,15 @@ class BlockDesign:
     the one fusion function.
     """
 
-    dense: Literal["bn", "plain", "trivial", "dirac"] = "bn"
+    dense: Literal["bn", "plain", "trivial", "dirac", "online"] = "bn"
     one_by_one: Literal["bn", "plain"] | None = "bn"
     identity: Literal["bn", "plain"] | None = "bn"
     asymmetric: bool = False
     post_bn: bool = False
     relu_in_branches: bool = False
+    #: RepOpt-VGG: the plain conv + BN trains with gradient multipliers equal to a multi-branch block's
+    #: (``repvgg.core.repopt``); the training loop applies them.
+    gradient_multipliers: bool = False
     description: str = ""
 
     @property
@@ -78,6 +83,21 @@ BLOCK_DESIGNS: dict[str, BlockDesign] = {
         identity="plain",
         post_bn=True,
         description="3x3+BN, bare 1x1 and identity, one BN after the sum (QARepVGG)",
+    ),
+    "online": BlockDesign(
+        dense="online",
+        one_by_one=None,
+        identity=None,
+        post_bn=True,
+        description="3x3, 1x1 and identity with learned scales merged into one kernel every step, one conv, "
+        "then BN (OREPA's online re-parameterization)",
+    ),
+    "repopt": BlockDesign(
+        one_by_one=None,
+        identity=None,
+        gradient_multipliers=True,
+        description="one 3x3+BN trained with the gradient multipliers of 3x3, 1x1 and identity branches "
+        "(RepOpt-VGG)",
     ),
 }
 

@@ -153,6 +153,67 @@ class IdentityPlusConv(nn.Module):
         return F.conv2d(inputs, self.kernel(), None, self.stride, self.padding, self.dilation, self.groups)
 
 
+class OnlineConv(nn.Module):
+    """The three branches of a RepVGG block merged into one kernel at every step (OREPA's online
+    re-parameterization, Hu et al., CVPR 2022): ``K = diag(s3) W3 + diag(s1) pad(W1) + diag(si) I``.
+
+    The branches' BatchNorms are replaced by the learned per-channel scales ``s3``, ``s1``, ``si`` (OREPA's
+    linear scaling layers, initialised to 1) and the block puts one BatchNorm after the convolution; the
+    kernel is a differentiable function of the parameters, so one convolution runs per step instead of
+    three, and only its output is kept for the backward pass. The identity term exists only when the
+    convolution keeps the shape (same channels, stride 1). Bias-free; zero padding only.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        if padding_mode != "zeros":
+            raise ConversionError("Online re-parameterized convolutions support only zero padding.")
+        self.weight = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=False).weight
+        self.weight_1x1 = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=False).weight
+        self.scale_dense = nn.Parameter(torch.ones(out_channels))
+        self.scale_1x1 = nn.Parameter(torch.ones(out_channels))
+        self.has_identity = in_channels == out_channels and stride == 1
+        self.scale_identity = nn.Parameter(torch.ones(out_channels)) if self.has_identity else None
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_channels = in_channels
+
+    def kernel(self) -> Tensor:
+        """The merged kernel, a differentiable function of the parameters."""
+        size = (self.weight.shape[-2], self.weight.shape[-1])
+        kernel = self.scale_dense.reshape(-1, 1, 1, 1) * self.weight
+        kernel = kernel + self.scale_1x1.reshape(-1, 1, 1, 1) * pad_kernel(self.weight_1x1, size)
+        if self.scale_identity is not None:
+            identity = identity_kernel(
+                self.in_channels, self.groups, size, dtype=kernel.dtype, device=kernel.device
+            )
+            kernel = kernel + self.scale_identity.reshape(-1, 1, 1, 1) * identity
+        return kernel
+
+    @torch.no_grad()
+    def start_from(self, kernel: Tensor) -> None:
+        """Make :meth:`kernel` equal ``kernel`` (a trained block's equivalent kernel): the 3x3 weight takes
+        it, the 1x1 weight and the identity's scale start at 0 and the other scales at 1."""
+        self.weight.copy_(kernel)
+        self.weight_1x1.zero_()
+        self.scale_dense.fill_(1.0)
+        self.scale_1x1.fill_(1.0)
+        if self.scale_identity is not None:
+            self.scale_identity.zero_()
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return F.conv2d(inputs, self.kernel(), None, self.stride, self.padding, self.dilation, self.groups)
+
+
 def bn_scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
     """Per-channel ``(t, s)`` such that ``bn(x) == t * x + s`` in eval mode.
 
@@ -231,11 +292,11 @@ def branch_kernel_bias(
     """The equivalent ``kernel_size`` kernel and bias of one branch of a block.
 
     A branch is a :class:`ConvBN`, a lone ``BatchNorm2d`` (the identity branch with BN), an
-    ``nn.Identity`` (the identity branch without BN), a ``Conv2d`` with or without bias, or an
-    :class:`IdentityPlusConv`. Every block
+    ``nn.Identity`` (the identity branch without BN), a ``Conv2d`` with or without bias, an
+    :class:`IdentityPlusConv` or an :class:`OnlineConv`. Every block
     type converts through this one function.
     """
-    if isinstance(branch, IdentityPlusConv):
+    if isinstance(branch, IdentityPlusConv | OnlineConv):
         kernel = pad_kernel(branch.kernel(), kernel_size)
         return kernel, kernel.new_zeros(kernel.shape[0])
     if isinstance(branch, nn.Identity):
@@ -253,5 +314,5 @@ def branch_kernel_bias(
         return kernel * scale.reshape(-1, 1, 1, 1), shift
     raise ConversionError(
         f"Cannot re-parameterize a branch of type {type(branch).__name__}; "
-        "supported branches are ConvBN, Conv2d, BatchNorm2d, Identity and IdentityPlusConv."
+        "supported branches are ConvBN, Conv2d, BatchNorm2d, Identity, IdentityPlusConv and OnlineConv."
     )

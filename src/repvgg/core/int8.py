@@ -8,11 +8,15 @@ that every conv + ReLU pair becomes one fused int8 kernel. Weights are quantized
 
 RepVGG's fused kernels are known to quantize badly (the QARepVGG and RepOpt papers); the ``qarepvgg``
 block design keeps its accuracy, and quantization-aware training (``repvgg.studies.quantization``)
-recovers what calibration alone loses. The INT8 file format lives in ``repvgg.io.checkpoints``.
+recovers what calibration alone loses. A deployed RepVGG has no BatchNorm left, which makes QAT of it
+hard (the authors' repository, issue #85): :func:`with_batchnorm` puts one back after every conv, exactly
+the identity at first, so that QAT runs the standard conv + BN recipe and the INT8 model folds it again.
+The INT8 file format lives in ``repvgg.io.checkpoints``.
 """
 
 import contextlib
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -69,6 +73,72 @@ def plain_network(model: nn.Module) -> nn.Sequential:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.linear)
 
 
+@torch.no_grad()
+def conv_output_statistics(
+    plain: nn.Sequential, images: Iterable[Tensor]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per conv of ``plain`` (by name), the mean and (population) variance per channel of its output over
+    ``images``, accumulated in float64 over every image and position."""
+    convs = {name: layer for name, layer in plain.named_children() if isinstance(layer, nn.Conv2d)}
+    sums: dict[str, Tensor] = {}
+    count = {name: 0 for name in convs}
+
+    def record(name: str) -> Any:
+        def hook(_: nn.Module, __: Any, output: Tensor) -> None:
+            values = output.detach().double().transpose(0, 1).flatten(1)  # channels x (images . positions)
+            moments = torch.stack([values.sum(1), values.square().sum(1)])
+            sums[name] = sums[name] + moments if name in sums else moments
+            count[name] += values.shape[1]
+
+        return hook
+
+    handles = [conv.register_forward_hook(record(name)) for name, conv in convs.items()]
+    try:
+        for batch in images:
+            plain(batch.float().cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not sums:
+        raise QuantizationError(
+            "No images were given to measure the BatchNorm statistics with; give at least one batch."
+        )
+    statistics = {}
+    for name, (total, squares) in sums.items():
+        mean = total / count[name]
+        statistics[name] = (mean, (squares / count[name] - mean.square()).clamp_min(0))
+    return statistics
+
+
+def with_batchnorm(plain: nn.Sequential, images: Iterable[Tensor]) -> nn.Sequential:
+    """``plain`` with a BatchNorm2d after every conv, each the identity map in eval mode (for QAT).
+
+    Each BatchNorm's running mean and variance are the statistics of its conv's output over ``images``, its
+    gamma ``sqrt(variance + eps)`` and its beta the mean, so in eval mode it gives back its input exactly
+    (to rounding). Unit statistics would be the identity in eval mode too, but measured ones are what make
+    the start of QAT the plain network as well: in training mode each BatchNorm normalises with batch
+    statistics close to the running ones, so the function barely moves, and the fused QAT conv's weight
+    factor ``gamma / sqrt(running_var + eps)`` starts at 1, so fake quantization starts from the plain
+    weights (those PTQ quantizes). The layers keep their names (a conv's BatchNorm is ``<name>_bn``), so the
+    INT8 graph converted from it, BatchNorms folded, is laid out and saved like a post-training one.
+    Shares ``plain``'s layers.
+    """
+    statistics = conv_output_statistics(plain.eval(), images)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for name, layer in plain.named_children():
+        layers[name] = layer
+        if name in statistics:
+            mean, variance = statistics[name]
+            norm = nn.BatchNorm2d(len(mean))
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(variance)
+            with torch.no_grad():
+                norm.weight.copy_((variance + norm.eps).sqrt())
+                norm.bias.copy_(mean)
+            layers[f"{name}_bn"] = norm
+    return nn.Sequential(layers)
+
+
 class QuantizedRepVGG(RecordBacked, nn.Module):
     """An INT8 RepVGG for the CPU, called like the float model (float images in, float logits out).
 
@@ -123,12 +193,14 @@ ACTIVATION_BITS = (7, 8)
 
 
 def _qconfig_mapping(qat: bool, weights: str, activation_bits: int = 7) -> Any:
-    """x86's default mapping: uint8 activations (histogram observers, 7 bits used), int8 weights per
-    channel; ``weights="per-tensor"`` gives one scale per weight tensor instead (the harsher setting that
-    published RepVGG quantization results often use), ``activation_bits=8`` the full range (post-training
-    quantization; see :data:`ACTIVATION_BITS`)."""
+    """x86's default mapping: uint8 activations (7 bits used), int8 weights per channel; ``weights=
+    "per-tensor"`` gives one scale per weight tensor instead (the harsher setting that published RepVGG
+    quantization results often use), ``activation_bits=8`` the full range (see :data:`ACTIVATION_BITS`).
+    Post-training quantization observes histograms, QAT moving min/max with fake quantization."""
     from torch.ao.quantization import (
+        FusedMovingAvgObsFakeQuantize,
         HistogramObserver,
+        MovingAverageMinMaxObserver,
         QConfig,
         default_weight_fake_quant,
         default_weight_observer,
@@ -140,11 +212,8 @@ def _qconfig_mapping(qat: bool, weights: str, activation_bits: int = 7) -> Any:
         raise QuantizationError(
             f"`weights` must be one of {', '.join(WEIGHT_GRANULARITIES)}, got {weights!r}."
         )
-    if activation_bits not in ACTIVATION_BITS or (qat and activation_bits != 7):
-        raise QuantizationError(
-            f"`activation_bits` must be 7 or 8 (8 for post-training quantization only), got "
-            f"{activation_bits}."
-        )
+    if activation_bits not in ACTIVATION_BITS:
+        raise QuantizationError(f"`activation_bits` must be 7 or 8, got {activation_bits}.")
     mapping = get_default_qat_qconfig_mapping(ENGINE) if qat else get_default_qconfig_mapping(ENGINE)
     if weights == "per-channel" and activation_bits == 7:
         return mapping
@@ -152,25 +221,48 @@ def _qconfig_mapping(qat: bool, weights: str, activation_bits: int = 7) -> Any:
     if weights == "per-tensor":
         weight = default_weight_fake_quant if qat else default_weight_observer
     activation = mapping.global_qconfig.activation
-    if activation_bits == 8:
+    if activation_bits == 8 and qat:
+        activation = FusedMovingAvgObsFakeQuantize.with_args(
+            observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=False
+        )
+    elif activation_bits == 8:
         activation = HistogramObserver.with_args(reduce_range=False)
     return mapping.set_global(QConfig(activation=activation, weight=weight))
 
 
 def prepare_int8(
-    model: RepVGG, example: Tensor, *, qat: bool, weights: str, activation_bits: int = 7
+    model: RepVGG,
+    example: Tensor,
+    *,
+    qat: bool,
+    weights: str,
+    activation_bits: int = 7,
+    batchnorm_images: Iterable[Tensor] | None = None,
 ) -> nn.Module:
-    """The plain network of a float deploy copy of ``model`` with observers (and fake quantization)."""
+    """The plain network of a float deploy copy of ``model`` with observers (and fake quantization).
+
+    With ``batchnorm_images`` (QAT only), a BatchNorm measured on them is put back after every conv
+    (:func:`with_batchnorm`) and FX fuses each conv + BN + ReLU into one QAT module
+    (``torch.ao.nn.intrinsic.qat.ConvBnReLU2d``), which fake-quantizes the weights with the BN folded in.
+    """
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     deployed, _ = to_deploy_form(model)
     plain = plain_network(deployed).float().cpu()
+    mapping = _qconfig_mapping(qat, weights, activation_bits)
     with x86_engine():
-        if qat:
-            for parameter in plain.parameters():
-                parameter.requires_grad_(True)
-            return prepare_qat_fx(plain.train(), _qconfig_mapping(True, weights), (example,))
-        return prepare_fx(plain.eval(), _qconfig_mapping(False, weights, activation_bits), (example,))
+        if not qat:
+            if batchnorm_images is not None:
+                raise QuantizationError(
+                    "BatchNorm is put back for quantization-aware training only: give `batchnorm_images` "
+                    "with `qat=True`."
+                )
+            return prepare_fx(plain.eval(), mapping, (example,))
+        for parameter in plain.parameters():
+            parameter.requires_grad_(True)
+        if batchnorm_images is not None:
+            plain = with_batchnorm(plain, batchnorm_images)
+        return prepare_qat_fx(plain.train(), mapping, (example,))
 
 
 def convert_int8(

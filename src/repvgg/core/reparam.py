@@ -12,6 +12,7 @@ from torch import nn
 from repvgg.core import arguments
 from repvgg.core.blocks import TRAIN_MODE_WARNING, RepVGGBlock, form_of
 from repvgg.core.designs import block_design
+from repvgg.core.fusion import OnlineConv
 from repvgg.core.models import RepVGG
 from repvgg.exceptions import ConversionError, RepVGGWarning
 
@@ -118,6 +119,51 @@ def reparameterize(module: nn.Module, inplace: bool = False) -> nn.Module:
     for block in reparameterizable_blocks(converted):
         block.reparameterize(warn_if_training_mode=False)
     return converted
+
+
+def trains_one_conv(block: RepVGGBlock) -> bool:
+    """Whether a training-form block runs one convolution, then BatchNorm: the online and RepOpt designs."""
+    design = block_design(block.block)
+    return design.dense == "online" or design.gradient_multipliers
+
+
+@torch.no_grad()
+def start_merged_from(source: nn.Module, target: nn.Module) -> None:
+    """Start ``target``, a network of blocks that train one convolution (``online``, ``repopt``), from
+    ``source``, the same architecture with trained blocks of any convertible design, so that both compute the
+    same function in eval mode.
+
+    Each convolution takes the trained block's equivalent kernel (an online block's 1x1 weight and identity
+    scale start at 0), and the BatchNorm after it passes the input through with the trained bias (running
+    mean 0, variance 1 - eps, weight 1). Every other parameter and buffer (SE, the head) is copied.
+    Fine-tuning then moves the kernel from where the trained network left it."""
+    sources, targets = reparameterizable_blocks(source), reparameterizable_blocks(target)
+    if len(sources) != len(targets) or not all(trains_one_conv(t) and not t.deploy for t in targets):
+        raise ConversionError(
+            "Starting a network of online or repopt blocks from a trained one needs the same architecture "
+            f"({len(targets)} blocks, all online or repopt) and a trained network of as many convertible "
+            f"blocks ({len(sources)})."
+        )
+    block_names = {name for name, module in target.named_modules() if isinstance(module, RepVGGBlock)}
+    for trained, merged in zip(sources, targets, strict=True):
+        kernel, bias = trained.equivalent_kernel_bias()
+        if isinstance(merged.rbr_dense, OnlineConv):
+            merged.rbr_dense.start_from(kernel)
+            bn = merged.bn
+        else:
+            merged.rbr_dense.conv.weight.copy_(kernel)
+            bn = merged.rbr_dense.bn
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(bias)
+        merged.se.load_state_dict(trained.se.state_dict())
+    rest = {
+        key: value
+        for key, value in source.state_dict().items()
+        if not any(key.startswith(f"{name}.") for name in block_names)
+    }
+    target.load_state_dict({**target.state_dict(), **rest})
 
 
 @torch.no_grad()

@@ -507,6 +507,11 @@ class TrainConfig(RunConfig):
             raise TrainingError(
                 f"`drop_path` acts in RepVGG blocks; the {self.layout!r} layout has none, so drop it."
             )
+        if self.drop_path > 0 and block_design(self.block).identity is None:
+            raise TrainingError(
+                f"`drop_path` drops the branches beside a block's identity branch; the {self.block!r} block "
+                "has no separate identity branch, so drop `drop_path` (or train another block)."
+            )
 
 
 def _has_type(value: Any, hint: Any) -> bool:

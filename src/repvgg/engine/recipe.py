@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from repvgg.core.blocks import RepVGGBlock
+from repvgg.core.designs import block_design
+from repvgg.core.repopt import BranchScales, gradient_multiplier, initialize_like_csla, repopt_conv
 from repvgg.exceptions import ModelConfigError, TrainingError
 
 #: Each optimizer's default learning rate: ``rate x effective batch / batch`` (the linear scaling rule):
@@ -46,7 +49,8 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """The authors' weight-decay exclusions: none on biases and on the 3x3/1x1 branches' BN weights.
 
-    The identity branch's BN weight keeps its decay. With ``custom_l2`` the two branch kernels are
+    The identity branch's BN weight keeps its decay; the online block's branch scales, which stand for the
+    branches' BNs, have none. With ``custom_l2`` the two branch kernels are
     regularised through the loss instead, so they get no decay here either. With ``head_lr`` the classifier
     head (``linear``) gets groups of its own at that learning rate (fine-tuning often trains a new head
     faster than the pretrained body). Frozen parameters are left out.
@@ -56,7 +60,10 @@ def parameter_groups(
         if not parameter.requires_grad:
             continue
         branch_kernel = name.endswith(("rbr_dense.conv.weight", "rbr_1x1.conv.weight"))
-        decays = not (name.endswith("bias") or ".bn." in name or (custom_l2 and branch_kernel))
+        scale = name.endswith(
+            (".scale_dense", ".scale_1x1", ".scale_identity")
+        )  # the online block's, BN-like
+        decays = not (name.endswith("bias") or ".bn." in name or scale or (custom_l2 and branch_kernel))
         head = head_lr is not None and name.startswith("linear.")
         groups.setdefault((head, decays), []).append(parameter)
     return [
@@ -166,3 +173,25 @@ def batch_mixing(
     transforms, weights = zip(*chosen, strict=True)
     mixing = transforms[0] if len(transforms) == 1 else v2.RandomChoice(list(transforms), p=list(weights))
     return mixing if prob >= 1 else v2.RandomApply([mixing], p=prob)
+
+
+#: A parameter and the factor of its gradient (RepOpt-VGG's gradient multipliers).
+GradientMultipliers = list[tuple[nn.Parameter, torch.Tensor]]
+
+
+def repopt_multipliers(model: nn.Module, *, initialize: bool) -> GradientMultipliers:
+    """The gradient multipliers of every ``repopt`` block of ``model`` (unit branch scales; see
+    :mod:`repvgg.core.repopt`), after giving each plain kernel the initial value of its multi-branch block
+    when ``initialize`` (a run from scratch: not one started from a checkpoint or resumed)."""
+    multipliers = []
+    for block in model.modules():
+        if (
+            isinstance(block, RepVGGBlock)
+            and not block.deploy
+            and block_design(block.block).gradient_multipliers
+        ):
+            scales = BranchScales.unit(block)
+            if initialize:
+                initialize_like_csla(block, scales)
+            multipliers.append((repopt_conv(block).weight, gradient_multiplier(block, scales)))
+    return multipliers

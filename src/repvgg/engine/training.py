@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from repvgg.core.blocks import RepVGGBlock
 from repvgg.core.models import RepVGG
 from repvgg.core.registry import create_model
-from repvgg.core.reparam import is_convertible, refuse_nonfinite, reparameterize
+from repvgg.core.reparam import (
+    is_convertible,
+    refuse_nonfinite,
+    reparameterize,
+    start_merged_from,
+    trains_one_conv,
+)
 from repvgg.engine.config import Config, TrainConfig, load_run_config
 from repvgg.engine.data import (
     Augmentation,
@@ -58,17 +64,20 @@ from repvgg.engine.environment import environment
 from repvgg.engine.evaluation import AMP_DTYPES, EvalResult, eval_loader, evaluate
 from repvgg.engine.recipe import (
     BatchMixing,
+    GradientMultipliers,
     LRSchedule,
     batch_mixing,
     build_optimizer,
     default_lr,
     lr_rule,
     parameter_groups,
+    repopt_multipliers,
 )
 from repvgg.exceptions import DataError, ModelConfigError, TrainingError
 from repvgg.io.checkpoints import (
     load_checkpoint,
     load_training_state,
+    read_checkpoint,
     save_checkpoint,
     save_training_state,
 )
@@ -235,7 +244,8 @@ class Trainer:
     ``best_metric``, the task's primary one by default, improves); without it nothing is written.
 
     Each optimizer step accumulates the gradients of ``accum_steps`` batches (DDP synchronises only the
-    last), clips their global norm to ``clip_grad`` and steps the schedule once. The best ``keep_best``
+    last), multiplies the gradients of ``gradient_multipliers`` (RepOpt-VGG), clips their global norm to
+    ``clip_grad`` and steps the schedule once. The best ``keep_best``
     checkpoints by ``best_metric`` (of the EMA weights when there is an EMA) are kept in ``checkpoints/``
     with a ranking ``checkpoints/best.json``; with ``patience``, training stops after that many epochs
     without a better one.
@@ -268,6 +278,7 @@ class Trainer:
         keep_best: int = 1,
         best_metric: str | None = None,
         patience: int | None = None,
+        gradient_multipliers: GradientMultipliers | None = None,
     ) -> None:
         self.context = context or DistContext()
         if amp == "fp16" and self.context.device.type != "cuda":
@@ -295,6 +306,7 @@ class Trainer:
                 f"An epoch has {len(loader)} batches, fewer than the {accum_steps} accumulated per optimizer "
                 "step (`accum_steps`); lower `accum_steps` or `batch_size`."
             )
+        self.gradient_multipliers = [(p, m.to(p.device)) for p, m in gradient_multipliers or []]
         self.metric = best_metric or task.primary
         self.lower_is_better = self.metric == "loss"
         self.schedule = schedule  # kept apart: loading a scheduler's state rewrites its schedule objects
@@ -486,6 +498,9 @@ class Trainer:
         return self.network.no_sync()
 
     def _optimizer_step(self) -> None:
+        for parameter, multiplier in self.gradient_multipliers:  # RepOpt: the multi-branch block's gradients
+            if parameter.grad is not None:
+                parameter.grad.mul_(multiplier)
         if self.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
@@ -756,6 +771,8 @@ class ClassificationRun:
             amp=config.amp,
             channels_last=config.channels_last,
         )
+        # RepOpt blocks start as their multi-branch block would (unless loaded) and take its gradients.
+        multipliers = repopt_multipliers(self.model, initialize=not config.init)
         self.trainer = Trainer(
             self.model,
             loader,
@@ -780,6 +797,7 @@ class ClassificationRun:
             keep_best=config.keep_best,
             best_metric=config.best_metric,
             patience=config.patience,
+            gradient_multipliers=multipliers,
         )
         self.task.on_bad_images = (
             self.trainer.report_bad
@@ -809,12 +827,30 @@ class ClassificationRun:
         """Start from the `init` checkpoint; returns what was loaded and replaced (for the header). Weights
         that are not finite are named now, not found as a diverged loss later."""
         if isinstance(model, RepVGG):
-            done = load_pretrained(self.config.init, model, replace_head=self.config.finetune)  # type: ignore[arg-type]
+            done = self._load_into_repvgg(model)
         else:
             load_checkpoint(self.config.init, model=model, adapt_in_chans=True)  # type: ignore[arg-type]
             done = f"loaded {self.config.init}"
         refuse_nonfinite(model, str(self.config.init), TrainingError)
         return done
+
+    def _load_into_repvgg(self, model: RepVGG) -> str:
+        """`init` into ``model``; a checkpoint of another design into blocks that train one convolution
+        (online, repopt) goes through a twin of its own design, whose blocks they then start from (the same
+        function in eval mode)."""
+        init, finetune = str(self.config.init), self.config.finetune
+        blocks = [b for b in model.modules() if isinstance(b, RepVGGBlock)]
+        if not all(trains_one_conv(b) for b in blocks):
+            return load_pretrained(init, model, replace_head=finetune)
+        recorded = (read_checkpoint(init).config or {}).get("block", "repvgg")
+        if recorded == model.block:
+            return load_pretrained(init, model, replace_head=finetune)
+        twin = RepVGG(**{**model.config, "block": recorded})
+        done = load_pretrained(init, twin, replace_head=finetune)
+        start_merged_from(twin, model)
+        return (
+            f"{done}; its {recorded} blocks merged into {model.block} blocks (the same function in eval mode)"
+        )
 
     def _train_loader(self, workers: int) -> DataLoader[Any]:
         """The training batches of this process: a map-style set through a (distributed) sampler, shards and

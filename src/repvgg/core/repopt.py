@@ -1,0 +1,89 @@
+"""RepOpt-VGG (Ding et al., "Re-parameterizing Your Optimizers rather than Architectures", ICLR 2023): train
+the plain network directly, with the gradients a multi-branch block would give it.
+
+A block whose branches are a 3x3 conv, a 1x1 conv and the identity, each times a constant per-channel scale
+(``s3``, ``s1``, ``si``; the paper's "constant-scale linear addition", CSLA), followed by one BatchNorm,
+computes the same function as one 3x3 conv with kernel ``K = s3 W3 + s1 pad(W1) + si I`` followed by that
+BatchNorm: the :class:`~repvgg.core.fusion.OnlineConv` kernel. An SGD step on ``W3`` and ``W1`` (momentum
+included) moves ``K`` by ``-lr (s3^2 G + s1^2 G_centre)``, where ``G`` is the gradient with respect to ``K``:
+so the plain conv trained with its gradient multiplied by ``M = s3^2 + s1^2 [centre tap]`` takes exactly the
+multi-branch block's steps, and starts from the CSLA block's initial kernel. Weight decay then acts on ``K``
+(as the RepOpt paper's optimizer does); gradient clipping breaks the equality.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from repvgg.core.blocks import RepVGGBlock
+from repvgg.core.designs import block_design
+from repvgg.core.fusion import ConvBN, OnlineConv
+from repvgg.exceptions import ModelConfigError
+
+
+@dataclass(frozen=True)
+class BranchScales:
+    """The constant per-output-channel scales of a CSLA block's branches (``identity`` None: no identity)."""
+
+    dense: Tensor
+    one_by_one: Tensor
+    identity: Tensor | None
+
+    @classmethod
+    def unit(cls, block: RepVGGBlock) -> "BranchScales":
+        """Scales of 1: the branches simply summed (what an untuned RepOpt starts from)."""
+        ones = torch.ones(block.out_channels)
+        has_identity = block.in_channels == block.out_channels and block.stride == 1
+        return cls(ones, ones.clone(), ones.clone() if has_identity else None)
+
+    @classmethod
+    def of(cls, conv: OnlineConv) -> "BranchScales":
+        """The learned scales of an online block (a short training of it is the paper's "hyper-search")."""
+        identity = conv.scale_identity.detach().clone() if conv.scale_identity is not None else None
+        return cls(conv.scale_dense.detach().clone(), conv.scale_1x1.detach().clone(), identity)
+
+
+def repopt_conv(block: RepVGGBlock) -> torch.nn.Conv2d:
+    """The plain convolution of a RepOpt block, refusing any other block."""
+    if (
+        block.deploy
+        or not block_design(block.block).gradient_multipliers
+        or not isinstance(block.rbr_dense, ConvBN)
+    ):
+        raise ModelConfigError(
+            f"Gradient multipliers belong to the training form of `repopt` blocks; this is a {block.block!r} "
+            f"block{' (deployed)' if block.deploy else ''}."
+        )
+    return block.rbr_dense.conv
+
+
+def gradient_multiplier(block: RepVGGBlock, scales: BranchScales) -> Tensor:
+    """``M``, the factor of the plain kernel's gradient, shaped like the kernel (see the module's doc)."""
+    conv = repopt_conv(block)
+    kernel = conv.weight
+    multiplier = scales.dense.to(kernel).reshape(-1, 1, 1, 1).square().expand_as(kernel).clone()
+    centre_h, centre_w = kernel.shape[-2] // 2, kernel.shape[-1] // 2
+    multiplier[:, :, centre_h, centre_w] += scales.one_by_one.to(kernel).reshape(-1, 1).square()
+    return multiplier
+
+
+@torch.no_grad()
+def initialize_like_csla(block: RepVGGBlock, scales: BranchScales) -> None:
+    """Give a RepOpt block's plain kernel the initial value of the CSLA block it stands for: freshly
+    initialised 3x3 and 1x1 kernels and the identity, each times its scale, summed."""
+    conv = repopt_conv(block)
+    branches = OnlineConv(
+        block.in_channels,
+        block.out_channels,
+        block.kernel_size,
+        stride=block.stride,
+        padding=block.padding,
+        dilation=block.dilation,
+        groups=block.groups,
+    ).to(conv.weight)
+    branches.scale_dense.copy_(scales.dense)
+    branches.scale_1x1.copy_(scales.one_by_one)
+    if branches.scale_identity is not None:
+        branches.scale_identity.copy_(scales.identity if scales.identity is not None else 0.0)
+    conv.weight.copy_(branches.kernel())
