@@ -1,0 +1,198 @@
+"""Training faster and leaner (issue 27): the online re-parameterized block (OREPA-style, one merged kernel
+and one convolution per step) and RepOpt-VGG training (a plain conv + BN with a multi-branch block's
+gradients)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import repvgg
+from repvgg.cli import main
+from repvgg.core.blocks import RepVGGBlock
+from repvgg.core.fusion import OnlineConv
+from repvgg.core.reparam import randomize_batchnorm_, start_merged_from
+from repvgg.core.repopt import BranchScales, gradient_multiplier, initialize_like_csla
+from repvgg.engine.config import TrainConfig
+from repvgg.engine.distributed import DistContext
+from repvgg.engine.training import ClassificationRun, train
+from repvgg.exceptions import ModelConfigError, TrainingError
+from repvgg.studies.ablation import VARIANTS
+from tests.test_data import fake_fashion_mnist
+
+SMALL = {"batch_size": 16, "progress": False, "seed": 0, "epochs": 1, "train_subset": 64, "val_subset": 32}
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fashion"), train=128, test=64)
+
+
+class Convolutions(TorchDispatchMode):
+    """Counts the convolutions (forward and backward) that run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward = self.backward = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten.convolution.default:
+            self.forward += 1
+        if func is torch.ops.aten.convolution_backward.default:
+            self.backward += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("block", "forward"), [("online", 1), ("repopt", 1), ("repvgg", 2)])
+def test_a_training_step_runs_one_convolution_per_block(block: str, forward: int) -> None:
+    layer = RepVGGBlock(8, 8, block=block).train()
+    images = torch.randn(2, 8, 6, 6)
+    with Convolutions() as counted:
+        layer(images).sum().backward()
+    assert (counted.forward, counted.backward) == (forward, forward)
+
+
+def test_the_online_block_is_differentiable_and_converts_exactly() -> None:
+    torch.manual_seed(0)
+    block = RepVGGBlock(6, 6, block="online").double()
+    conv = block.rbr_dense
+    assert isinstance(conv, OnlineConv) and conv.scale_identity is not None
+    with torch.no_grad():
+        for scale in (conv.scale_dense, conv.scale_1x1, conv.scale_identity):
+            scale.uniform_(0.5, 1.5)
+    randomize_batchnorm_(block)
+    block(torch.randn(3, 6, 7, 5, dtype=torch.float64)).square().sum().backward()
+    for parameter in (conv.weight, conv.weight_1x1, conv.scale_dense, conv.scale_1x1, conv.scale_identity):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    report = repvgg.verify_equivalence(block.eval(), input_shape=(2, 6, 9, 7))
+    assert report.passed and report.max_abs_error < 1e-12
+    downsampling = RepVGGBlock(6, 12, stride=2, block="online").rbr_dense
+    assert downsampling.scale_identity is None, "no identity where the shape changes"
+
+
+def test_a_whole_online_network_converts_exactly_and_deploys_like_any_other() -> None:
+    model = randomize_batchnorm_(repvgg.create_model("repvgg_a0", num_classes=7, block="online").double())
+    assert repvgg.verify_equivalence(model.eval()).max_abs_error < 1e-10
+    deployed = repvgg.reparameterize(model)
+    plain = repvgg.reparameterize(repvgg.create_model("repvgg_a0", num_classes=7).eval())
+    assert deployed.state_dict().keys() == plain.state_dict().keys(), "the same deploy form as every design"
+
+
+def test_one_repopt_step_is_the_multi_branch_block_s_step_in_float64() -> None:
+    """The constant-scale multi-branch block (an online block with frozen scales) and the plain conv + BN
+    with RepOpt's gradient multipliers take the same SGD steps (momentum included), to rounding."""
+    torch.manual_seed(0)
+    multi = RepVGGBlock(6, 6, block="online").double().train()
+    branches = multi.rbr_dense
+    with torch.no_grad():
+        for scale in (branches.scale_dense, branches.scale_1x1, branches.scale_identity):
+            scale.uniform_(0.5, 1.5)
+            scale.requires_grad_(False)
+    plain = RepVGGBlock(6, 6, block="repopt").double().train()
+    with torch.no_grad():
+        plain.rbr_dense.conv.weight.copy_(branches.kernel())
+    plain.rbr_dense.bn.load_state_dict(multi.bn.state_dict())
+    multiplier = gradient_multiplier(plain, BranchScales.of(branches))
+    trainable = [p for p in multi.parameters() if p.requires_grad]
+    optimizers = [torch.optim.SGD(ps, lr=0.1, momentum=0.9) for ps in (trainable, list(plain.parameters()))]
+    images = torch.randn(4, 6, 9, 7, dtype=torch.float64)
+    target = torch.randn(4, 6, 9, 7, dtype=torch.float64)
+    for _ in range(3):
+        for block, optimizer in zip((multi, plain), optimizers, strict=True):
+            optimizer.zero_grad()
+            (block(images) * target).sum().backward()
+        plain.rbr_dense.conv.weight.grad.mul_(multiplier)
+        for optimizer in optimizers:
+            optimizer.step()
+        torch.testing.assert_close(plain.rbr_dense.conv.weight, branches.kernel(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(plain(images), multi(images), rtol=0, atol=1e-11)
+    centre_extra = multiplier[:, :, 1, 1] - multiplier[:, :, 0, 0]
+    torch.testing.assert_close(centre_extra, branches.scale_1x1.square().reshape(-1, 1).expand(-1, 6))
+
+
+def test_repopt_starts_from_the_multi_branch_block_s_kernel() -> None:
+    torch.manual_seed(0)
+    block = RepVGGBlock(16, 16, block="repopt")
+    initialize_like_csla(block, BranchScales.unit(block))
+    kernel = block.rbr_dense.conv.weight.detach()
+    diagonal = kernel[range(16), range(16), 1, 1]
+    assert (diagonal - 1).abs().mean() < 0.3, "the identity's 1 on the centre taps of the diagonal"
+    assert kernel[:, :, 0, 0].abs().max() < 0.2, "a fresh 3x3 kernel elsewhere"
+    with pytest.raises(ModelConfigError, match="belong to the training form of `repopt` blocks"):
+        gradient_multiplier(RepVGGBlock(4, 4), BranchScales.unit(RepVGGBlock(4, 4)))
+
+
+@pytest.mark.parametrize("block", ["online", "repopt"])
+def test_each_design_trains_from_scratch_and_both_forms_agree(
+    fashion: Path, tmp_path: Path, block: str
+) -> None:
+    config = TrainConfig.from_dict(
+        {**SMALL, "data_dir": str(fashion), "output": str(tmp_path / "r"), "block": block}
+    )
+    summary = train(config)
+    assert summary["forms_agree"] and summary["block"] == block
+    trained = repvgg.load_checkpoint(tmp_path / "r" / "model_train.safetensors")
+    assert trained.block == block
+
+
+def test_a_repopt_run_applies_the_multipliers_of_all_its_blocks(fashion: Path, tmp_path: Path) -> None:
+    config = TrainConfig.from_dict(
+        {**SMALL, "data_dir": str(fashion), "output": str(tmp_path / "r"), "block": "repopt"}
+    )
+    run = ClassificationRun(config, DistContext())
+    blocks = [b for b in run.model.modules() if isinstance(b, RepVGGBlock)]
+    assert len(run.trainer.gradient_multipliers) == len(blocks) == 22
+    plain = ClassificationRun(
+        TrainConfig.from_dict(
+            {**SMALL, "data_dir": str(fashion), "output": str(tmp_path / "p"), "block": "plain"}
+        ),
+        DistContext(),
+    )
+    assert plain.trainer.gradient_multipliers == [], "the plain design (Table 6) takes its own gradients"
+
+
+@pytest.mark.parametrize("block", ["online", "repopt"])
+def test_fine_tuning_starts_from_a_repvgg_checkpoint_computing_the_same_function(
+    fashion: Path, tmp_path: Path, block: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=1, strides=[1, 2, 2, 2, 2])
+    randomize_batchnorm_(source)
+    checkpoint = repvgg.save_checkpoint(source, tmp_path / "repvgg.safetensors")
+    target = repvgg.create_model(
+        "repvgg_a0", num_classes=10, in_chans=1, strides=[1, 2, 2, 2, 2], block=block
+    )
+    start_merged_from(source.double(), target.double())
+    images = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(target.eval()(images), source.eval()(images), rtol=0, atol=1e-10)
+    arguments = ["train", "--block", block, "--init", str(checkpoint), "--data-dir", str(fashion)]
+    arguments += ["--epochs", "1", "--train-subset", "32", "--val-subset", "16", "--batch-size", "16"]
+    assert main([*arguments, "--no-progress", "--output", str(tmp_path / "run")]) == 0
+    assert f"its repvgg blocks merged into {block} blocks" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["forms_agree"]
+
+
+def test_designs_that_merge_their_branches_refuse_drop_path(fashion: Path, tmp_path: Path) -> None:
+    for block in ("online", "repopt"):
+        config = TrainConfig.from_dict(
+            {**SMALL, "data_dir": str(fashion), "output": str(tmp_path), "block": block}
+        )
+        config.drop_path = 0.1
+        with pytest.raises(TrainingError, match="no separate identity branch"):
+            config.validate()
+
+
+def test_ablate_compares_the_new_designs_on_the_same_seeds(fashion: Path, tmp_path: Path) -> None:
+    assert {"online", "repopt"} <= set(VARIANTS)
+    arguments = ["ablate", "--variants", "repvgg", "online", "repopt", "--seeds", "1", "--epochs", "1"]
+    arguments += ["--train-subset", "32", "--val-subset", "16", "--batch-size", "16", "--speed-batch", "4"]
+    assert (
+        main([*arguments, "--data-dir", str(fashion), "--no-progress", "--output", str(tmp_path / "a")]) == 0
+    )
+    table = (tmp_path / "a" / "ablation.md").read_text()
+    for variant in ("online", "repopt"):
+        assert f"| {variant}" in table, table
