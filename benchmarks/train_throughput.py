@@ -1,4 +1,6 @@
-"""Training throughput and peak memory of our RepVGG-A0 beside timm's repvgg_a0, in one run.
+"""Training throughput and peak memory of our RepVGG-A0 beside timm's repvgg_a0, in one run: our block
+(``ours``), our online re-parameterized block (``online``: one merged kernel per step) and RepOpt training
+(``repopt``: a plain conv + BN whose gradients are multiplied, as ``repvgg train --block repopt`` does).
 
 Each measurement runs in a fresh subprocess (so peak memory is the model's own) and the implementations
 alternate (ours, timm, ours, timm, ...) so that machine noise hits all alike. A subprocess that crashes is
@@ -22,8 +24,18 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-#: ours and timm's repvgg_a0, each in the default (contiguous) and in the channels_last memory format.
-IMPLEMENTATIONS = ("ours-channels_last", "ours-contiguous", "timm-contiguous", "timm-channels_last")
+#: ours and timm's repvgg_a0, each in the default (contiguous) and in the channels_last memory format, and our
+#: online and RepOpt designs in channels_last (how `repvgg train` runs them).
+IMPLEMENTATIONS = (
+    "ours-channels_last",
+    "ours-contiguous",
+    "timm-contiguous",
+    "timm-channels_last",
+    "online-channels_last",
+    "repopt-channels_last",
+)
+DESIGNS = {"ours": "repvgg", "online": "online", "repopt": "repopt"}  # our implementations' blocks
+DEFAULT = IMPLEMENTATIONS[:4]
 
 
 def resident_mib() -> float:
@@ -45,10 +57,15 @@ def measure(
 
     torch.manual_seed(0)
     library, _, layout = implementation.partition("-")
-    if library == "ours":
+    multipliers = []
+    if library in DESIGNS:
         import repvgg
+        from repvgg.engine.recipe import repopt_multipliers
 
-        model = repvgg.create_model("repvgg_a0", num_classes=classes, in_chans=in_chans)
+        model = repvgg.create_model(
+            "repvgg_a0", num_classes=classes, in_chans=in_chans, block=DESIGNS[library]
+        )
+        multipliers = repopt_multipliers(model, initialize=True)
     else:
         import timm
 
@@ -65,6 +82,8 @@ def measure(
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for parameter, multiplier in multipliers:
+            parameter.grad.mul_(multiplier)
         optimizer.step()
 
     step()  # warm-up: allocators, oneDNN primitives, optimizer state
@@ -93,9 +112,9 @@ def main() -> None:
         "--implementations",
         nargs="+",
         choices=IMPLEMENTATIONS,
-        default=list(IMPLEMENTATIONS),
-        help="which to time (default: all); -channels_last runs model and input in that memory format, as "
-        "`repvgg train` does by default",
+        default=list(DEFAULT),
+        help="which to time (default: ours and timm's in both formats); -channels_last runs model and input "
+        "in that memory format, as `repvgg train` does by default",
     )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -145,7 +164,7 @@ def main() -> None:
             "peak_memory": table[ours]["peak_extra_mib"] / max(table[timm]["peak_extra_mib"], 1e-9),
         }
         for ours in table
-        if ours.startswith("ours")
+        if not ours.startswith("timm")
         for timm in table
         if timm.startswith("timm")
     }

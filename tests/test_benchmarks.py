@@ -30,3 +30,17 @@ def test_train_throughput_times_every_implementation_and_reports_ratios(tmp_path
     assert "ours-channels_last / timm-contiguous" in result["ratios"]
     assert result["cpu"]["capability"]  # every record names the CPU it was measured on
     assert "| ours-channels_last |" in finished.stdout
+
+
+@pytest.mark.slow
+def test_train_throughput_times_the_online_and_repopt_designs_beside_timm(tmp_path: Path) -> None:
+    record = tmp_path / "train.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--batch-size", "4"]
+    command += ["--image-size", "16", "--steps", "1", "--repeats", "1", "--json", str(record)]
+    command += ["--implementations", "online-channels_last", "repopt-channels_last", "timm-contiguous"]
+    finished = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    ratios = json.loads(record.read_text())["ratios"]
+    assert set(ratios) == {"online-channels_last / timm-contiguous", "repopt-channels_last / timm-contiguous"}
