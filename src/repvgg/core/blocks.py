@@ -13,6 +13,7 @@ from repvgg.core.designs import block_design
 from repvgg.core.fusion import (
     ConvBN,
     IdentityPlusConv,
+    KernelConv,
     OnlineConv,
     as_pair,
     bare_conv,
@@ -221,7 +222,7 @@ class RepVGGBlock(nn.Module):
         offset = tuple(p - d * (self.kernel_size // 2) for p, d in zip(padding, dilation, strict=True))
         others = [_conv_of(branch) for branch in self.branches() if branch is not self.rbr_dense]
         for conv in others:
-            if isinstance(conv, nn.Conv2d | IdentityPlusConv | OnlineConv):
+            if isinstance(conv, nn.Conv2d | KernelConv):
                 size = as_pair(conv.kernel_size if isinstance(conv, nn.Conv2d) else conv.weight.shape[-2:])
                 conv_offset = tuple(
                     p - d * (k // 2)

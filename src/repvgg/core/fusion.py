@@ -7,6 +7,8 @@ branches' kernels and biases. All functions here are plain differentiable tensor
 same code serves conversion, custom L2 regularisation and quantization studies.
 """
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -99,14 +101,11 @@ class PointwiseConv2d(nn.Conv2d):
         return F.conv2d(picked, weight, bias, 1, 0, self.dilation, self.groups)
 
 
-class IdentityPlusConv(nn.Module):
-    """A convolution whose kernel is the identity plus a learned kernel, re-parameterized while training.
-
-    ``normalized=False``: ``K = I + W`` (the paper's "trivial re-param"). ``normalized=True``: DiracNet's
-    ``K = diag(a) I + diag(b) W / ||W||`` with ``||W||`` the L2 norm of each output channel's kernel and
-    ``a``, ``b`` learned per channel. The identity term exists only when the convolution keeps the shape
-    (same channels, stride 1); otherwise the kernel is ``W`` (or ``diag(b) W / ||W||``). Bias-free.
-    """
+class KernelConv(nn.Module):
+    """A convolution whose kernel is a function of parameters, computed at every step (re-parameterization
+    while training): subclasses give :meth:`kernel`. ``weight`` holds a PyTorch-initialised kernel; the
+    identity terms of subclasses exist only when the convolution keeps the shape (same channels, stride 1).
+    Bias-free; zero padding only."""
 
     def __init__(
         self,
@@ -118,85 +117,82 @@ class IdentityPlusConv(nn.Module):
         dilation: int = 1,
         groups: int = 1,
         padding_mode: str = "zeros",
-        *,
-        normalized: bool,
     ) -> None:
         super().__init__()
         if padding_mode != "zeros":
-            raise ConversionError("Identity-plus-kernel convolutions support only zero padding.")
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=False)
-        self.weight = conv.weight  # PyTorch's default initialisation
+            raise ConversionError(f"{type(self).__name__} supports only zero padding.")
+        self.weight = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=False).weight
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_channels = in_channels
         self.has_identity = in_channels == out_channels and stride == 1
-        self.normalized = normalized
-        if normalized:
-            self.alpha = nn.Parameter(torch.ones(out_channels))
-            self.beta = nn.Parameter(torch.full((out_channels,), 0.1))
 
     def kernel(self) -> Tensor:
         """The kernel the convolution applies, a differentiable function of the parameters."""
-        kernel = self.weight
-        if self.normalized:
-            norm = kernel.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
-            kernel = self.beta.reshape(-1, 1, 1, 1) * kernel / norm
-        if self.has_identity:
-            size = (kernel.shape[-2], kernel.shape[-1])
-            identity = identity_kernel(
-                self.in_channels, self.groups, size, dtype=kernel.dtype, device=kernel.device
-            )
-            scale = self.alpha.reshape(-1, 1, 1, 1) if self.normalized else 1
-            kernel = kernel + scale * identity
-        return kernel
+        raise NotImplementedError
+
+    def identity(self, like: Tensor) -> Tensor:
+        """The identity kernel of this convolution's shape, as ``like``'s dtype and device."""
+        size = (like.shape[-2], like.shape[-1])
+        return identity_kernel(self.in_channels, self.groups, size, dtype=like.dtype, device=like.device)
 
     def forward(self, inputs: Tensor) -> Tensor:
         return F.conv2d(inputs, self.kernel(), None, self.stride, self.padding, self.dilation, self.groups)
 
 
-class OnlineConv(nn.Module):
+class IdentityPlusConv(KernelConv):
+    """A convolution whose kernel is the identity plus a learned kernel.
+
+    ``normalized=False``: ``K = I + W`` (the paper's "trivial re-param"). ``normalized=True``: DiracNet's
+    ``K = diag(a) I + diag(b) W / ||W||`` with ``||W||`` the L2 norm of each output channel's kernel and
+    ``a``, ``b`` learned per channel. Without an identity term (the shape changes) the kernel is ``W`` (or
+    ``diag(b) W / ||W||``).
+    """
+
+    def __init__(self, *args: Any, normalized: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.normalized = normalized
+        if normalized:
+            out_channels = self.weight.shape[0]
+            self.alpha = nn.Parameter(torch.ones(out_channels))
+            self.beta = nn.Parameter(torch.full((out_channels,), 0.1))
+
+    def kernel(self) -> Tensor:
+        kernel = self.weight
+        if self.normalized:
+            norm = kernel.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+            kernel = self.beta.reshape(-1, 1, 1, 1) * kernel / norm
+        if self.has_identity:
+            scale = self.alpha.reshape(-1, 1, 1, 1) if self.normalized else 1
+            kernel = kernel + scale * self.identity(kernel)
+        return kernel
+
+
+class OnlineConv(KernelConv):
     """The three branches of a RepVGG block merged into one kernel at every step (OREPA's online
     re-parameterization, Hu et al., CVPR 2022): ``K = diag(s3) W3 + diag(s1) pad(W1) + diag(si) I``.
 
     The branches' BatchNorms are replaced by the learned per-channel scales ``s3``, ``s1``, ``si`` (OREPA's
     linear scaling layers, initialised to 1) and the block puts one BatchNorm after the convolution; the
     kernel is a differentiable function of the parameters, so one convolution runs per step instead of
-    three, and only its output is kept for the backward pass. The identity term exists only when the
-    convolution keeps the shape (same channels, stride 1). Bias-free; zero padding only.
+    three, and only its output is kept for the backward pass.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-    ) -> None:
-        super().__init__()
-        if padding_mode != "zeros":
-            raise ConversionError("Online re-parameterized convolutions support only zero padding.")
-        self.weight = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=False).weight
-        self.weight_1x1 = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=False).weight
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        out_channels, in_per_group = self.weight.shape[:2]
+        self.weight_1x1 = nn.Conv2d(
+            in_per_group * self.groups, out_channels, 1, groups=self.groups, bias=False
+        ).weight
         self.scale_dense = nn.Parameter(torch.ones(out_channels))
         self.scale_1x1 = nn.Parameter(torch.ones(out_channels))
-        self.has_identity = in_channels == out_channels and stride == 1
         self.scale_identity = nn.Parameter(torch.ones(out_channels)) if self.has_identity else None
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.in_channels = in_channels
 
     def kernel(self) -> Tensor:
-        """The merged kernel, a differentiable function of the parameters."""
         size = (self.weight.shape[-2], self.weight.shape[-1])
         kernel = self.scale_dense.reshape(-1, 1, 1, 1) * self.weight
         kernel = kernel + self.scale_1x1.reshape(-1, 1, 1, 1) * pad_kernel(self.weight_1x1, size)
         if self.scale_identity is not None:
-            identity = identity_kernel(
-                self.in_channels, self.groups, size, dtype=kernel.dtype, device=kernel.device
-            )
-            kernel = kernel + self.scale_identity.reshape(-1, 1, 1, 1) * identity
+            kernel = kernel + self.scale_identity.reshape(-1, 1, 1, 1) * self.identity(kernel)
         return kernel
 
     @torch.no_grad()
@@ -209,9 +205,6 @@ class OnlineConv(nn.Module):
         self.scale_1x1.fill_(1.0)
         if self.scale_identity is not None:
             self.scale_identity.zero_()
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        return F.conv2d(inputs, self.kernel(), None, self.stride, self.padding, self.dilation, self.groups)
 
 
 def bn_scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
@@ -296,7 +289,7 @@ def branch_kernel_bias(
     :class:`IdentityPlusConv` or an :class:`OnlineConv`. Every block
     type converts through this one function.
     """
-    if isinstance(branch, IdentityPlusConv | OnlineConv):
+    if isinstance(branch, KernelConv):
         kernel = pad_kernel(branch.kernel(), kernel_size)
         return kernel, kernel.new_zeros(kernel.shape[0])
     if isinstance(branch, nn.Identity):

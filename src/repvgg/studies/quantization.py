@@ -7,6 +7,7 @@ The INT8 graph itself is built in :mod:`repvgg.core.int8`; its file format lives
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection
 from typing import Any
 
@@ -32,6 +33,9 @@ from repvgg.io.checkpoints import file_kind, load_checkpoint, require_kind, save
 from repvgg.io.files import PathLike, refuse_same_file, writable_or_raise
 from repvgg.io.machine import int8_activation_bits
 
+#: Training batches whose conv outputs set the re-inserted BatchNorms' statistics (a few hundred images).
+BATCHNORM_BATCHES = 8
+
 
 def quantize_qat(
     model: RepVGG,
@@ -39,32 +43,58 @@ def quantize_qat(
     *,
     epochs: int,
     lr: float = 1e-3,
+    batchnorm: bool = True,
+    freeze_batchnorm_after: float = 0.4,
     freeze_observers_after: float = 0.5,
     weights: str = "per-channel",
+    activation_bits: int = 7,
     seed: int = 0,
     progress: bool = False,
     log_interval: int = 0,
 ) -> QuantizedRepVGG:
     """Quantization-aware fine-tuning of the deployed network, then conversion to INT8.
 
-    Fake quantization in the forward pass lets the weights adapt to the int8 grid. It runs through the one
-    :class:`~repvgg.engine.training.Trainer`: SGD (momentum 0.9), ``lr`` cosine-annealed to 0 over
-    ``epochs`` passes over ``train_batches`` (a DataLoader or a list); the observers stop moving after
-    ``freeze_observers_after`` of the steps so the last steps train against fixed scales.
+    Fake quantization in the forward pass lets the weights adapt to the int8 grid. With ``batchnorm`` (the
+    default) it is the standard conv + BN recipe: a BatchNorm, measured on the first
+    :data:`BATCHNORM_BATCHES` of ``train_batches`` so that the network starts as the plain one, is put back
+    after every conv (:func:`repvgg.core.int8.with_batchnorm`); training normalises with batch statistics
+    until ``freeze_batchnorm_after`` of the steps, then with the running ones (the weights the INT8 model
+    folds), and the conversion folds each BatchNorm into its conv. Without ``batchnorm`` the plain convs
+    are fine-tuned as they are.
+
+    It runs through the one :class:`~repvgg.engine.training.Trainer`: SGD (momentum 0.9), ``lr``
+    cosine-annealed to 0 over ``epochs`` passes over ``train_batches`` (a DataLoader or a list); the
+    observers stop moving after ``freeze_observers_after`` of the steps so the last steps train against
+    fixed scales. ``activation_bits`` as for post-training quantization
+    (:data:`repvgg.core.int8.ACTIVATION_BITS`).
     """
     if epochs < 1:
         raise QuantizationError("Quantization-aware training needs `epochs` of at least 1.")
     if len(train_batches) == 0:
         raise QuantizationError("Quantization-aware training was given no training images.")
+    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
     from torch.ao.quantization import disable_observer
 
-    prepared = prepare_int8(model, example_input(model), qat=True, weights=weights)
+    statistics = itertools.islice((batch[0] for batch in train_batches), BATCHNORM_BATCHES)
+    prepared = prepare_int8(
+        model,
+        example_input(model),
+        qat=True,
+        weights=weights,
+        activation_bits=activation_bits,
+        batchnorm_images=statistics if batchnorm else None,
+    )
     total = epochs * len(train_batches)
-    freeze_at = max(1, int(freeze_observers_after * total))  # the observers see at least one batch
+    # each freeze comes after at least one step, so the observers and BatchNorms see a batch first
+    freezes = [
+        (max(1, int(freeze_batchnorm_after * total)), freeze_bn_stats),
+        (max(1, int(freeze_observers_after * total)), disable_observer),
+    ]
 
-    def freeze_observers(step: int) -> None:
-        if step == freeze_at:
-            prepared.apply(disable_observer)
+    def freeze(step: int) -> None:
+        for at, what in freezes:
+            if step == at:
+                prepared.apply(what)
 
     trainer = Trainer(
         prepared,
@@ -73,14 +103,14 @@ def quantize_qat(
         torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9),
         LRSchedule(total),
         epochs=epochs,
-        on_step=freeze_observers,
+        on_step=freeze,
         seed=seed,
         progress=progress,
         log_interval=log_interval,
     )
     with x86_engine():
         trainer.fit()
-    return convert_int8(prepared, model_info(model), "qat", weights)
+    return convert_int8(prepared, model_info(model), "qat", weights, activation_bits)
 
 
 def quantize_checkpoint(
@@ -164,6 +194,7 @@ def quantize_checkpoint(
             epochs=qat_epochs,
             lr=qat_lr,
             weights=weights,
+            activation_bits=int8_activation_bits(),
             seed=seed,
             progress=progress,
             log_interval=log_interval,
