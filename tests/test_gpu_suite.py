@@ -31,7 +31,12 @@ def test_the_gpu_suite_runs_every_section_in_smoke_mode(tmp_path: Path) -> None:
     assert all(section["status"] == "ok" for section in sections.values()), sections
     assert sections["exactness"]["max_rel_error"]["repvgg_a0"] <= 1e-10
     assert sections["speed"]["half_precision"]["repvgg_a0"]["bf16"] > 0
-    assert {row["implementation"] for row in sections["training"]["rows"]} == {"ours", "timm"}
+    assert {row["implementation"] for row in sections["training"]["rows"]} == {
+        "ours",
+        "online",
+        "repopt",
+        "timm",
+    }
     assert sections["ddp"]["forms_agree"] is True and sections["ddp"]["processes"] == 1
     assert set(sections["table6"]["rows"]) == {"repvgg", "plain"}
     written = sorted(path.name for path in output.iterdir())

@@ -161,11 +161,12 @@ def test_qat_fine_tunes_with_fake_quantization_then_converts(tmp_path: Path) -> 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def badly_scaled_task(size: int = 16) -> tuple[repvgg.RepVGG, list[Batch], Batch]:
+def badly_scaled_task() -> tuple[repvgg.RepVGG, list[Batch], Batch]:
     """A small deployed model trained on noisy class templates, then with the first channel of every conv
     scaled up 30x and the next layer's weights on it scaled down as much: the same function (ReLU is
     positively homogeneous), but one scale per weight tensor now fits that channel and rounds the others
-    away. Returns the model, training batches and test images with their labels."""
+    away. Returns the model, training batches and test images with their labels (16 x 16 images)."""
+    size = 16
     generator = torch.Generator().manual_seed(2)
     templates = torch.nn.functional.interpolate(
         torch.randn(10, 1, 4, 4, generator=generator), size=size, mode="bilinear"
@@ -194,6 +195,7 @@ def badly_scaled_task(size: int = 16) -> tuple[repvgg.RepVGG, list[Batch], Batch
     return deployed, batches, test
 
 
+@pytest.mark.slow
 def test_qat_with_batchnorm_wins_back_what_per_tensor_ptq_loses() -> None:
     model, batches, (images, labels) = badly_scaled_task()
 
@@ -201,7 +203,7 @@ def test_qat_with_batchnorm_wins_back_what_per_tensor_ptq_loses() -> None:
         with torch.no_grad():
             return (network(images).argmax(1) == labels).float().mean().item()
 
-    ptq = top1(quantize_ptq(model, [images for images, _ in batches[:4]], weights="per-tensor"))
+    ptq = top1(quantize_ptq(model, [inputs for inputs, _ in batches[:4]], weights="per-tensor"))
     qat = top1(quantize_qat(model, batches, epochs=3, lr=1e-3, weights="per-tensor"))
     assert ptq < top1(model) - 0.1, "the fixture hurts post-training quantization"
     # measured here (2 threads): float 0.80, PTQ 0.64, QAT 0.71; QAT of the plain convs (batchnorm=False) 0.60

@@ -17,7 +17,7 @@ The INT8 file format lives in ``repvgg.io.checkpoints``.
 import contextlib
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -83,7 +83,7 @@ def conv_output_statistics(
     sums: dict[str, Tensor] = {}
     count = {name: 0 for name in convs}
 
-    def record(name: str) -> Any:
+    def record(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
         def hook(_: nn.Module, __: Any, output: Tensor) -> None:
             values = output.detach().double().transpose(0, 1).flatten(1)  # channels x (images . positions)
             moments = torch.stack([values.sum(1), values.square().sum(1)])
