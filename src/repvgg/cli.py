@@ -416,7 +416,8 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     for note in notes:
         print(f"note: {note}")
-    how = f"{args.qat_epochs} QAT epochs" if args.qat_epochs else f"{args.calib} calibration images"
+    epochs = f"{args.qat_epochs} QAT epoch{'s' if args.qat_epochs != 1 else ''}"
+    how = epochs if args.qat_epochs else f"{args.calib} calibration images"
     bits = quantized.activation_bits
     full = ", the full range this CPU's VNNI allows" if bits == 8 else ""
     print(
