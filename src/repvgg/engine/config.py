@@ -34,7 +34,8 @@ from repvgg.runtime.names import DEVICE_PATTERN
 AMP_CHOICES = ("none", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")  # lamb and lars are timm's (repvgg[train])
 SCHEDULES = ("cosine", "step", "poly", "onecycle")
-AUGMENT_POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")  # torchvision v2's
+#: torchvision v2's AutoAugment (the dataset's policy), RandAugment, TrivialAugmentWide
+AUGMENT_POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")
 INTERPOLATIONS = ("bilinear", "bicubic")
 BEST_METRICS = ("top1", "loss")
 #: shards: WebDataset tar shards written by ``repvgg shard``; hf: a Hugging Face dataset saved to disk or

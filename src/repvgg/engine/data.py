@@ -32,7 +32,7 @@ from repvgg.core.info import (
     IMAGENET_STATS,
     Preprocessing,
 )
-from repvgg.engine.config import DATASETS
+from repvgg.engine.config import AUGMENT_POLICIES, DATASETS
 from repvgg.exceptions import DataError
 from repvgg.io.images import BadImage, open_image
 
@@ -192,11 +192,6 @@ def _cifar10_classes(root: Path) -> list[str]:
         return [str(i) for i in range(10)]
     names = _unpickle_arrays(meta).get("label_names", [])
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-
-
-#: Augmentation policies of torchvision (``augment``): AutoAugment (the dataset's policy), RandAugment,
-#: TrivialAugmentWide.
-AUGMENT_POLICIES = ("none", "autoaugment", "randaugment", "trivialaugment")
 
 
 @dataclass(frozen=True)
