@@ -75,6 +75,74 @@ def test_the_online_block_is_differentiable_and_converts_exactly() -> None:
     assert downsampling.scale_identity is None, "no identity where the shape changes"
 
 
+def online_conv(in_channels: int, out_channels: int, stride: int, groups: int) -> OnlineConv:
+    conv = OnlineConv(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups).double()
+    with torch.no_grad():
+        for parameter in conv.parameters():
+            parameter.uniform_(-1.0, 1.0)
+    return conv
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "out_channels", "stride", "groups"),
+    [(4, 4, 1, 1), (4, 4, 1, 2), (6, 6, 1, 3), (4, 6, 2, 1), (4, 8, 1, 2), (6, 6, 2, 1)],
+)
+def test_the_merged_kernel_step_has_autograd_s_gradients_in_float64(
+    in_channels: int, out_channels: int, stride: int, groups: int
+) -> None:
+    """The block's own backward pass (kernel recomputed, gradients in closed form) against autograd through
+    :meth:`OnlineConv.kernel`, for every parameter and the input."""
+    torch.manual_seed(0)
+    conv = online_conv(in_channels, out_channels, stride, groups)
+    images = torch.randn(2, in_channels, 7, 6, dtype=torch.float64, requires_grad=True)
+    wrt = [images, *conv.parameters()]
+    output = conv(images)
+    reference = torch.nn.functional.conv2d(images, conv.kernel(), None, stride, 1, 1, groups)
+    upstream = torch.randn_like(output)
+    assert torch.equal(output, reference)
+    for ours, theirs in zip(
+        torch.autograd.grad(output, wrt, upstream), torch.autograd.grad(reference, wrt, upstream), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_the_merged_kernel_step_respects_frozen_parameters_and_autocast() -> None:
+    torch.manual_seed(0)
+    conv = online_conv(4, 4, 1, 1).float()
+    conv.weight_1x1.requires_grad_(False)
+    conv.scale_identity.requires_grad_(False)
+    images = torch.randn(2, 4, 5, 5)  # the first layer: no gradient for the input
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = conv(images)
+        reference = torch.nn.functional.conv2d(images, conv.kernel(), None, 1, 1)
+    assert output.dtype == reference.dtype == torch.bfloat16
+    assert torch.equal(output, reference)
+    trained = [conv.weight, conv.scale_dense, conv.scale_1x1]
+    upstream = torch.randn_like(output)
+    ours = torch.autograd.grad(output, trained, upstream)
+    theirs = torch.autograd.grad(reference, trained, upstream)
+    for mine, autograd in zip(ours, theirs, strict=True):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, autograd, rtol=1e-2, atol=1e-2)
+
+
+def test_the_online_block_keeps_no_merged_kernel_for_the_backward_pass() -> None:
+    """What makes it lean: only the input (and the parameters themselves) are saved between the passes."""
+    block = RepVGGBlock(8, 8, block="online").train()
+    images = torch.randn(2, 8, 6, 6)
+    own = {parameter.data_ptr() for parameter in block.parameters()}
+    kernels = []
+
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        if saved.dim() == 4 and saved.shape == block.rbr_dense.weight.shape and saved.data_ptr() not in own:
+            kernels.append(saved)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        block(images).sum().backward()
+    assert not kernels, "a merged kernel was kept for the backward pass"
+
+
 def test_a_whole_online_network_converts_exactly_and_deploys_like_any_other() -> None:
     model = randomize_batchnorm_(repvgg.create_model("repvgg_a0", num_classes=7, block="online").double())
     assert repvgg.verify_equivalence(model.eval()).max_abs_error < 1e-10

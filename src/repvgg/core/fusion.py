@@ -174,7 +174,9 @@ class OnlineConv(KernelConv):
     The branches' BatchNorms are replaced by the learned per-channel scales ``s3``, ``s1``, ``si`` (OREPA's
     linear scaling layers, initialised to 1) and the block puts one BatchNorm after the convolution; the
     kernel is a differentiable function of the parameters, so one convolution runs per step instead of
-    three, and only its output is kept for the backward pass.
+    three. The forward pass goes through :class:`_MergedKernelConvolution`, which keeps only the input for
+    the backward pass and recomputes the kernel there; :meth:`kernel` is the same function in plain autograd
+    (conversion and tests use it).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -195,6 +197,29 @@ class OnlineConv(KernelConv):
             kernel = kernel + self.scale_identity.reshape(-1, 1, 1, 1) * self.identity(kernel)
         return kernel
 
+    def forward(self, inputs: Tensor) -> Tensor:
+        scale_identity = self.scale_identity if self.scale_identity is not None else self.scale_1x1[:0]
+        return _MergedKernelConvolution.apply(
+            inputs, self, self.weight, self.weight_1x1, self.scale_dense, self.scale_1x1, scale_identity
+        )
+
+    def identity_centre(self, like: Tensor) -> Tensor:
+        """The centre tap of the identity kernel, ``(out, in / groups)``, as ``like``'s dtype and device."""
+        return identity_kernel(self.in_channels, self.groups, (1, 1), dtype=like.dtype, device=like.device)[
+            :, :, 0, 0
+        ]
+
+    def merged_kernel(self) -> Tensor:
+        """:meth:`kernel` without autograd and in fewer passes over the kernel (a 3x3 kernel and a few
+        centre-tap updates): what each step convolves with."""
+        with torch.no_grad():
+            kernel = self.weight * self.scale_dense.reshape(-1, 1, 1, 1)
+            centre = kernel[:, :, self.weight.shape[-2] // 2, self.weight.shape[-1] // 2]
+            centre += self.weight_1x1[:, :, 0, 0] * self.scale_1x1.reshape(-1, 1)
+            if self.scale_identity is not None:
+                centre += self.identity_centre(kernel) * self.scale_identity.reshape(-1, 1)
+        return kernel
+
     @torch.no_grad()
     def start_from(self, kernel: Tensor) -> None:
         """Make :meth:`kernel` equal ``kernel`` (a trained block's equivalent kernel): the 3x3 weight takes
@@ -205,6 +230,73 @@ class OnlineConv(KernelConv):
         self.scale_1x1.fill_(1.0)
         if self.scale_identity is not None:
             self.scale_identity.zero_()
+
+
+class _MergedKernelConvolution(torch.autograd.Function):
+    """``conv(x, K(params))`` of an :class:`OnlineConv`, saving only ``x`` for the backward pass.
+
+    Autograd through :meth:`OnlineConv.kernel` would keep every block's merged kernel alive until the
+    backward pass and run a handful of kernel-sized operations each way; here the kernel is recomputed in the
+    backward pass and the parameters' gradients come from the kernel's gradient ``G`` in closed form:
+    ``dW3 = s3 G``, ``ds3 = sum(G W3)``, ``dW1 = s1 G_c``, ``ds1 = sum(G_c W1)``, ``dsi = sum(G_c I_c)``
+    (``_c``: the centre tap). The convolution runs in the dtype autocast gives it, as ``F.conv2d`` would.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        inputs: Tensor,
+        conv: OnlineConv,
+        weight: Tensor,
+        weight_1x1: Tensor,
+        scale_dense: Tensor,
+        scale_1x1: Tensor,
+        scale_identity: Tensor,
+    ) -> Tensor:
+        output = F.conv2d(
+            inputs, conv.merged_kernel(), None, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        ctx.conv = conv
+        ctx.save_for_backward(inputs, weight, weight_1x1, scale_dense, scale_1x1, scale_identity)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        inputs, weight, weight_1x1, scale_dense, scale_1x1, scale_identity = ctx.saved_tensors
+        conv: OnlineConv = ctx.conv
+        needs = ctx.needs_input_grad
+        kernel = conv.merged_kernel()
+        grad_input, grad_kernel, _ = torch.ops.aten.convolution_backward(
+            grad_output,
+            inputs.to(grad_output.dtype),
+            kernel.to(grad_output.dtype),
+            None,
+            list(as_pair(conv.stride)),
+            list(as_pair(conv.padding)),
+            list(as_pair(conv.dilation)),
+            False,
+            [0, 0],
+            conv.groups,
+            [needs[0], any(needs[2:]), False],
+        )
+        if grad_input is not None:
+            grad_input = grad_input.to(inputs.dtype)
+        if grad_kernel is None:
+            return (grad_input,) + (None,) * 6
+        grad_kernel = grad_kernel.to(kernel.dtype)
+        centre = grad_kernel[:, :, weight.shape[-2] // 2, weight.shape[-1] // 2]
+        grads_1x1 = (
+            (centre * scale_1x1.reshape(-1, 1)).reshape(weight_1x1.shape) if needs[3] else None,
+            (centre * weight_1x1[:, :, 0, 0]).sum(1) if needs[5] else None,
+            (centre * conv.identity_centre(centre)).sum(1) if needs[6] and scale_identity.numel() else None,
+        )
+        # The kernel-sized work reuses two buffers, the recomputed kernel's and the kernel's gradient's (which
+        # becomes the 3x3 weight's): at 28 px the kernels, not the activations, are most of the memory.
+        grad_scale_dense = torch.mul(grad_kernel, weight, out=kernel).sum((1, 2, 3)) if needs[4] else None
+        del kernel
+        grad_weight = grad_kernel.mul_(scale_dense.reshape(-1, 1, 1, 1)) if needs[2] else None
+        return (grad_input, None, grad_weight, grads_1x1[0], grad_scale_dense, grads_1x1[1], grads_1x1[2])
 
 
 def bn_scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
