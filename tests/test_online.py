@@ -17,11 +17,13 @@ from repvgg.cli import main
 from repvgg.core.blocks import RepVGGBlock
 from repvgg.core.fusion import OnlineConv
 from repvgg.core.reparam import randomize_batchnorm_, start_merged_from
-from repvgg.core.repopt import BranchScales, gradient_multiplier, initialize_like_csla
+from repvgg.core.repopt import BranchScales, gradient_multiplier, initialize_like_csla, searched_scales
 from repvgg.engine.config import TrainConfig
 from repvgg.engine.distributed import DistContext
+from repvgg.engine.recipe import repopt_multipliers
 from repvgg.engine.training import ClassificationRun, train
 from repvgg.exceptions import ModelConfigError, TrainingError
+from repvgg.io.checkpoints import read_checkpoint
 from repvgg.studies.ablation import VARIANTS
 from tests.test_data import fake_fashion_mnist
 
@@ -222,6 +224,68 @@ def test_a_repopt_run_applies_the_multipliers_of_all_its_blocks(fashion: Path, t
         DistContext(),
     )
     assert plain.trainer.gradient_multipliers == [], "the plain design (Table 6) takes its own gradients"
+
+
+def test_repopt_takes_the_scales_an_online_network_learned(tmp_path: Path) -> None:
+    """RepOpt-VGG's hyper-search: the online block's learned scales, by block name, become the constants."""
+    online = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=1, block="online")
+    with torch.no_grad():
+        for name, parameter in online.named_parameters():
+            if ".scale_" in name:
+                parameter.uniform_(0.2, 2.0)
+    repopt = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=1, block="repopt")
+    scales = searched_scales(repopt, online.state_dict())
+    blocks = dict(online.named_modules())
+    multipliers = repopt_multipliers(repopt, initialize=True, scales=scales)
+    assert len(scales) == len(multipliers) == 22
+    for (name, block), (weight, multiplier) in zip(
+        ((n, b) for n, b in repopt.named_modules() if isinstance(b, RepVGGBlock)), multipliers, strict=True
+    ):
+        expected = gradient_multiplier(block, BranchScales.of(blocks[name].rbr_dense))
+        assert weight is block.rbr_dense.conv.weight
+        torch.testing.assert_close(multiplier, expected, rtol=0, atol=0)
+    assert not torch.equal(multipliers[0][1], torch.ones_like(multipliers[0][1]))
+
+
+@pytest.mark.parametrize(
+    ("model", "block", "problem"),
+    [("repvgg_a0", "repvgg", "no stage0.rbr_dense.scale_dense"), ("repvgg_a1", "online", "another shape")],
+)
+def test_scales_from_anything_but_an_online_run_of_the_model_are_refused(
+    model: str, block: str, problem: str
+) -> None:
+    other = repvgg.create_model(model, num_classes=10, block=block)
+    repopt = repvgg.create_model("repvgg_a0", num_classes=10, block="repopt")
+    with pytest.raises(ModelConfigError, match=problem):
+        searched_scales(repopt, other.state_dict())
+
+
+def test_a_repopt_run_with_searched_scales_keeps_them_when_resumed(fashion: Path, tmp_path: Path) -> None:
+    base = {**SMALL, "data_dir": str(fashion)}
+    train(TrainConfig.from_dict({**base, "output": str(tmp_path / "search"), "block": "online"}))
+    searched = tmp_path / "search" / "model_train.safetensors"
+    run = {**base, "output": str(tmp_path / "r"), "block": "repopt", "repopt_scales": str(searched)}
+    train(TrainConfig.from_dict(run))
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    model = repvgg.create_model(
+        "repvgg_a0", num_classes=10, in_chans=1, strides=[1, 2, 2, 2, 2], block="repopt"
+    )
+    expected = repopt_multipliers(
+        model, initialize=False, scales=searched_scales(model, read_checkpoint(searched).state_dict)
+    )
+    for saved, (_, multiplier) in zip(state["gradient_multipliers"], expected, strict=True):
+        torch.testing.assert_close(saved, multiplier, rtol=0, atol=0)
+    resumed = ClassificationRun(TrainConfig.from_dict({**run, "epochs": 2}), DistContext())
+    with torch.no_grad():
+        for _, multiplier in resumed.trainer.gradient_multipliers:
+            multiplier.fill_(3.0)  # whatever the run would compute now, the saved ones are the run's own
+    resumed.resume()
+    for saved, (_, multiplier) in zip(
+        state["gradient_multipliers"], resumed.trainer.gradient_multipliers, strict=True
+    ):
+        torch.testing.assert_close(multiplier, saved, rtol=0, atol=0)
+    with pytest.raises(TrainingError, match="`repopt_scales` sets the gradient multipliers"):
+        TrainConfig.from_dict({**run, "block": "online"}).validate()
 
 
 @pytest.mark.parametrize("block", ["online", "repopt"])

@@ -11,6 +11,7 @@ multi-branch block's steps, and starts from the CSLA block's initial kernel. Wei
 (as the RepOpt paper's optimizer does); gradient clipping breaks the equality.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,31 @@ class BranchScales:
         """The learned scales of an online block (a short training of it is the paper's "hyper-search")."""
         identity = conv.scale_identity.detach().clone() if conv.scale_identity is not None else None
         return cls(conv.scale_dense.detach().clone(), conv.scale_1x1.detach().clone(), identity)
+
+
+def searched_scales(model: torch.nn.Module, state: Mapping[str, Tensor]) -> dict[str, BranchScales]:
+    """The learned scales of an online network (its ``state``: a checkpoint's state dict) for each RepOpt
+    block of ``model`` by name: RepOpt-VGG's "hyper-search", whose result are the constants of the
+    optimizer. The online network must be the same architecture (block for block, channel for channel)."""
+    found = {}
+    for name, block in model.named_modules():
+        if not isinstance(block, RepVGGBlock) or not block_design(block.block).gradient_multipliers:
+            continue
+        prefix = f"{name}.rbr_dense."
+        keys = [f"{prefix}scale_dense", f"{prefix}scale_1x1"]
+        has_identity = block.in_channels == block.out_channels and block.stride == 1
+        keys += [f"{prefix}scale_identity"] * has_identity
+        missing = [key for key in keys if key not in state]
+        wrong = [key for key in keys if key in state and state[key].shape != (block.out_channels,)]
+        if missing or wrong:
+            raise ModelConfigError(
+                f"The branch scales are not those of an `online` run of this model: "
+                f"{'no ' + missing[0] if missing else wrong[0] + ' has another shape'}; give the checkpoint "
+                "of an `online` run (`block` online) of the same model and channels."
+            )
+        values = [state[key].detach().to(torch.float32).clone() for key in keys]
+        found[name] = BranchScales(values[0], values[1], values[2] if has_identity else None)
+    return found
 
 
 def repopt_conv(block: RepVGGBlock) -> torch.nn.Conv2d:

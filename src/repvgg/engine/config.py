@@ -335,6 +335,14 @@ class TrainConfig(RunConfig):
             "aliases": ("drop-path-rate",),
         },
     )
+    repopt_scales: str | None = field(
+        default=None,
+        metadata={
+            "help": "with `block` repopt: the checkpoint of an `online` run of the same model, whose learned "
+            "branch scales become the gradient multipliers' constant scales (RepOpt-VGG's hyper-search)",
+            "default": "unit scales",
+        },
+    )
     crop_pct: float | None = field(
         default=None,
         metadata={
@@ -507,6 +515,11 @@ class TrainConfig(RunConfig):
         if self.drop_path > 0 and self.layout != "repvgg":
             raise TrainingError(
                 f"`drop_path` acts in RepVGG blocks; the {self.layout!r} layout has none, so drop it."
+            )
+        if self.repopt_scales and not block_design(self.block).gradient_multipliers:
+            raise TrainingError(
+                f"`repopt_scales` sets the gradient multipliers of `repopt` blocks; the {self.block!r} block "
+                "has none, so drop it (or train `block` repopt)."
             )
         if self.drop_path > 0 and block_design(self.block).identity is None:
             raise TrainingError(

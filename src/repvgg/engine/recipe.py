@@ -9,7 +9,7 @@ from ``torchvision.transforms.v2``. The schedule is one function of the optimize
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,19 +179,22 @@ def batch_mixing(
 GradientMultipliers = list[tuple[nn.Parameter, torch.Tensor]]
 
 
-def repopt_multipliers(model: nn.Module, *, initialize: bool) -> GradientMultipliers:
-    """The gradient multipliers of every ``repopt`` block of ``model`` (unit branch scales; see
-    :mod:`repvgg.core.repopt`), after giving each plain kernel the initial value of its multi-branch block
-    when ``initialize`` (a run from scratch: not one started from a checkpoint or resumed)."""
+def repopt_multipliers(
+    model: nn.Module, *, initialize: bool, scales: Mapping[str, BranchScales] | None = None
+) -> GradientMultipliers:
+    """The gradient multipliers of every ``repopt`` block of ``model`` (see :mod:`repvgg.core.repopt`), from
+    ``scales`` by block name (an online run's learned scales, :func:`~repvgg.core.repopt.searched_scales`)
+    or unit scales, after giving each plain kernel the initial value of its multi-branch block when
+    ``initialize`` (a run from scratch: not one started from a checkpoint or resumed)."""
     multipliers = []
-    for block in model.modules():
+    for name, block in model.named_modules():
         if (
             isinstance(block, RepVGGBlock)
             and not block.deploy
             and block_design(block.block).gradient_multipliers
         ):
-            scales = BranchScales.unit(block)
+            chosen = scales[name] if scales is not None else BranchScales.unit(block)
             if initialize:
-                initialize_like_csla(block, scales)
-            multipliers.append((repopt_conv(block).weight, gradient_multiplier(block, scales)))
+                initialize_like_csla(block, chosen)
+            multipliers.append((repopt_conv(block).weight, gradient_multiplier(block, chosen)))
     return multipliers

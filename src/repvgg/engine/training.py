@@ -41,6 +41,7 @@ from repvgg.core.reparam import (
     start_merged_from,
     trains_one_conv,
 )
+from repvgg.core.repopt import searched_scales
 from repvgg.engine.config import Config, TrainConfig, load_run_config
 from repvgg.engine.data import (
     Augmentation,
@@ -345,6 +346,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": _rng_state(),
             "bad_images": self.bad_images,
+            "gradient_multipliers": [multiplier for _, multiplier in self.gradient_multipliers],
         }
 
     def resume(self) -> None:
@@ -384,6 +386,15 @@ class Trainer:
         self.best_epoch = state.get("best_epoch")
         self.kept = [(float(score), int(epoch)) for score, epoch in state.get("kept", [])]
         self.bad_images = int(state["bad_images"])
+        saved = state.get("gradient_multipliers")  # the run's own (older states: as computed now)
+        if saved is not None:
+            if [m.shape for m in saved] != [m.shape for _, m in self.gradient_multipliers]:
+                raise TrainingError(
+                    f"The gradient multipliers saved in {path} do not fit the configured model; resume with "
+                    "the run's own configuration."
+                )
+            for (_, multiplier), value in zip(self.gradient_multipliers, saved, strict=True):
+                multiplier.copy_(value)
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -772,7 +783,12 @@ class ClassificationRun:
             channels_last=config.channels_last,
         )
         # RepOpt blocks start as their multi-branch block would (unless loaded) and take its gradients.
-        multipliers = repopt_multipliers(self.model, initialize=not config.init)
+        scales = (
+            searched_scales(self.model, read_checkpoint(config.repopt_scales).state_dict)
+            if (config.repopt_scales)
+            else None
+        )
+        multipliers = repopt_multipliers(self.model, initialize=not config.init, scales=scales)
         self.trainer = Trainer(
             self.model,
             loader,
