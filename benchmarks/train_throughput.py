@@ -5,8 +5,11 @@
 Each measurement runs in a fresh subprocess (so peak memory is the model's own) and the implementations
 alternate (ours, timm, ours, timm, ...) so that machine noise hits all alike. A subprocess that crashes is
 reported as such (timm's channels_last training crashes in oneDNN on AVX-512 CPUs at 96 px and up).
-Throughput is the median over the timed SGD steps of every repetition; memory is the peak resident
-set size during the steps minus the resident size just before them (ru_maxrss - VmRSS), on CPU.
+Throughput is the median over the timed SGD steps of every repetition. Memory is given two ways: the peak
+resident set size during the steps minus the resident size just before them (ru_maxrss - VmRSS, on CPU:
+what the machine sees, allocator included), and what autograd keeps between the passes of one step (the
+distinct storages saved for backward, parameters excepted: the activation memory OREPA reduces, independent
+of the allocator, which at small images retains more than the step needs).
 
     python benchmarks/train_throughput.py --batch-size 128 --image-size 32 --in-chans 1 --repeats 3
 """
@@ -20,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,6 +48,27 @@ def resident_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def saved_for_backward_mib(model: Any, loss: Any) -> float:
+    """What autograd keeps between the forward and the backward pass of one step: the distinct storages saved
+    for backward, parameters excepted (they are resident anyway). Unlike the resident-set peak it does not
+    depend on the allocator, which at small images hides most of it."""
+    import torch
+
+    own = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: Any) -> Any:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss().backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values()) / 2**20
 
 
 def measure(
@@ -88,6 +113,7 @@ def measure(
 
     step()  # warm-up: allocators, oneDNN primitives, optimizer state
     step()
+    saved = saved_for_backward_mib(model, lambda: F.cross_entropy(model(images), labels))
     baseline = resident_mib()
     times = []
     for _ in range(steps):
@@ -95,7 +121,7 @@ def measure(
         step()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_times": times, "peak_extra_mib": peak - baseline}
+    return {"step_times": times, "peak_extra_mib": peak - baseline, "saved_mib": saved}
 
 
 def main() -> None:
@@ -157,11 +183,13 @@ def main() -> None:
             "images_per_s": args.batch_size / median,
             "spread": (max(times) - min(times)) / median,
             "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in results),
+            "saved_mib": statistics.median(r["saved_mib"] for r in results),
         }
     ratios = {  # every pair of ours and timm that ran: throughput ratio and peak-memory ratio
         f"{ours} / {timm}": {
             "throughput": table[ours]["images_per_s"] / table[timm]["images_per_s"],
             "peak_memory": table[ours]["peak_extra_mib"] / max(table[timm]["peak_extra_mib"], 1e-9),
+            "saved_for_backward": table[ours]["saved_mib"] / max(table[timm]["saved_mib"], 1e-9),
         }
         for ours in table
         if not ours.startswith("timm")
@@ -177,17 +205,23 @@ def main() -> None:
         f"{args.in_chans}x{args.image_size}x{args.image_size}, {args.classes} classes, fp32, "
         f"{args.repeats} alternating subprocesses x {args.steps} timed steps"
     )
-    print("| implementation | images/s (median) | spread | peak extra memory (MiB) |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| implementation | images/s (median) | spread | peak extra memory (MiB) | kept for backward (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for implementation in runs:
         if implementation in crashes:
             print(f"| {implementation} | {crashes[implementation]} | | |")
             continue
         row = table[implementation]
         cells = f"{row['images_per_s']:.1f} | {row['spread']:.0%} | {row['peak_extra_mib']:.0f}"
+        cells += f" | {row['saved_mib']:.1f}"
         print(f"| {implementation} | {cells} |")
     for pair, ratio in ratios.items():
-        print(f"{pair}: throughput {ratio['throughput']:.2f}x, peak memory {ratio['peak_memory']:.2f}x")
+        print(
+            f"{pair}: throughput {ratio['throughput']:.2f}x, peak memory {ratio['peak_memory']:.2f}x, "
+            f"kept for backward {ratio['saved_for_backward']:.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             record = {"settings": vars(args), "cpu": cpu, "results": table, "crashes": crashes}
