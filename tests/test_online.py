@@ -17,8 +17,14 @@ from repvgg.cli import main
 from repvgg.core.blocks import RepVGGBlock
 from repvgg.core.fusion import OnlineConv
 from repvgg.core.reparam import randomize_batchnorm_, start_merged_from
-from repvgg.core.repopt import BranchScales, gradient_multiplier, initialize_like_csla, searched_scales
-from repvgg.engine.config import TrainConfig
+from repvgg.core.repopt import (
+    BranchScales,
+    gradient_multiplier,
+    initialize_like_csla,
+    rule_scales,
+    searched_scales,
+)
+from repvgg.engine.config import TrainConfig, load_run_config
 from repvgg.engine.distributed import DistContext
 from repvgg.engine.recipe import repopt_multipliers
 from repvgg.engine.training import ClassificationRun, train
@@ -217,6 +223,11 @@ def test_a_repopt_run_applies_the_multipliers_of_all_its_blocks(fashion: Path, t
     run = ClassificationRun(config, DistContext())
     blocks = [b for b in run.model.modules() if isinstance(b, RepVGGBlock)]
     assert len(run.trainer.gradient_multipliers) == len(blocks) == 22
+    by_weight = {id(weight): multiplier for weight, multiplier in run.trainer.gradient_multipliers}
+    fourth = by_weight[id(run.model.stage2[3].rbr_dense.conv.weight)]  # the paper's constants by default
+    assert fourth[0, 0, 0, 0].item() == pytest.approx(2 / 3) and fourth[0, 0, 1, 1].item() == pytest.approx(
+        4 / 3
+    )
     plain = ClassificationRun(
         TrainConfig.from_dict(
             {**SMALL, "data_dir": str(fashion), "output": str(tmp_path / "p"), "block": "plain"}
@@ -224,6 +235,35 @@ def test_a_repopt_run_applies_the_multipliers_of_all_its_blocks(fashion: Path, t
         DistContext(),
     )
     assert plain.trainer.gradient_multipliers == [], "the plain design (Table 6) takes its own gradients"
+
+
+def test_the_paper_s_constant_scales_shrink_the_conv_branches_down_a_stage() -> None:
+    model = repvgg.create_model("repvgg_a0", num_classes=10, block="repopt")
+    paper, unit = rule_scales(model, "paper"), rule_scales(model, "unit")
+    assert len(paper) == len(unit) == 22
+    for name, identity, conv_scale in [
+        ("stage0", None, 1.0),
+        ("stage2.0", None, 1.0),
+        ("stage2.3", 1.0, (2 / 3) ** 0.5),
+    ]:
+        scales = paper[name]
+        assert scales.dense.tolist() == pytest.approx([conv_scale] * len(scales.dense))
+        assert torch.equal(scales.one_by_one, scales.dense)
+        if identity is None:
+            assert scales.identity is None, "no identity where the shape changes"
+        else:
+            assert torch.equal(scales.identity, torch.ones_like(scales.dense))
+    assert all(bool((s.dense == 1).all()) for s in unit.values())
+    with pytest.raises(ModelConfigError, match="Unknown branch-scale rule 'sqrt'"):
+        rule_scales(model, "sqrt")
+
+
+def test_a_repopt_run_saved_before_the_scales_were_recorded_resumes_with_unit_scales(tmp_path: Path) -> None:
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({"block": "repopt", "epochs": 2}))
+    assert load_run_config(saved)["repopt_scales"] == "unit"
+    saved.write_text(json.dumps({"block": "repvgg", "epochs": 2}))
+    assert "repopt_scales" not in load_run_config(saved)
 
 
 def test_repopt_takes_the_scales_an_online_network_learned(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ multi-branch block's steps, and starts from the CSLA block's initial kernel. Wei
 (as the RepOpt paper's optimizer does); gradient clipping breaks the equality.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,10 +34,22 @@ class BranchScales:
 
     @classmethod
     def unit(cls, block: RepVGGBlock) -> "BranchScales":
-        """Scales of 1: the branches simply summed (what an untuned RepOpt starts from)."""
-        ones = torch.ones(block.out_channels)
+        """Scales of 1: the branches simply summed."""
+        return cls.constant(block, 1.0)
+
+    @classmethod
+    def paper(cls, block: RepVGGBlock, position: int) -> "BranchScales":
+        """RepOpt-VGG's constants without a search: the conv branches of the ``position``-th block of a stage
+        (from 0) scaled by ``sqrt(2 / position)`` (1 for the first), the identity by 1, so that the summed
+        branches of a deep stage do not swamp the identity path."""
+        return cls.constant(block, math.sqrt(2.0 / position) if position > 0 else 1.0)
+
+    @classmethod
+    def constant(cls, block: RepVGGBlock, conv_scale: float) -> "BranchScales":
+        """``conv_scale`` for both conv branches of every channel, 1 for the identity (where there is one)."""
         has_identity = block.in_channels == block.out_channels and block.stride == 1
-        return cls(ones, ones.clone(), ones.clone() if has_identity else None)
+        convs = torch.full((block.out_channels,), conv_scale)
+        return cls(convs, convs.clone(), torch.ones(block.out_channels) if has_identity else None)
 
     @classmethod
     def of(cls, conv: OnlineConv) -> "BranchScales":
@@ -45,14 +58,40 @@ class BranchScales:
         return cls(conv.scale_dense.detach().clone(), conv.scale_1x1.detach().clone(), identity)
 
 
+#: The constant branch scales a RepOpt run can take without a search (see :class:`BranchScales`).
+SCALE_RULES = ("paper", "unit")
+
+
+def repopt_blocks(model: torch.nn.Module) -> dict[str, RepVGGBlock]:
+    """The training-form RepOpt blocks of ``model`` by name."""
+    return {
+        name: block
+        for name, block in model.named_modules()
+        if isinstance(block, RepVGGBlock)
+        and not block.deploy
+        and block_design(block.block).gradient_multipliers
+    }
+
+
+def rule_scales(model: torch.nn.Module, rule: str) -> dict[str, BranchScales]:
+    """Each RepOpt block's scales by a :data:`SCALE_RULES` rule; a block's position in its stage is the last
+    part of its name (``stage2.3`` is the fourth block of stage 2; a block not in a stage is first)."""
+    if rule not in SCALE_RULES:
+        raise ModelConfigError(f"Unknown branch-scale rule {rule!r}: choose from {', '.join(SCALE_RULES)}.")
+    scales = {}
+    for name, block in repopt_blocks(model).items():
+        last = name.rsplit(".", 1)[-1]
+        position = int(last) if last.isdigit() else 0
+        scales[name] = BranchScales.paper(block, position) if rule == "paper" else BranchScales.unit(block)
+    return scales
+
+
 def searched_scales(model: torch.nn.Module, state: Mapping[str, Tensor]) -> dict[str, BranchScales]:
     """The learned scales of an online network (its ``state``: a checkpoint's state dict) for each RepOpt
     block of ``model`` by name: RepOpt-VGG's "hyper-search", whose result are the constants of the
     optimizer. The online network must be the same architecture (block for block, channel for channel)."""
     found = {}
-    for name, block in model.named_modules():
-        if not isinstance(block, RepVGGBlock) or not block_design(block.block).gradient_multipliers:
-            continue
+    for name, block in repopt_blocks(model).items():
         prefix = f"{name}.rbr_dense."
         keys = [f"{prefix}scale_dense", f"{prefix}scale_1x1"]
         has_identity = block.in_channels == block.out_channels and block.stride == 1

@@ -338,9 +338,11 @@ class TrainConfig(RunConfig):
     repopt_scales: str | None = field(
         default=None,
         metadata={
-            "help": "with `block` repopt: the checkpoint of an `online` run of the same model, whose learned "
-            "branch scales become the gradient multipliers' constant scales (RepOpt-VGG's hyper-search)",
-            "default": "unit scales",
+            "help": "with `block` repopt, the branch scales its gradient multipliers stand for: paper "
+            "(RepOpt-VGG's constants, sqrt(2/i) for the conv branches of a stage's i-th block), unit "
+            "(all 1), or the checkpoint of an `online` run of the same model, whose learned scales are "
+            "taken (the paper's hyper-search)",
+            "default": "paper",
         },
     )
     crop_pct: float | None = field(
@@ -560,6 +562,8 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
         values["augment"] = (
             "autoaugment" if values.pop("autoaugment") is True else values.get("augment", "none")
         )
+    if values.get("block") == "repopt" and "repopt_scales" not in values:  # before `repopt_scales`: unit
+        values["repopt_scales"] = "unit"
     return {key: value for key, value in values.items() if key not in NOT_SAVED}
 
 

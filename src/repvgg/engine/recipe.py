@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from repvgg.core.blocks import RepVGGBlock
-from repvgg.core.designs import block_design
-from repvgg.core.repopt import BranchScales, gradient_multiplier, initialize_like_csla, repopt_conv
+from repvgg.core.repopt import (
+    BranchScales,
+    gradient_multiplier,
+    initialize_like_csla,
+    repopt_blocks,
+    repopt_conv,
+    rule_scales,
+)
 from repvgg.exceptions import ModelConfigError, TrainingError
 
 #: Each optimizer's default learning rate: ``rate x effective batch / batch`` (the linear scaling rule):
@@ -183,18 +188,14 @@ def repopt_multipliers(
     model: nn.Module, *, initialize: bool, scales: Mapping[str, BranchScales] | None = None
 ) -> GradientMultipliers:
     """The gradient multipliers of every ``repopt`` block of ``model`` (see :mod:`repvgg.core.repopt`), from
-    ``scales`` by block name (an online run's learned scales, :func:`~repvgg.core.repopt.searched_scales`)
-    or unit scales, after giving each plain kernel the initial value of its multi-branch block when
-    ``initialize`` (a run from scratch: not one started from a checkpoint or resumed)."""
+    ``scales`` by block name (an online run's learned scales, :func:`~repvgg.core.repopt.searched_scales`,
+    or a rule's, :func:`~repvgg.core.repopt.rule_scales`; default: the paper's constants), after giving each
+    plain kernel the initial value of its multi-branch block when ``initialize`` (a run from scratch: not
+    one started from a checkpoint or resumed)."""
+    chosen = scales if scales is not None else rule_scales(model, "paper")
     multipliers = []
-    for name, block in model.named_modules():
-        if (
-            isinstance(block, RepVGGBlock)
-            and not block.deploy
-            and block_design(block.block).gradient_multipliers
-        ):
-            chosen = scales[name] if scales is not None else BranchScales.unit(block)
-            if initialize:
-                initialize_like_csla(block, chosen)
-            multipliers.append((repopt_conv(block).weight, gradient_multiplier(block, chosen)))
+    for name, block in repopt_blocks(model).items():
+        if initialize:
+            initialize_like_csla(block, chosen[name])
+        multipliers.append((repopt_conv(block).weight, gradient_multiplier(block, chosen[name])))
     return multipliers

@@ -41,7 +41,7 @@ from repvgg.core.reparam import (
     start_merged_from,
     trains_one_conv,
 )
-from repvgg.core.repopt import searched_scales
+from repvgg.core.repopt import SCALE_RULES, BranchScales, rule_scales, searched_scales
 from repvgg.engine.config import Config, TrainConfig, load_run_config
 from repvgg.engine.data import (
     Augmentation,
@@ -783,11 +783,7 @@ class ClassificationRun:
             channels_last=config.channels_last,
         )
         # RepOpt blocks start as their multi-branch block would (unless loaded) and take its gradients.
-        scales = (
-            searched_scales(self.model, read_checkpoint(config.repopt_scales).state_dict)
-            if (config.repopt_scales)
-            else None
-        )
+        scales = self._repopt_scales(config.repopt_scales or "paper")
         multipliers = repopt_multipliers(self.model, initialize=not config.init, scales=scales)
         self.trainer = Trainer(
             self.model,
@@ -818,6 +814,13 @@ class ClassificationRun:
         self.task.on_bad_images = (
             self.trainer.report_bad
         )  # unreadable validation images count like training ones
+
+    def _repopt_scales(self, source: str) -> dict[str, BranchScales]:
+        """The branch scales of the RepOpt blocks: a rule's (:data:`SCALE_RULES`), or those an online run
+        learned (its checkpoint)."""
+        if source in SCALE_RULES:
+            return rule_scales(self.model, source)
+        return searched_scales(self.model, read_checkpoint(source).state_dict)
 
     def _custom_l2(self) -> torch.Tensor:
         return 0.5 * self.config.weight_decay * custom_l2_loss(self.model)
