@@ -266,13 +266,19 @@ def test_a_repopt_run_saved_before_the_scales_were_recorded_resumes_with_unit_sc
     assert "repopt_scales" not in load_run_config(saved)
 
 
-def test_repopt_takes_the_scales_an_online_network_learned(tmp_path: Path) -> None:
-    """RepOpt-VGG's hyper-search: the online block's learned scales, by block name, become the constants."""
+def online_with_learned_scales() -> torch.nn.Module:
+    """An online A0 whose branch scales are far from their initial 1, as a search could leave them."""
     online = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=1, block="online")
     with torch.no_grad():
         for name, parameter in online.named_parameters():
             if ".scale_" in name:
                 parameter.uniform_(0.2, 2.0)
+    return online
+
+
+def test_repopt_takes_the_scales_an_online_network_learned(tmp_path: Path) -> None:
+    """RepOpt-VGG's hyper-search: the online block's learned scales, by block name, become the constants."""
+    online = online_with_learned_scales()
     repopt = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=1, block="repopt")
     scales = searched_scales(repopt, online.state_dict())
     blocks = dict(online.named_modules())
@@ -302,8 +308,7 @@ def test_scales_from_anything_but_an_online_run_of_the_model_are_refused(
 
 def test_a_repopt_run_with_searched_scales_keeps_them_when_resumed(fashion: Path, tmp_path: Path) -> None:
     base = {**SMALL, "data_dir": str(fashion)}
-    train(TrainConfig.from_dict({**base, "output": str(tmp_path / "search"), "block": "online"}))
-    searched = tmp_path / "search" / "model_train.safetensors"
+    searched = repvgg.save_checkpoint(online_with_learned_scales(), tmp_path / "search.safetensors")
     run = {**base, "output": str(tmp_path / "r"), "block": "repopt", "repopt_scales": str(searched)}
     train(TrainConfig.from_dict(run))
     state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
