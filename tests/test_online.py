@@ -261,9 +261,10 @@ def test_the_paper_s_constant_scales_shrink_the_conv_branches_down_a_stage() -> 
 def test_a_repopt_run_saved_before_the_scales_were_recorded_resumes_with_unit_scales(tmp_path: Path) -> None:
     saved = tmp_path / "config.json"
     saved.write_text(json.dumps({"block": "repopt", "epochs": 2}))
-    assert load_run_config(saved)["repopt_scales"] == "unit"
+    assert load_run_config(saved, saved_run=True)["repopt_scales"] == "unit"
+    assert "repopt_scales" not in load_run_config(saved), "a new run from a config file takes the default"
     saved.write_text(json.dumps({"block": "repvgg", "epochs": 2}))
-    assert "repopt_scales" not in load_run_config(saved)
+    assert "repopt_scales" not in load_run_config(saved, saved_run=True)
 
 
 def online_with_learned_scales() -> torch.nn.Module:

@@ -156,7 +156,7 @@ def _run_config(args: argparse.Namespace, kind: type[RunConfig]) -> tuple[Any, b
         values["output"] = kind.default_output(values)
     if args.resume:
         saved = Path(values["output"]) / "config.json"
-        values = {**load_run_config(saved), **given} if saved.is_file() else values
+        values = {**load_run_config(saved, saved_run=True), **given} if saved.is_file() else values
     return kind.from_dict(values), bool(args.resume)
 
 

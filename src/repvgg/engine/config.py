@@ -546,9 +546,11 @@ def _has_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def load_run_config(path: str | Path) -> dict[str, Any]:
+def load_run_config(path: str | Path, *, saved_run: bool = False) -> dict[str, Any]:
     """A saved or hand-written configuration file (JSON), without :data:`NOT_SAVED` keys (an earlier
-    release saved ``overwrite``: repeating such a run must not replace another without being asked)."""
+    release saved ``overwrite``: repeating such a run must not replace another without being asked).
+    ``saved_run``: the run folder's own ``config.json`` (resuming), where a key that an earlier release did
+    not write takes the value that release used."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"No configuration file at {path}: check the path.")
@@ -562,8 +564,8 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
         values["augment"] = (
             "autoaugment" if values.pop("autoaugment") is True else values.get("augment", "none")
         )
-    if values.get("block") == "repopt" and "repopt_scales" not in values:  # before `repopt_scales`: unit
-        values["repopt_scales"] = "unit"
+    if saved_run and values.get("block") == "repopt" and "repopt_scales" not in values:
+        values["repopt_scales"] = "unit"  # RepOpt runs saved before `repopt_scales` trained with unit scales
     return {key: value for key, value in values.items() if key not in NOT_SAVED}
 
 

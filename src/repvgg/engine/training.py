@@ -1120,7 +1120,7 @@ def prepare_run(config: Config, resume: bool) -> tuple[Config, bool]:
     check_run_folder(output, resume=resume, overwrite=config.overwrite)
     if not resume:
         return config, False
-    config = config.resumed(load_run_config(output / "config.json"))
+    config = config.resumed(load_run_config(output / "config.json", saved_run=True))
     config.validate()
     continues = (output / STATE_FILE).is_file()
     if not continues and os.environ.get("RANK", "0") == "0":
