@@ -198,9 +198,8 @@ class OnlineConv(KernelConv):
         return kernel
 
     def forward(self, inputs: Tensor) -> Tensor:
-        scale_identity = self.scale_identity if self.scale_identity is not None else self.scale_1x1[:0]
         return _MergedKernelConvolution.apply(
-            inputs, self, self.weight, self.weight_1x1, self.scale_dense, self.scale_1x1, scale_identity
+            inputs, self, self.weight, self.weight_1x1, self.scale_dense, self.scale_1x1, self.scale_identity
         )
 
     def identity_centre(self, like: Tensor) -> Tensor:
@@ -251,19 +250,19 @@ class _MergedKernelConvolution(torch.autograd.Function):
         weight_1x1: Tensor,
         scale_dense: Tensor,
         scale_1x1: Tensor,
-        scale_identity: Tensor,
+        scale_identity: Tensor | None,  # an input so that autograd gives it a gradient; its value is unused
     ) -> Tensor:
         output = F.conv2d(
             inputs, conv.merged_kernel(), None, conv.stride, conv.padding, conv.dilation, conv.groups
         )
         ctx.conv = conv
-        ctx.save_for_backward(inputs, weight, weight_1x1, scale_dense, scale_1x1, scale_identity)
+        ctx.save_for_backward(inputs, weight, weight_1x1, scale_dense, scale_1x1)
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        inputs, weight, weight_1x1, scale_dense, scale_1x1, scale_identity = ctx.saved_tensors
+        inputs, weight, weight_1x1, scale_dense, scale_1x1 = ctx.saved_tensors
         conv: OnlineConv = ctx.conv
         needs = ctx.needs_input_grad
         kernel = conv.merged_kernel()
@@ -289,7 +288,7 @@ class _MergedKernelConvolution(torch.autograd.Function):
         grads_1x1 = (
             (centre * scale_1x1.reshape(-1, 1)).reshape(weight_1x1.shape) if needs[3] else None,
             (centre * weight_1x1[:, :, 0, 0]).sum(1) if needs[5] else None,
-            (centre * conv.identity_centre(centre)).sum(1) if needs[6] and scale_identity.numel() else None,
+            (centre * conv.identity_centre(centre)).sum(1) if needs[6] else None,
         )
         # The kernel-sized work reuses two buffers, the recomputed kernel's and the kernel's gradient's (which
         # becomes the 3x3 weight's): at 28 px the kernels, not the activations, are most of the memory.

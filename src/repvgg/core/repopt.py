@@ -47,9 +47,8 @@ class BranchScales:
     @classmethod
     def constant(cls, block: RepVGGBlock, conv_scale: float) -> "BranchScales":
         """``conv_scale`` for both conv branches of every channel, 1 for the identity (where there is one)."""
-        has_identity = block.in_channels == block.out_channels and block.stride == 1
         convs = torch.full((block.out_channels,), conv_scale)
-        return cls(convs, convs.clone(), torch.ones(block.out_channels) if has_identity else None)
+        return cls(convs, convs.clone(), torch.ones(block.out_channels) if _has_identity(block) else None)
 
     @classmethod
     def of(cls, conv: OnlineConv) -> "BranchScales":
@@ -58,8 +57,15 @@ class BranchScales:
         return cls(conv.scale_dense.detach().clone(), conv.scale_1x1.detach().clone(), identity)
 
 
-#: The constant branch scales a RepOpt run can take without a search (see :class:`BranchScales`).
+#: The constant branch scales a RepOpt run can take without a search (see :class:`BranchScales`), and the
+#: one it takes by default.
 SCALE_RULES = ("paper", "unit")
+DEFAULT_SCALE_RULE = "paper"
+
+
+def _has_identity(block: RepVGGBlock) -> bool:
+    """Whether the multi-branch block a RepOpt block stands for has an identity branch (the shape is kept)."""
+    return block.in_channels == block.out_channels and block.stride == 1
 
 
 def repopt_blocks(model: torch.nn.Module) -> dict[str, RepVGGBlock]:
@@ -94,7 +100,7 @@ def searched_scales(model: torch.nn.Module, state: Mapping[str, Tensor]) -> dict
     for name, block in repopt_blocks(model).items():
         prefix = f"{name}.rbr_dense."
         keys = [f"{prefix}scale_dense", f"{prefix}scale_1x1"]
-        has_identity = block.in_channels == block.out_channels and block.stride == 1
+        has_identity = _has_identity(block)
         keys += [f"{prefix}scale_identity"] * has_identity
         missing = [key for key in keys if key not in state]
         wrong = [key for key in keys if key in state and state[key].shape != (block.out_channels,)]

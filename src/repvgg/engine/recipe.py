@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from repvgg.core.repopt import (
+    DEFAULT_SCALE_RULE,
     BranchScales,
     gradient_multiplier,
     initialize_like_csla,
@@ -192,7 +193,7 @@ def repopt_multipliers(
     or a rule's, :func:`~repvgg.core.repopt.rule_scales`; default: the paper's constants), after giving each
     plain kernel the initial value of its multi-branch block when ``initialize`` (a run from scratch: not
     one started from a checkpoint or resumed)."""
-    chosen = scales if scales is not None else rule_scales(model, "paper")
+    chosen = scales if scales is not None else rule_scales(model, DEFAULT_SCALE_RULE)
     multipliers = []
     for name, block in repopt_blocks(model).items():
         if initialize:

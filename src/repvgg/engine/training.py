@@ -41,7 +41,13 @@ from repvgg.core.reparam import (
     start_merged_from,
     trains_one_conv,
 )
-from repvgg.core.repopt import SCALE_RULES, BranchScales, rule_scales, searched_scales
+from repvgg.core.repopt import (
+    DEFAULT_SCALE_RULE,
+    SCALE_RULES,
+    BranchScales,
+    rule_scales,
+    searched_scales,
+)
 from repvgg.engine.config import Config, TrainConfig, load_run_config
 from repvgg.engine.data import (
     Augmentation,
@@ -783,7 +789,7 @@ class ClassificationRun:
             channels_last=config.channels_last,
         )
         # RepOpt blocks start as their multi-branch block would (unless loaded) and take its gradients.
-        scales = self._repopt_scales(config.repopt_scales or "paper")
+        scales = self._repopt_scales(config.repopt_scales or DEFAULT_SCALE_RULE)
         multipliers = repopt_multipliers(self.model, initialize=not config.init, scales=scales)
         self.trainer = Trainer(
             self.model,
