@@ -48,4 +48,4 @@ def test_train_throughput_times_the_online_and_repopt_designs_beside_timm(tmp_pa
         "repopt-channels_last / timm-contiguous",
     }
     kept = {name: row["saved_mib"] for name, row in result["results"].items()}  # allocator-independent
-    assert kept["online-channels_last"] == kept["repopt-channels_last"] < 0.7 * kept["timm-contiguous"], kept
+    assert kept["online-channels_last"] == kept["repopt-channels_last"] < 0.5 * kept["timm-contiguous"], kept

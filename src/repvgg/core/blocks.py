@@ -1,7 +1,7 @@
 """The RepVGG building block: three branches while training, one 3x3 convolution when deployed."""
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -21,6 +21,7 @@ from repvgg.core.fusion import (
     branch_kernel_bias,
     fuse_conv_bn,
 )
+from repvgg.core.lean import batch_norm_relu, can_convolve, can_take, conv2d, has_hooks
 from repvgg.exceptions import ConversionError, ModelConfigError, RepVGGWarning
 
 TRAIN_MODE_WARNING = (
@@ -253,9 +254,41 @@ class RepVGGBlock(nn.Module):
         if self.rbr_identity is not None:
             yield self.rbr_identity
 
+    def _lean_layers(self, inputs: Tensor) -> tuple[Callable[[Tensor], Tensor], nn.BatchNorm2d] | None:
+        """The convolution and BatchNorm of a block that is one conv -> BN -> ReLU while training (``online``,
+        ``repopt``, ``plain``), when :mod:`repvgg.core.lean` can run them keeping one activation instead of
+        two; None otherwise (eval mode, no autograd, tracing or compiling, hooks, SE, other branches)."""
+        if not (
+            self.training
+            and torch.is_grad_enabled()
+            and not isinstance(inputs, torch.fx.Proxy)
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and isinstance(self.se, nn.Identity)
+            and type(self.nonlinearity) is nn.ReLU
+            and not has_hooks(self.nonlinearity)
+            and not has_hooks(self.rbr_dense)
+            and not self.relu_in_branches
+            and self.rbr_asymmetric is None
+            and self.rbr_1x1 is None
+            and self.rbr_identity is None
+        ):
+            return None
+        dense = self.rbr_dense
+        if isinstance(dense, OnlineConv) and isinstance(self.bn, nn.BatchNorm2d):
+            return dense, self.bn
+        if self.bn is None and type(dense) is ConvBN and can_convolve(dense.conv):
+            return partial(conv2d, conv=dense.conv), dense.bn
+        return None
+
     def forward(self, inputs: Tensor) -> Tensor:
         if self.deploy:
             return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
+        lean = self._lean_layers(inputs)
+        if lean is not None:
+            convolve, bn = lean
+            out = convolve(inputs)
+            return batch_norm_relu(out, bn) if can_take(bn, out) else self.nonlinearity(bn(out))
         if self.relu_in_branches:  # the paper's non-convertible reference: ReLU outputs are kept for backward
             outputs = [
                 torch.relu(branch(inputs)) for branch in self.branches() if branch is not self.rbr_identity

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from repvgg.core.lean import save_input, saved_input
 from repvgg.exceptions import ConversionError
 
 
@@ -238,7 +239,8 @@ class _MergedKernelConvolution(torch.autograd.Function):
     backward pass and run a handful of kernel-sized operations each way; here the kernel is recomputed in the
     backward pass and the parameters' gradients come from the kernel's gradient ``G`` in closed form:
     ``dW3 = s3 G``, ``ds3 = sum(G W3)``, ``dW1 = s1 G_c``, ``ds1 = sum(G_c W1)``, ``dsi = sum(G_c I_c)``
-    (``_c``: the centre tap). The convolution runs in the dtype autocast gives it, as ``F.conv2d`` would.
+    (``_c``: the centre tap). The convolution runs in the dtype autocast gives it, as ``F.conv2d`` would. An
+    input that :mod:`repvgg.core.lean` can recompute is not kept either.
     """
 
     @staticmethod
@@ -256,13 +258,13 @@ class _MergedKernelConvolution(torch.autograd.Function):
             inputs, conv.merged_kernel(), None, conv.stride, conv.padding, conv.dilation, conv.groups
         )
         ctx.conv = conv
-        ctx.save_for_backward(inputs, weight, weight_1x1, scale_dense, scale_1x1)
+        save_input(ctx, inputs, weight, weight_1x1, scale_dense, scale_1x1)
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        inputs, weight, weight_1x1, scale_dense, scale_1x1 = ctx.saved_tensors
+        inputs, (weight, weight_1x1, scale_dense, scale_1x1) = saved_input(ctx)
         conv: OnlineConv = ctx.conv
         needs = ctx.needs_input_grad
         kernel = conv.merged_kernel()

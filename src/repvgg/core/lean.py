@@ -1,0 +1,206 @@
+"""Less activation memory for chains of conv -> BatchNorm -> ReLU blocks: one kept tensor per block, not two.
+
+Autograd keeps two activation-sized tensors of every such block for the backward pass: the convolution's
+output ``y`` (the BatchNorm's input) and the ReLU's output ``z`` (the next convolution's input). But ``z`` is
+a cheap function of ``y``: ``relu(y * scale + shift)``, with the batch's per-channel ``scale`` and ``shift``.
+:func:`batch_norm_relu` keeps ``y`` and the statistics, recomputes the ReLU's mask in the backward pass, and
+marks its output with that recipe; a convolution of this module (:func:`conv2d`, and the online block's
+merged-kernel convolution through :func:`save_input`) that reads a marked tensor keeps the recipe instead of
+the tensor and recomputes the tensor in the backward pass. The idea is In-Place ABN's (Rota Bulò et al.,
+CVPR 2018), without its invertible activation: one elementwise pass per block is recomputed, twice.
+
+The outputs, gradients and running statistics are those of ``relu(bn(conv(x)))`` up to rounding. A tensor
+modified in place after it was marked is kept as it is (its recipe no longer holds), and the blocks take
+this path only where it computes what their layers would: see ``RepVGGBlock``.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_RECIPE = "_repvgg_recomputable_from"
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How to recompute a ReLU output: ``relu(pre_activation * scale + shift)``, while ``version`` holds."""
+
+    pre_activation: Tensor
+    scale: Tensor
+    shift: Tensor
+    version: int
+
+
+def _relu_of_normalized(pre_activation: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``relu(y * scale + shift)``: the one expression both passes evaluate, so both get the same bits."""
+    return torch.addcmul(shift, pre_activation, scale).relu_()
+
+
+def save_input(ctx: Any, inputs: Tensor, *tensors: Tensor | None) -> None:
+    """``ctx.save_for_backward(inputs, *tensors)``, keeping the recipe of ``inputs`` if it has a valid one."""
+    recipe: _Recipe | None = getattr(inputs, _RECIPE, None)
+    ctx.recomputes_input = recipe is not None and recipe.version == inputs._version
+    if ctx.recomputes_input:
+        ctx.save_for_backward(recipe.pre_activation, recipe.scale, recipe.shift, *tensors)
+    else:
+        ctx.save_for_backward(inputs, *tensors)
+
+
+def saved_input(ctx: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The input and the other tensors :func:`save_input` saved, the input recomputed if need be."""
+    saved = ctx.saved_tensors
+    if ctx.recomputes_input:
+        return _relu_of_normalized(*saved[:3]), saved[3:]
+    return saved[0], saved[1:]
+
+
+def _count_per_channel(inputs: Tensor) -> int:
+    return inputs.numel() // inputs.shape[1]
+
+
+def can_take(bn: nn.Module, pre_activation: Tensor) -> bool:
+    """Whether :func:`batch_norm_relu` computes what ``relu(bn(pre_activation))`` would in training: a plain
+    affine ``BatchNorm2d`` with running statistics and no hooks, a float32/float64 input (autocast's lower
+    precision takes the layers' own path) and more than one value per channel."""
+    return (
+        type(bn) is nn.BatchNorm2d
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and not has_hooks(bn)
+        and pre_activation.dtype in (torch.float32, torch.float64)
+        and pre_activation.dtype == bn.weight.dtype
+        and _count_per_channel(pre_activation) > 1
+    )
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own or global ones) that bypassing it skips."""
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+    )
+
+
+def batch_norm_relu(pre_activation: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+    """``relu(bn(pre_activation))`` in training mode (``bn``'s running statistics updated as it would),
+    keeping only ``pre_activation`` for the backward pass and marking the output with its recipe. Only where
+    :func:`can_take` says so."""
+    with torch.no_grad():
+        variance, mean = torch.var_mean(pre_activation, dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(variance + bn.eps)
+        assert bn.running_mean is not None and bn.running_var is not None
+        assert bn.num_batches_tracked is not None
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        count = _count_per_channel(pre_activation)
+        bn.running_mean.lerp_(mean, momentum)
+        bn.running_var.lerp_(variance * (count / (count - 1)), momentum)
+        scale = (bn.weight * invstd).reshape(-1, 1, 1)
+        shift = (bn.bias - mean * scale.flatten()).reshape(-1, 1, 1)
+    output = _BatchNormReLU.apply(pre_activation, bn.weight, bn.bias, mean, invstd, scale, shift, bn.eps)
+    setattr(output, _RECIPE, _Recipe(pre_activation, scale, shift, output._version))
+    return output
+
+
+class _BatchNormReLU(torch.autograd.Function):
+    """The autograd of :func:`batch_norm_relu`: BatchNorm's backward (ATen's) behind the ReLU's mask, both
+    from the kept input and statistics."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        pre_activation: Tensor,
+        weight: Tensor,
+        bias: Tensor,  # an input so that autograd gives it a gradient; ``shift`` carries its value
+        mean: Tensor,
+        invstd: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        eps: float,
+    ) -> Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(pre_activation, weight, mean, invstd, scale, shift)
+        return _relu_of_normalized(pre_activation, scale, shift)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        pre_activation, weight, mean, invstd, scale, shift = ctx.saved_tensors
+        normalized = torch.addcmul(shift, pre_activation, scale)
+        grad_normalized = torch.ops.aten.threshold_backward(grad_output, normalized, 0)
+        del normalized
+        needs = ctx.needs_input_grad
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad_normalized,
+            pre_activation,
+            weight,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [needs[0], needs[1], needs[2]],
+        )
+        return (*grads, None, None, None, None, None)
+
+
+def can_convolve(conv: nn.Module) -> bool:
+    """Whether :func:`conv2d` computes what ``conv`` would: a bias-free, zero-padded ``nn.Conv2d`` (numeric
+    padding) without hooks."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not has_hooks(conv)
+    )
+
+
+def conv2d(inputs: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(inputs)`` for a convolution :func:`can_convolve` takes, keeping the recipe of a marked input
+    instead of the input for the backward pass."""
+    return _Convolution.apply(inputs, conv.weight, conv)
+
+
+class _Convolution(torch.autograd.Function):
+    """A plain convolution whose backward pass recomputes a marked input (see :func:`save_input`)."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, weight: Tensor, conv: nn.Conv2d) -> Tensor:  # type: ignore[override]
+        ctx.conv = conv
+        save_input(ctx, inputs, weight)
+        return F.conv2d(inputs, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        inputs, (weight,) = saved_input(ctx)
+        conv: nn.Conv2d = ctx.conv
+        needs = ctx.needs_input_grad
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_output,
+            inputs.to(grad_output.dtype),  # autocast ran the convolution in a lower precision
+            weight.to(grad_output.dtype),
+            None,
+            list(conv.stride),
+            list(conv.padding),  # type: ignore[arg-type]  # ints: see can_convolve
+            list(conv.dilation),
+            False,
+            [0, 0],
+            conv.groups,
+            [needs[0], needs[1], False],
+        )
+        return (
+            None if grad_input is None else grad_input.to(inputs.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None,
+        )
