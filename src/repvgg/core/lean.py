@@ -7,7 +7,8 @@ a cheap function of ``y``: ``relu(y * scale + shift)``, with the batch's per-cha
 marks its output with that recipe; a convolution of this module (:func:`conv2d`, and the online block's
 merged-kernel convolution through :func:`save_input`) that reads a marked tensor keeps the recipe instead of
 the tensor and recomputes the tensor in the backward pass. The idea is In-Place ABN's (Rota Bulò et al.,
-CVPR 2018), without its invertible activation: one elementwise pass per block is recomputed, twice.
+CVPR 2018), without its invertible activation: one elementwise pass per block is recomputed, and the
+ReLU's backward pass takes its mask from that recomputed output.
 
 The outputs, gradients and running statistics are those of ``relu(bn(conv(x)))`` up to rounding. A tensor
 modified in place after it was marked is kept as it is (its recipe no longer holds), and the blocks take
@@ -26,16 +27,19 @@ _RECIPE = "_repvgg_recomputable_from"
 
 @dataclass(frozen=True)
 class _Recipe:
-    """How to recompute a ReLU output: ``relu(pre_activation * scale + shift)``, while ``version`` holds."""
+    """How to recompute a ReLU output: ``relu(pre_activation * scale + shift)``, while ``version`` holds.
+    ``recomputed`` passes the output a convolution's backward pass recomputed to the ReLU's backward pass,
+    which comes next and needs only its sign: one recomputation per block, not two."""
 
     pre_activation: Tensor
     scale: Tensor
     shift: Tensor
     version: int
+    recomputed: list[Tensor]
 
 
 def _relu_of_normalized(pre_activation: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``relu(y * scale + shift)``: the one expression both passes evaluate, so both get the same bits."""
+    """``relu(y * scale + shift)``: BatchNorm's output (up to rounding) and the ReLU, recomputed."""
     return torch.addcmul(shift, pre_activation, scale).relu_()
 
 
@@ -44,6 +48,7 @@ def save_input(ctx: Any, inputs: Tensor, *tensors: Tensor | None) -> None:
     recipe: _Recipe | None = getattr(inputs, _RECIPE, None)
     ctx.recomputes_input = recipe is not None and recipe.version == inputs._version
     if ctx.recomputes_input:
+        ctx.recomputed = recipe.recomputed
         ctx.save_for_backward(recipe.pre_activation, recipe.scale, recipe.shift, *tensors)
     else:
         ctx.save_for_backward(inputs, *tensors)
@@ -53,7 +58,9 @@ def saved_input(ctx: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The input and the other tensors :func:`save_input` saved, the input recomputed if need be."""
     saved = ctx.saved_tensors
     if ctx.recomputes_input:
-        return _relu_of_normalized(*saved[:3]), saved[3:]
+        inputs = _relu_of_normalized(*saved[:3])
+        ctx.recomputed[:] = [inputs]
+        return inputs, saved[3:]
     return saved[0], saved[1:]
 
 
@@ -93,50 +100,58 @@ def batch_norm_relu(pre_activation: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     """``relu(bn(pre_activation))`` in training mode (``bn``'s running statistics updated as it would),
     keeping only ``pre_activation`` for the backward pass and marking the output with its recipe. Only where
     :func:`can_take` says so."""
+    assert bn.num_batches_tracked is not None
     with torch.no_grad():
-        variance, mean = torch.var_mean(pre_activation, dim=(0, 2, 3), correction=0)
-        invstd = torch.rsqrt(variance + bn.eps)
-        assert bn.running_mean is not None and bn.running_var is not None
-        assert bn.num_batches_tracked is not None
         bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        count = _count_per_channel(pre_activation)
-        bn.running_mean.lerp_(mean, momentum)
-        bn.running_var.lerp_(variance * (count / (count - 1)), momentum)
-        scale = (bn.weight * invstd).reshape(-1, 1, 1)
-        shift = (bn.bias - mean * scale.flatten()).reshape(-1, 1, 1)
-    output = _BatchNormReLU.apply(pre_activation, bn.weight, bn.bias, mean, invstd, scale, shift, bn.eps)
-    setattr(output, _RECIPE, _Recipe(pre_activation, scale, shift, output._version))
+    # nn.BatchNorm2d's factor: ``momentum``, or the cumulative average's 1 / batches when it is None
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    recomputed: list[Tensor] = []
+    output, scale, shift = _BatchNormReLU.apply(
+        pre_activation, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, recomputed
+    )
+    setattr(output, _RECIPE, _Recipe(pre_activation, scale, shift, output._version, recomputed))
     return output
 
 
 class _BatchNormReLU(torch.autograd.Function):
-    """The autograd of :func:`batch_norm_relu`: BatchNorm's backward (ATen's) behind the ReLU's mask, both
-    from the kept input and statistics."""
+    """The autograd of :func:`batch_norm_relu`: ATen's BatchNorm (running statistics included) and an
+    in-place ReLU forward; backward, BatchNorm's backward behind the ReLU's mask, recomputed from the kept
+    input and statistics. Also returns the per-channel ``scale`` and ``shift`` of the normalization."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         pre_activation: Tensor,
         weight: Tensor,
-        bias: Tensor,  # an input so that autograd gives it a gradient; ``shift`` carries its value
-        mean: Tensor,
-        invstd: Tensor,
-        scale: Tensor,
-        shift: Tensor,
+        bias: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
         eps: float,
-    ) -> Tensor:
-        ctx.eps = eps
+        recomputed: list[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        output, mean, invstd = torch.ops.aten.native_batch_norm(
+            pre_activation, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        output.relu_()
+        scale = (weight * invstd).reshape(-1, 1, 1)
+        shift = (bias - mean * scale.flatten()).reshape(-1, 1, 1)
+        ctx.eps, ctx.recomputed = eps, recomputed
         ctx.save_for_backward(pre_activation, weight, mean, invstd, scale, shift)
-        return _relu_of_normalized(pre_activation, scale, shift)
+        ctx.mark_non_differentiable(scale, shift)
+        return output, scale, shift
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_output: Tensor, _grad_scale: Tensor, _grad_shift: Tensor
+    ) -> tuple[Tensor | None, ...]:
         pre_activation, weight, mean, invstd, scale, shift = ctx.saved_tensors
-        normalized = torch.addcmul(shift, pre_activation, scale)
-        grad_normalized = torch.ops.aten.threshold_backward(grad_output, normalized, 0)
-        del normalized
+        # The ReLU's mask from its output, if the next convolution's backward pass recomputed it (the sign
+        # of the output is that of the normalized input), else from the normalized input recomputed here.
+        signed = ctx.recomputed.pop() if ctx.recomputed else torch.addcmul(shift, pre_activation, scale)
+        grad_normalized = torch.ops.aten.threshold_backward(grad_output, signed, 0)
+        del signed
         needs = ctx.needs_input_grad
         grads = torch.ops.aten.native_batch_norm_backward(
             grad_normalized,
