@@ -38,9 +38,14 @@ class _Recipe:
     recomputed: list[Tensor]
 
 
+def _normalized(pre_activation: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``y * scale + shift`` in ``y``'s dtype: BatchNorm's output (up to rounding), recomputed. The float32
+    statistics of a half-precision ``y`` are applied in float32, as BatchNorm does."""
+    return torch.addcmul(shift, pre_activation, scale).to(pre_activation.dtype)
+
+
 def _relu_of_normalized(pre_activation: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``relu(y * scale + shift)``: BatchNorm's output (up to rounding) and the ReLU, recomputed."""
-    return torch.addcmul(shift, pre_activation, scale).relu_()
+    return _normalized(pre_activation, scale, shift).relu_()
 
 
 def save_input(ctx: Any, inputs: Tensor, *tensors: Tensor | None) -> None:
@@ -70,16 +75,19 @@ def _count_per_channel(inputs: Tensor) -> int:
 
 def can_take(bn: nn.Module, pre_activation: Tensor) -> bool:
     """Whether :func:`batch_norm_relu` computes what ``relu(bn(pre_activation))`` would in training: a plain
-    affine ``BatchNorm2d`` with running statistics and no hooks, a float32/float64 input (autocast's lower
-    precision takes the layers' own path) and more than one value per channel."""
+    affine ``BatchNorm2d`` with running statistics and no hooks, an input of the parameters' dtype or, under
+    autocast, a half-precision input to float32 parameters, and more than one value per channel."""
+    dtypes = (pre_activation.dtype, bn.weight.dtype)
     return (
         type(bn) is nn.BatchNorm2d
         and bn.training
         and bn.affine
         and bn.track_running_stats
         and not has_hooks(bn)
-        and pre_activation.dtype in (torch.float32, torch.float64)
-        and pre_activation.dtype == bn.weight.dtype
+        and (
+            dtypes[0] == dtypes[1]
+            or (dtypes[0] in (torch.float16, torch.bfloat16) and dtypes[1] == torch.float32)
+        )
         and _count_per_channel(pre_activation) > 1
     )
 
@@ -149,7 +157,7 @@ class _BatchNormReLU(torch.autograd.Function):
         pre_activation, weight, mean, invstd, scale, shift = ctx.saved_tensors
         # The ReLU's mask from its output, if the next convolution's backward pass recomputed it (the sign
         # of the output is that of the normalized input), else from the normalized input recomputed here.
-        signed = ctx.recomputed.pop() if ctx.recomputed else torch.addcmul(shift, pre_activation, scale)
+        signed = ctx.recomputed.pop() if ctx.recomputed else _normalized(pre_activation, scale, shift)
         grad_normalized = torch.ops.aten.threshold_backward(grad_output, signed, 0)
         del signed
         needs = ctx.needs_input_grad
