@@ -4,7 +4,7 @@
    every RepVGG in both forms, torchvision's ResNet-18/34/50/101/152 and timm's re-parameterized RepVGG, timed
    interleaved; then every deployed form in fp32, fp16 and bf16 (channels_last), interleaved per model.
 2. Training throughput with AMP (bf16, fp16): ours (the paper's block, the online block and RepOpt) beside
-   timm's repvgg_a0 and repvgg_b0, batch 256, 224 px, with peak memory.
+   timm's repvgg_a0 and repvgg_b0, batch 256, 224 px, and repvgg_a0 at 28 px, with peak memory.
 3. Conversion exactness on the GPU in float64 for every model, and a one-process DDP (nccl) training run
    through ``torchrun``.
 4. If the time budget allows and Fashion-MNIST is given: Table 6 at a longer schedule (A0, the four branch
@@ -175,12 +175,15 @@ def half_precision(suite: Suite, models: list[str], protocol: Any) -> dict[str, 
 
 
 def training(suite: Suite) -> dict[str, Any]:
-    batch, size, steps = (4, 32, 2) if suite.smoke else (256, 224, 20)
+    batch, steps = (4, 2) if suite.smoke else (256, 20)
     amps = ["bf16"] if suite.device.type == "cpu" else ["bf16", "fp16"]
-    names = ["repvgg_a0"] if suite.smoke else ["repvgg_a0", "repvgg_b0"]
+    # (model, image size): the 28 px row is issue 27's small-image target (>= 1.5x timm)
+    shapes = (
+        [("repvgg_a0", 32)] if suite.smoke else [("repvgg_a0", 224), ("repvgg_b0", 224), ("repvgg_a0", 28)]
+    )
     implementations = [*OUR_DESIGNS, "timm"] if timm_available() else list(OUR_DESIGNS)
     rows = []
-    for name in names:
+    for name, size in shapes:
         for amp in amps:
             measured: dict[str, list[dict[str, float]]] = {impl: [] for impl in implementations}
             for _ in range(1 if suite.smoke else 2):  # alternate, so that drift hits both alike
@@ -200,7 +203,7 @@ def training(suite: Suite) -> dict[str, Any]:
                 }
                 rows.append(row)
                 speed, peak = row["images_per_s"], row["peak_memory_mib"]
-                suite.say(f"   {name} {impl} {amp}: {speed:.0f} img/s, {peak:.0f} MiB")
+                suite.say(f"   {name} {size} px {impl} {amp}: {speed:.0f} img/s, {peak:.0f} MiB")
     return {"rows": rows, "ours_over_timm": ratios_to_timm(rows)}
 
 
@@ -266,12 +269,14 @@ def train_steps(
 
 def ratios_to_timm(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Throughput over timm's for each of our designs (``ours`` is the paper's block), model and precision."""
-    by_key = {(r["model"], r["amp"], r["implementation"]): r for r in rows}
+    by_key = {(r["model"], r["image_size"], r["amp"], r["implementation"]): r for r in rows}
     return {
-        f"{model} {amp}" + ("" if impl == "ours" else f" {impl}"): by_key[(model, amp, impl)]["images_per_s"]
-        / by_key[(model, amp, "timm")]["images_per_s"]
-        for (model, amp, impl) in by_key
-        if impl in OUR_DESIGNS and (model, amp, "timm") in by_key
+        f"{model} {size} px {amp}" + ("" if impl == "ours" else f" {impl}"): by_key[(model, size, amp, impl)][
+            "images_per_s"
+        ]
+        / by_key[(model, size, amp, "timm")]["images_per_s"]
+        for (model, size, amp, impl) in by_key
+        if impl in OUR_DESIGNS and (model, size, amp, "timm") in by_key
     }
 
 
@@ -422,12 +427,13 @@ def markdown(record: dict[str, Any]) -> str:
         elif name == "training":
             lines += [
                 "",
-                "| model | implementation | AMP | batch | img/s | peak MiB |",
-                "|---|---|---|---:|---:|---:|",
+                "| model | image size | implementation | AMP | batch | img/s | peak MiB |",
+                "|---|---:|---|---|---:|---:|---:|",
             ]
             for row in section["rows"]:
                 lines.append(
-                    f"| {row['model']} | {row['implementation']} | {row['amp']} | {row['batch']} | "
+                    f"| {row['model']} | {row['image_size']} | {row['implementation']} | {row['amp']} | "
+                    f"{row['batch']} | "
                     f"{row['images_per_s']:.0f} | {row['peak_memory_mib']:.0f} |"
                 )
             lines += [""] + [
