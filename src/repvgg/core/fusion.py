@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repvgg.core.lean import save_input, saved_input
+from repvgg.core.lean import convolution_backward, save_input, saved_input
 from repvgg.exceptions import ConversionError
 
 
@@ -268,24 +268,12 @@ class _MergedKernelConvolution(torch.autograd.Function):
         conv: OnlineConv = ctx.conv
         needs = ctx.needs_input_grad
         kernel = conv.merged_kernel()
-        grad_input, grad_kernel, _ = torch.ops.aten.convolution_backward(
-            grad_output,
-            inputs.to(grad_output.dtype),
-            kernel.to(grad_output.dtype),
-            None,
-            list(as_pair(conv.stride)),
-            list(as_pair(conv.padding)),
-            list(as_pair(conv.dilation)),
-            False,
-            [0, 0],
-            conv.groups,
-            [needs[0], any(needs[2:]), False],
+        geometry = (as_pair(conv.stride), as_pair(conv.padding), as_pair(conv.dilation), conv.groups)
+        grad_input, grad_kernel = convolution_backward(
+            grad_output, inputs, kernel, geometry, needs[0], any(needs[2:])
         )
-        if grad_input is not None:
-            grad_input = grad_input.to(inputs.dtype)
         if grad_kernel is None:
             return (grad_input,) + (None,) * 6
-        grad_kernel = grad_kernel.to(kernel.dtype)
         centre = grad_kernel[:, :, weight.shape[-2] // 2, weight.shape[-1] // 2]
         grads_1x1 = (
             (centre * scale_1x1.reshape(-1, 1)).reshape(weight_1x1.shape) if needs[3] else None,

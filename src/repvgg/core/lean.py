@@ -209,21 +209,34 @@ class _Convolution(torch.autograd.Function):
         inputs, (weight,) = saved_input(ctx)
         conv: nn.Conv2d = ctx.conv
         needs = ctx.needs_input_grad
-        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_output,
-            inputs.to(grad_output.dtype),  # autocast ran the convolution in a lower precision
-            weight.to(grad_output.dtype),
-            None,
-            list(conv.stride),
-            list(conv.padding),  # type: ignore[arg-type]  # ints: see can_convolve
-            list(conv.dilation),
-            False,
-            [0, 0],
-            conv.groups,
-            [needs[0], needs[1], False],
-        )
-        return (
-            None if grad_input is None else grad_input.to(inputs.dtype),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None,
-        )
+        geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)  # pairs of ints: see can_convolve
+        return (*convolution_backward(grad_output, inputs, weight, geometry, needs[0], needs[1]), None)
+
+
+#: A convolution's stride, padding and dilation as (height, width) pairs, and its groups.
+Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
+
+
+def convolution_backward(
+    grad_output: Tensor, inputs: Tensor, weight: Tensor, geometry: Geometry, for_input: bool, for_weight: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of ``F.conv2d(inputs, weight)`` (bias-free, ``geometry``) for the input and the weight,
+    as asked, in their dtypes: computed in ``grad_output``'s, the dtype autocast ran the convolution in."""
+    stride, padding, dilation, groups = geometry
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_output,
+        inputs.to(grad_output.dtype),
+        weight.to(grad_output.dtype),
+        None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,
+        [0, 0],
+        groups,
+        [for_input, for_weight, False],
+    )
+    return (
+        None if grad_input is None else grad_input.to(inputs.dtype),
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+    )
