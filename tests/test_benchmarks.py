@@ -49,3 +49,24 @@ def test_train_throughput_times_the_online_and_repopt_designs_beside_timm(tmp_pa
     }
     kept = {name: row["saved_mib"] for name, row in result["results"].items()}  # allocator-independent
     assert kept["online-channels_last"] == kept["repopt-channels_last"] < 0.5 * kept["timm-contiguous"], kept
+
+
+def test_seed_statistics_pairs_seeds_and_tests_non_inferiority(tmp_path: Path) -> None:
+    """The paired t-statistics behind RESULTS.md's top-1 comparison, on made-up runs whose figures are known:
+    differences +1, +2, +3 (mean 2, standard error 1/sqrt(3)), t quantiles of 2 degrees of freedom."""
+    for design, top1 in {"base": [70.0, 71.0, 72.0, 60.0], "new": [71.0, 73.0, 75.0]}.items():
+        for seed, value in enumerate(top1):
+            folder = tmp_path / design / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps({"train_form": {"top1": value}}))
+    record = tmp_path / "stats.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "seed_statistics.py"), "--baseline", "base"]
+    command += ["--design", "base", str(tmp_path / "base"), "--design", "new", str(tmp_path / "new")]
+    finished = subprocess.run([*command, "--json", str(record)], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(record.read_text())["differences"]["new"]
+    error = 1 / 3**0.5
+    assert result["seeds"] == 3 and result["mean"] == pytest.approx(2.0)
+    assert result["ci95_low"] == pytest.approx(2 - 4.303 * error, abs=1e-3)  # t(0.975, 2) = 4.303
+    assert result["one_sided_95_lower"] == pytest.approx(2 - 2.920 * error, abs=1e-3)  # t(0.95, 2) = 2.920
+    assert result["non_inferior"] and result["higher_in"] == 3
