@@ -5,11 +5,12 @@
 Each measurement runs in a fresh subprocess (so peak memory is the model's own) and the implementations
 alternate (ours, timm, ours, timm, ...) so that machine noise hits all alike. A subprocess that crashes is
 reported as such (timm's channels_last training crashes in oneDNN on AVX-512 CPUs at 96 px and up).
-Throughput is the median over the timed SGD steps of every repetition. Memory is given two ways: the peak
+Throughput is the median over the timed SGD steps of every repetition. Memory is given three ways: the peak
 resident set size during the steps minus the resident size just before them (ru_maxrss - VmRSS, on CPU:
-what the machine sees, allocator included), and what autograd keeps between the passes of one step (the
-distinct storages saved for backward, parameters excepted: the activation memory OREPA reduces, independent
-of the allocator, which at small images retains more than the step needs).
+what the machine sees, allocator included, which at small images retains more than the step needs); the peak
+of the tensor memory allocated during one step (from no gradients: what ``torch.cuda.max_memory_allocated``
+would count, exact); and what autograd keeps between the passes of one step (the distinct storages saved for
+backward, parameters excepted: the activation memory OREPA reduces).
 
     python benchmarks/train_throughput.py --batch-size 128 --image-size 32 --in-chans 1 --repeats 3
 """
@@ -71,6 +72,48 @@ def saved_for_backward_mib(model: Any, loss: Any) -> float:
     return sum(kept.values()) / 2**20
 
 
+def peak_tensor_mib(step: Any) -> float:
+    """The most tensor memory allocated during ``step()`` and live at once: the bytes of every storage an
+    operator creates (views and in-place results excepted) while it lives, as a GPU's
+    ``torch.cuda.max_memory_allocated`` counts. Exact, whatever the allocator; oneDNN's scratch space is not
+    in it."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Tracker(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: dict[int, tuple[Any, int]] = {}  # address -> (weak reference, bytes)
+            self.current = self.peak = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            output = func(*args, **kwargs)
+            for address in [a for a, (ref, _) in self.live.items() if ref.expired()]:
+                self.current -= self.live.pop(address)[1]
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            for tensor in tree_leaves(output):
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                storage = tensor.untyped_storage()
+                address = storage.data_ptr()
+                if address and address not in inputs and address not in self.live:
+                    self.live[address] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            return output
+
+    with Tracker() as tracker:
+        step()
+    return tracker.peak / 2**20
+
+
 def measure(
     implementation: str, batch: int, size: int, in_chans: int, classes: int, steps: int
 ) -> dict[str, float]:
@@ -114,6 +157,8 @@ def measure(
     step()  # warm-up: allocators, oneDNN primitives, optimizer state
     step()
     saved = saved_for_backward_mib(model, lambda: F.cross_entropy(model(images), labels))
+    model.zero_grad(set_to_none=True)  # a step from no gradients: they are allocated during it
+    peak_tensors = peak_tensor_mib(step)
     step()  # the baseline below holds the gradients, as during training (the measurement above freed them)
     baseline = resident_mib()
     times = []
@@ -122,7 +167,12 @@ def measure(
         step()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_times": times, "peak_extra_mib": peak - baseline, "saved_mib": saved}
+    return {
+        "step_times": times,
+        "peak_extra_mib": peak - baseline,
+        "saved_mib": saved,
+        "peak_tensor_mib": peak_tensors,
+    }
 
 
 def main() -> None:
@@ -185,12 +235,14 @@ def main() -> None:
             "spread": (max(times) - min(times)) / median,
             "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in results),
             "saved_mib": statistics.median(r["saved_mib"] for r in results),
+            "peak_tensor_mib": statistics.median(r["peak_tensor_mib"] for r in results),
         }
     ratios = {  # every pair of ours and timm that ran: throughput ratio and peak-memory ratio
         f"{ours} / {timm}": {
             "throughput": table[ours]["images_per_s"] / table[timm]["images_per_s"],
             "peak_memory": table[ours]["peak_extra_mib"] / max(table[timm]["peak_extra_mib"], 1e-9),
             "saved_for_backward": table[ours]["saved_mib"] / max(table[timm]["saved_mib"], 1e-9),
+            "peak_tensors": table[ours]["peak_tensor_mib"] / max(table[timm]["peak_tensor_mib"], 1e-9),
         }
         for ours in table
         if not ours.startswith("timm")
@@ -207,21 +259,22 @@ def main() -> None:
         f"{args.repeats} alternating subprocesses x {args.steps} timed steps"
     )
     print(
-        "| implementation | images/s (median) | spread | peak extra memory (MiB) | kept for backward (MiB) |"
+        "| implementation | images/s (median) | spread | peak extra resident (MiB) | peak tensors (MiB) "
+        "| kept for backward (MiB) |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|")
     for implementation in runs:
         if implementation in crashes:
-            print(f"| {implementation} | {crashes[implementation]} | | |")
+            print(f"| {implementation} | {crashes[implementation]} | | | |")
             continue
         row = table[implementation]
         cells = f"{row['images_per_s']:.1f} | {row['spread']:.0%} | {row['peak_extra_mib']:.0f}"
-        cells += f" | {row['saved_mib']:.1f}"
+        cells += f" | {row['peak_tensor_mib']:.1f} | {row['saved_mib']:.1f}"
         print(f"| {implementation} | {cells} |")
     for pair, ratio in ratios.items():
         print(
-            f"{pair}: throughput {ratio['throughput']:.2f}x, peak memory {ratio['peak_memory']:.2f}x, "
-            f"kept for backward {ratio['saved_for_backward']:.2f}x"
+            f"{pair}: throughput {ratio['throughput']:.2f}x, peak resident {ratio['peak_memory']:.2f}x, "
+            f"peak tensors {ratio['peak_tensors']:.2f}x, kept for backward {ratio['saved_for_backward']:.2f}x"
         )
     if args.json:
         with open(args.json, "w") as handle:

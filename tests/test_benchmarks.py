@@ -70,3 +70,28 @@ def test_seed_statistics_pairs_seeds_and_tests_non_inferiority(tmp_path: Path) -
     assert result["ci95_low"] == pytest.approx(2 - 4.303 * error, abs=1e-3)  # t(0.975, 2) = 4.303
     assert result["one_sided_95_lower"] == pytest.approx(2 - 2.920 * error, abs=1e-3)  # t(0.95, 2) = 2.920
     assert result["non_inferior"] and result["higher_in"] == 3
+
+
+def test_peak_tensor_memory_counts_new_storages_while_they_live() -> None:
+    """benchmarks/train_throughput.py's allocator-free peak: 1 MiB and 2 MiB alive together, then freed; views
+    and in-place updates of an existing tensor add nothing."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "train_throughput", ROOT / "benchmarks" / "train_throughput.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    existing = torch.zeros(2**20, dtype=torch.uint8)
+
+    def step() -> None:
+        first = torch.ones(2**18)  # 1 MiB of float32
+        second = torch.ones(2**19)  # 2 MiB
+        existing.add_(1).view(2, -1)[0].fill_(3)
+        del first, second
+        torch.ones(2**18)  # 1 MiB again, after both are gone
+
+    assert module.peak_tensor_mib(step) == pytest.approx(3.0)
