@@ -13,6 +13,7 @@ from torch import nn
 
 import repvgg
 from repvgg.core.blocks import RepVGGBlock
+from repvgg.core.lean import layer_by_layer
 from repvgg.core.reparam import randomize_batchnorm_
 
 LEAN_DESIGNS = ("online", "repopt", "plain")
@@ -35,11 +36,6 @@ def chain(design: str, geometry: str, **bn_options: object) -> nn.Sequential:
     return randomize_batchnorm_(nn.Sequential(*blocks)).double().train()
 
 
-def layers_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every block run its layers one by one (conv, BN, ReLU modules), as before the lean path."""
-    monkeypatch.setattr(RepVGGBlock, "_lean_layers", lambda self, inputs: None)
-
-
 def train_step(model: nn.Module, images: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, ...]:
     images = images.clone().requires_grad_()
     output = model(images)
@@ -52,12 +48,10 @@ def compare(
     lean: nn.Module,
     layers: nn.Module,
     step: Callable[[nn.Module], tuple[torch.Tensor, ...]],
-    mp: pytest.MonkeyPatch,
     tolerance: float = 1e-12,
 ) -> None:
     ours = step(lean)
-    with mp.context() as patched:
-        layers_path(patched)
+    with layer_by_layer():
         theirs = step(layers)
     for mine, reference in zip(ours, theirs, strict=True):
         assert mine is not None and reference is not None
@@ -70,7 +64,7 @@ def compare(
 @pytest.mark.parametrize("design", LEAN_DESIGNS)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_a_lean_chain_computes_what_its_layers_compute_in_float64(
-    design: str, geometry: str, momentum: float | None, monkeypatch: pytest.MonkeyPatch
+    design: str, geometry: str, momentum: float | None
 ) -> None:
     """Outputs, input and parameter gradients, running statistics (exponential and cumulative averages) and
     the batch counter, over two steps (the second starts from the first's statistics)."""
@@ -81,7 +75,7 @@ def test_a_lean_chain_computes_what_its_layers_compute_in_float64(
     upstream = torch.randn_like(layers(images.clone()).detach())
     layers.load_state_dict(lean.state_dict())  # that call moved the statistics
     for _ in range(2):
-        compare(lean, layers, lambda model: train_step(model, images, upstream), monkeypatch)
+        compare(lean, layers, lambda model: train_step(model, images, upstream))
 
 
 def saved_activations(model: nn.Module, images: torch.Tensor) -> dict[int, tuple[int, ...]]:
@@ -102,16 +96,13 @@ def saved_activations(model: nn.Module, images: torch.Tensor) -> dict[int, tuple
 
 
 @pytest.mark.parametrize("design", LEAN_DESIGNS)
-def test_a_lean_chain_keeps_its_input_and_each_convolution_s_output_and_nothing_else(
-    design: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_lean_chain_keeps_its_input_and_each_convolution_s_output_and_nothing_else(design: str) -> None:
     torch.manual_seed(0)
     model = chain(design, "stride-and-channels").float()
     images = torch.randn(2, 4, 10, 10)
     outputs = [(2, 6, 5, 5)] * 3  # a conv output per block; the ReLU outputs are recomputed
     assert sorted(saved_activations(model, images).values()) == sorted([(2, 4, 10, 10), *outputs])
-    with monkeypatch.context() as patched:
-        layers_path(patched)
+    with layer_by_layer():
         assert len(saved_activations(model, images)) == 1 + 2 * 3, "the layers keep the ReLU outputs too"
 
 
@@ -126,9 +117,7 @@ class Doubled(nn.Module):
         return inputs.mul_(2) if self.inplace else inputs * 2
 
 
-def test_an_activation_modified_in_place_between_blocks_is_kept_as_it_is(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_an_activation_modified_in_place_between_blocks_is_kept_as_it_is() -> None:
     """After ``z.mul_(2)`` the recipe of ``z`` no longer holds, so the next convolution keeps ``z`` itself:
     the gradients are those of the out-of-place network (which the layers' path needs: its ReLU keeps z)."""
     torch.manual_seed(0)
@@ -137,7 +126,7 @@ def test_an_activation_modified_in_place_between_blocks_is_kept_as_it_is(
     layers = nn.Sequential(*copy.deepcopy([first, Doubled(inplace=False), second]))
     images = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     upstream = torch.randn(2, 6, 4, 4, dtype=torch.float64)
-    compare(lean, layers, lambda model: train_step(model, images, upstream), monkeypatch)
+    compare(lean, layers, lambda model: train_step(model, images, upstream))
 
 
 def test_hooks_on_the_block_s_layers_still_run_while_training() -> None:
@@ -150,9 +139,7 @@ def test_hooks_on_the_block_s_layers_still_run_while_training() -> None:
 
 
 @pytest.mark.parametrize("design", LEAN_DESIGNS)
-def test_under_autocast_a_lean_chain_keeps_one_half_precision_activation_per_block(
-    design: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_under_autocast_a_lean_chain_keeps_one_half_precision_activation_per_block(design: str) -> None:
     """bf16 autocast (float32 parameters and statistics): the layers' outputs, gradients and statistics (to
     bf16's rounding: the recomputed BN output may differ from ATen's by one step of bf16), keeping the
     input and each convolution's bf16 output."""
@@ -169,7 +156,7 @@ def test_under_autocast_a_lean_chain_keeps_one_half_precision_activation_per_blo
         output.float().backward(upstream)
         return (output.detach().float(), *(p.grad for p in model.parameters()))
 
-    compare(lean, layers, bf16_step, monkeypatch, tolerance=5e-2)  # a few of bf16's steps (1/128)
+    compare(lean, layers, bf16_step, tolerance=5e-2)  # a few of bf16's steps (1/128)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         kept = saved_activations(lean, images)
     assert sorted(kept.values()) == sorted([(2, 4, 6, 6), (2, 4, 6, 6), (2, 8, 6, 6), (2, 8, 6, 6)])
@@ -206,3 +193,20 @@ def test_a_lean_network_trains_and_converts_exactly() -> None:
         optimizer.step()
     report = repvgg.verify_equivalence(model.double().eval(), input_shape=(2, 1, 28, 28))
     assert report.max_rel_error < 1e-10, report  # relative: 3 steps on 4 images give eval outputs ~1e12
+
+
+def test_a_differentiated_backward_pass_runs_layer_by_layer() -> None:
+    """A gradient penalty (``create_graph=True``) needs the layers' twice-differentiable path; the lean
+    functions refuse it in one sentence instead of computing something else."""
+    block = RepVGGBlock(4, 4, block="repopt").double().train()
+    images = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def penalty() -> torch.Tensor:
+        (grad,) = torch.autograd.grad(block(images).square().sum(), images, create_graph=True)
+        return grad.square().sum()
+
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        penalty().backward()
+    with layer_by_layer():
+        penalty().backward()
+    assert block.rbr_dense.conv.weight.grad is not None

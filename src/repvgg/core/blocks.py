@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import stochastic_depth
 
+from repvgg.core import lean
 from repvgg.core.arguments import probability
 from repvgg.core.designs import block_design
 from repvgg.core.fusion import (
@@ -257,10 +258,12 @@ class RepVGGBlock(nn.Module):
     def _lean_layers(self, inputs: Tensor) -> tuple[Callable[[Tensor], Tensor], nn.BatchNorm2d] | None:
         """The convolution and BatchNorm of a block that is one conv -> BN -> ReLU while training (``online``,
         ``repopt``, ``plain``), when :mod:`repvgg.core.lean` can run them keeping one activation instead of
-        two; None otherwise (eval mode, no autograd, tracing or compiling, hooks, SE, other branches)."""
+        two; None otherwise (eval mode, no autograd, tracing or compiling, hooks, SE, other branches, inside
+        :func:`repvgg.core.lean.layer_by_layer`)."""
         if not (
             self.training
             and torch.is_grad_enabled()
+            and lean.enabled()
             and not isinstance(inputs, torch.fx.Proxy)
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()

@@ -15,6 +15,9 @@ modified in place after it was marked is kept as it is (its recipe no longer hol
 this path only where it computes what their layers would: see ``RepVGGBlock``.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _RECIPE = "_repvgg_recomputable_from"
+_ENABLED: ContextVar[bool] = ContextVar("repvgg_lean_enabled", default=True)
+
+
+def enabled() -> bool:
+    """Whether blocks may take this module's path (everywhere but inside :func:`layer_by_layer`)."""
+    return _ENABLED.get()
+
+
+@contextmanager
+def layer_by_layer() -> Iterator[None]:
+    """Inside it, blocks run their conv, BN and ReLU layers one by one, keeping both activations: for a
+    backward pass that is itself differentiated (``create_graph=True``, e.g. a gradient penalty), which this
+    module's once-differentiable functions refuse, or to compare the two paths."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
 
 
 @dataclass(frozen=True)
