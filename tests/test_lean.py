@@ -134,8 +134,9 @@ def test_hooks_on_the_block_s_layers_still_run_while_training() -> None:
     seen: list[str] = []
     block.rbr_dense.bn.register_forward_hook(lambda *args: seen.append("bn"))
     block.nonlinearity.register_forward_hook(lambda *args: seen.append("relu"))
-    block(torch.randn(2, 4, 5, 5)).sum().backward()
-    assert seen == ["bn", "relu"]
+    block.rbr_dense.conv.register_full_backward_hook(lambda *args: seen.append("conv backward"))
+    block(torch.randn(2, 4, 5, 5, requires_grad=True)).sum().backward()
+    assert seen == ["bn", "relu", "conv backward"]
 
 
 @pytest.mark.parametrize("design", LEAN_DESIGNS)

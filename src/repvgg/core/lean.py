@@ -114,14 +114,21 @@ def can_take(bn: nn.Module, pre_activation: Tensor) -> bool:
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run forward hooks (its own or global ones) that bypassing it skips."""
+    """Whether calling ``module`` would run hooks (forward or backward, its own or global ones) that bypassing
+    it skips."""
     from torch.nn.modules import module as module_globals
 
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module_globals._global_forward_hooks
-        or module_globals._global_forward_pre_hooks
+    return any(
+        (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._backward_hooks,
+            module._backward_pre_hooks,
+            module_globals._global_forward_hooks,
+            module_globals._global_forward_pre_hooks,
+            module_globals._global_backward_hooks,
+            module_globals._global_backward_pre_hooks,
+        )
     )
 
 
