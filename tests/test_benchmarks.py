@@ -95,3 +95,12 @@ def test_peak_tensor_memory_counts_new_storages_while_they_live() -> None:
         torch.ones(2**18)  # 1 MiB again, after both are gone
 
     assert module.peak_tensor_mib(step) == pytest.approx(3.0)
+
+
+def test_lean_activation_ab_times_both_paths() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "lean_activation_ab.py"), "repopt", "--rounds", "1"]
+    command += ["--image-size", "16", "--batch-size", "4"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert "lean:" in finished.stdout and "layer by layer:" in finished.stdout
+    assert "lean speed / layer by layer:" in finished.stdout
