@@ -14,7 +14,8 @@ from tests.test_data import fake_fashion_mnist
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_end_with_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block", ["repvgg", "repopt"])  # repopt: one kept activation per block, multipliers
+def test_two_processes_train_and_end_with_identical_weights(tmp_path: Path, block: str) -> None:
     data = fake_fashion_mnist(tmp_path / "fashion", train=128, test=64)
     command = [
         sys.executable,
@@ -35,6 +36,8 @@ def test_two_processes_train_and_end_with_identical_weights(tmp_path: Path) -> N
         "--output",
         str(tmp_path / "run"),
         "--no-progress",
+        "--block",
+        block,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -287,9 +287,9 @@ class RepVGGBlock(nn.Module):
     def forward(self, inputs: Tensor) -> Tensor:
         if self.deploy:
             return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
-        lean = self._lean_layers(inputs)
-        if lean is not None:
-            convolve, bn = lean
+        single = self._lean_layers(inputs)
+        if single is not None:  # one conv -> BN -> ReLU, keeping one activation (repvgg.core.lean)
+            convolve, bn = single
             out = convolve(inputs)
             return batch_norm_relu(out, bn) if can_take(bn, out) else self.nonlinearity(bn(out))
         if self.relu_in_branches:  # the paper's non-convertible reference: ReLU outputs are kept for backward
