@@ -211,3 +211,20 @@ def test_a_differentiated_backward_pass_runs_layer_by_layer() -> None:
     with layer_by_layer():
         penalty().backward()
     assert block.rbr_dense.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("affine", False), ("track_running_stats", False), ("momentum", None)]
+)
+def test_a_batchnorm_the_lean_path_cannot_take_trains_as_its_layers(name: str, value: object) -> None:
+    """BatchNorm without affine parameters or running statistics (built so, as a user may) runs as a module;
+    a cumulative average (momentum None) takes the lean path: both compute what the layers do."""
+    torch.manual_seed(0)
+    blocks = [RepVGGBlock(4, 4, block="repopt"), RepVGGBlock(4, 4, block="repopt")]
+    for block in blocks:
+        block.rbr_dense.bn = nn.BatchNorm2d(4, **{name: value})
+    lean = nn.Sequential(*blocks).double().train()
+    layers = copy.deepcopy(lean)
+    images = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    upstream = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    compare(lean, layers, lambda model: train_step(model, images, upstream))

@@ -98,13 +98,11 @@ def can_take(bn: nn.Module, pre_activation: Tensor) -> bool:
     """Whether :func:`batch_norm_relu` computes what ``relu(bn(pre_activation))`` would in training: a plain
     affine ``BatchNorm2d`` with running statistics and no hooks, an input of the parameters' dtype or, under
     autocast, a half-precision input to float32 parameters, and more than one value per channel."""
+    if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats):
+        return False
     dtypes = (pre_activation.dtype, bn.weight.dtype)
     return (
-        type(bn) is nn.BatchNorm2d
-        and bn.training
-        and bn.affine
-        and bn.track_running_stats
-        and not has_hooks(bn)
+        not has_hooks(bn)
         and (
             dtypes[0] == dtypes[1]
             or (dtypes[0] in (torch.float16, torch.bfloat16) and dtypes[1] == torch.float32)
