@@ -25,24 +25,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="alternations (2 timed steps each)")
     args = parser.parse_args()
 
-    import torch
-    import torch.nn.functional as F
+    from train_throughput import sgd_step
 
-    import repvgg
     from repvgg.core.lean import layer_by_layer
 
-    torch.manual_seed(0)
-    model = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=args.in_chans, block=args.design)
-    model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    shape = (args.batch_size, args.in_chans, args.image_size, args.image_size)
-    images = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (args.batch_size,))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
-        optimizer.step()
+    _, step, _ = sgd_step(args.design, True, args.batch_size, args.image_size, args.in_chans, 10)
 
     times: dict[str, list[float]] = {"lean": [], "layer by layer": []}
     for _ in range(args.rounds):

@@ -25,36 +25,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
     args = parser.parse_args()
 
-    import torch
-    import torch.nn.functional as F
     from torch.profiler import profile
+    from train_throughput import sgd_step
 
-    torch.manual_seed(0)
-    multipliers = []
-    images = torch.randn(args.batch_size, args.in_chans, args.image_size, args.image_size)
-    if args.design == "timm":  # timm's default layout, its faster one at 224 px
-        import timm
-
-        model = timm.create_model("repvgg_a0", num_classes=10, in_chans=args.in_chans)
-    else:  # channels_last, as `repvgg train` runs
-        import repvgg
-        from repvgg.engine.recipe import repopt_multipliers
-
-        model = repvgg.create_model("repvgg_a0", num_classes=10, in_chans=args.in_chans, block=args.design)
-        multipliers = repopt_multipliers(model, initialize=True)
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (args.batch_size,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-
-    def step() -> None:
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for parameter, multiplier in multipliers:
-            parameter.grad.mul_(multiplier)
-        optimizer.step()
-
+    # timm in its default layout (its faster one at 224 px), ours channels_last, as `repvgg train` runs
+    block = None if args.design == "timm" else args.design
+    _, step, _ = sgd_step(block, block is not None, args.batch_size, args.image_size, args.in_chans, 10)
     for _ in range(3):
         step()
     with profile() as profiled:

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,25 +115,22 @@ def peak_tensor_mib(step: Any) -> float:
     return tracker.peak / 2**20
 
 
-def measure(
-    implementation: str, batch: int, size: int, in_chans: int, classes: int, steps: int
-) -> dict[str, float]:
-    """Time ``steps`` SGD steps of one implementation in this process (called in a subprocess)."""
-    import resource
-
+def sgd_step(
+    block: str | None, channels_last: bool, batch: int, size: int, in_chans: int, classes: int
+) -> tuple[Any, Callable[[], None], Callable[[], Any]]:
+    """RepVGG-A0 with our ``block`` design (``None``: timm's ``repvgg_a0``), random images and labels, and an
+    SGD step as ``repvgg train`` takes it (RepOpt's gradient multipliers included): ``(model, step, loss)``.
+    The one training step of the benchmarks (this script, profile_train_step.py, lean_activation_ab.py)."""
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    library, _, layout = implementation.partition("-")
     multipliers = []
-    if library in DESIGNS:
+    if block is not None:
         import repvgg
         from repvgg.engine.recipe import repopt_multipliers
 
-        model = repvgg.create_model(
-            "repvgg_a0", num_classes=classes, in_chans=in_chans, block=DESIGNS[library]
-        )
+        model = repvgg.create_model("repvgg_a0", num_classes=classes, in_chans=in_chans, block=block)
         multipliers = repopt_multipliers(model, initialize=True)
     else:
         import timm
@@ -140,23 +138,38 @@ def measure(
         model = timm.create_model("repvgg_a0", pretrained=False, num_classes=classes, in_chans=in_chans)
     model.train()
     images = torch.randn(batch, in_chans, size, size)
-    if layout == "channels_last":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     labels = torch.randint(0, classes, (batch,))
 
+    def loss() -> Any:
+        return F.cross_entropy(model(images), labels)
+
     def step() -> None:
-        loss = F.cross_entropy(model(images), labels)
+        value = loss()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         for parameter, multiplier in multipliers:
             parameter.grad.mul_(multiplier)
         optimizer.step()
 
+    return model, step, loss
+
+
+def measure(
+    implementation: str, batch: int, size: int, in_chans: int, classes: int, steps: int
+) -> dict[str, float]:
+    """Time ``steps`` SGD steps of one implementation in this process (called in a subprocess)."""
+    import resource
+
+    library, _, layout = implementation.partition("-")
+    block = DESIGNS.get(library)
+    model, step, loss = sgd_step(block, layout == "channels_last", batch, size, in_chans, classes)
     step()  # warm-up: allocators, oneDNN primitives, optimizer state
     step()
-    saved = saved_for_backward_mib(model, lambda: F.cross_entropy(model(images), labels))
+    saved = saved_for_backward_mib(model, loss)
     model.zero_grad(set_to_none=True)  # a step from no gradients: they are allocated during it
     peak_tensors = peak_tensor_mib(step)
     step()  # the baseline below holds the gradients, as during training (the measurement above freed them)
